@@ -1,0 +1,162 @@
+"""The frozen base: CogVideoX transformer blocks loaded from a diffusers checkpoint, or scratch blocks.
+
+Only the transformer blocks and one time embedding survive loading. Everything else of the video model (patch
+embedding, output head) is dropped, so the base costs exactly its blocks' memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Architecture settings of the published CogVideoX transformers (from their `transformer/config.json`).
+COGVIDEOX_ARCHITECTURES: dict[str, dict] = {
+    "THUDM/CogVideoX-2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, time_embed_dim=512,
+                               text_embed_dim=4096, use_rotary_positional_embeddings=False),
+    "THUDM/CogVideoX-5b": dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, time_embed_dim=512,
+                               text_embed_dim=4096, use_rotary_positional_embeddings=True),
+}
+
+# The tiny CogVideoX-architecture checkpoint used by tests, CI and the demo (random weights, shipped in the repo).
+TINY_ARCHITECTURE = dict(num_attention_heads=4, attention_head_dim=16, num_layers=2, time_embed_dim=32,
+                         text_embed_dim=32, in_channels=4, out_channels=4, sample_width=8, sample_height=8,
+                         sample_frames=5, max_text_seq_length=8)
+TINY_BASE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configuration",
+                              "tiny-cogvideox")
+
+
+class BaseLoadError(OSError):
+    """The frozen base could not be loaded (offline, wrong id, not a CogVideoX checkpoint)."""
+
+
+@dataclass
+class FrozenBase:
+    """What GWM keeps of a video transformer: its blocks and the time embedding they are conditioned on."""
+
+    blocks: nn.ModuleList  # frozen CogVideoXBlock (or ScratchBlock) modules
+    temb: torch.Tensor  # (1, time_embed_dim) time embedding at the configured timestep
+    inner_dim: int
+    source: str  # what was loaded, for messages and cards
+
+
+def resolve_frozen_dtype(name: str, device: torch.device | str | None) -> torch.dtype:
+    """`"auto"` is bf16 on CUDA, fp32 elsewhere (bf16 matmuls are slow on CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _time_embedding(transformer, timestep: int) -> torch.Tensor:
+    # The blocks' adaptive norms read a time embedding; compute it once with the base's own projection.
+    with torch.no_grad():
+        weight = transformer.time_embedding.linear_1.weight
+        t = torch.tensor([timestep], dtype=torch.long, device=weight.device)
+        t_emb = transformer.time_proj(t).to(weight.dtype)
+        return transformer.time_embedding(t_emb).float()  # (1, time_embed_dim)
+
+
+def load_cogvideox_base(
+    name_or_path: str,
+    timestep: int = 0,
+    *,
+    subfolder: str = "transformer",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    architecture: dict | None = None,
+) -> FrozenBase:
+    """Load the blocks of a CogVideoX transformer through diffusers' own `from_pretrained`.
+
+    `architecture` (CogVideoX config keyword arguments) instead builds the blocks on the meta device from those
+    settings, without any weights: for counting parameters of a model too large to download.
+    """
+    from diffusers import CogVideoXTransformer3DModel
+
+    if architecture is not None:
+        with torch.device("meta"):
+            transformer = CogVideoXTransformer3DModel(**architecture)
+        temb = torch.zeros(1, transformer.config.time_embed_dim, device="meta")
+        source = f"{name_or_path} (architecture only, meta device)"
+    else:
+        try:
+            transformer = CogVideoXTransformer3DModel.from_pretrained(
+                name_or_path, subfolder=subfolder, revision=revision, token=token, torch_dtype=torch.float32
+            )
+        except (OSError, ValueError, EnvironmentError) as err:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+            raise BaseLoadError(
+                f"Could not load the CogVideoX base {name_or_path!r}{hint}: {str(err).splitlines()[0]} "
+                f"-- pass a local folder holding a diffusers checkpoint with a '{subfolder}/' subfolder "
+                f"(e.g. {TINY_BASE_PATH}), or use backbone='scratch'."
+            ) from None
+        temb = _time_embedding(transformer, timestep)
+        source = str(name_or_path)
+    inner_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return FrozenBase(blocks=transformer.transformer_blocks, temb=temb, inner_dim=inner_dim, source=source)
+
+
+class ScratchBlock(nn.Module):
+    """A CogVideoX-shaped block in plain torch: joint attention over `[encoder tokens, canvas]`, then an MLP.
+
+    Same call signature and return as `diffusers`' `CogVideoXBlock`, so the loop adapter wraps either one. The time
+    embedding modulates both sub-layers through a zero-initialised adaptive scale, as CogVideoX's does.
+    """
+
+    def __init__(self, dim: int, num_attention_heads: int, time_embed_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_attention_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.time_mod = nn.Linear(time_embed_dim, 2 * dim)
+        nn.init.zeros_(self.time_mod.weight)
+        nn.init.zeros_(self.time_mod.bias)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
+        text_len = encoder_hidden_states.size(1)
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, S + N, D)
+        scale_attn, scale_ff = (1 + self.time_mod(temb)).unsqueeze(1).chunk(2, dim=-1)  # (B|1, 1, D) each
+        normed = self.norm1(joint)
+        joint = joint + scale_attn * self.attn(normed, normed, normed, need_weights=False)[0]
+        joint = joint + scale_ff * self.ff(self.norm2(joint))
+        return joint[:, text_len:], joint[:, :text_len]
+
+
+def build_scratch_base(num_layers: int, num_attention_heads: int, attention_head_dim: int, time_embed_dim: int,
+                       seed: int = 0) -> FrozenBase:
+    """Randomly initialised blocks (seeded, so every process builds the same ones)."""
+    inner_dim = num_attention_heads * attention_head_dim
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    blocks = nn.ModuleList([ScratchBlock(inner_dim, num_attention_heads, time_embed_dim) for _ in range(num_layers)])
+    temb = torch.randn(1, time_embed_dim) / math.sqrt(time_embed_dim)
+    torch.random.set_rng_state(generator_state)
+    return FrozenBase(blocks=blocks, temb=temb, inner_dim=inner_dim, source="scratch")
+
+
+def make_tiny_cogvideox(path: str | os.PathLike, seed: int = 0, **overrides) -> str:
+    """Write a tiny CogVideoX-architecture checkpoint (random weights) in the diffusers layout.
+
+    The folder gets `transformer/config.json` and `transformer/diffusion_pytorch_model.safetensors`, exactly like
+    `THUDM/CogVideoX-2b`, and loads through the same `from_pretrained` path. Deterministic for a given seed.
+    """
+    from diffusers import CogVideoXTransformer3DModel
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(**{**TINY_ARCHITECTURE, **overrides})
+    # diffusers zero-initialises nothing in the blocks; scale every weight to a sane random init.
+    with torch.no_grad():
+        for param in transformer.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.02)
+    torch.random.set_rng_state(generator_state)
+    transformer.save_pretrained(os.path.join(path, "transformer"))
+    return str(path)

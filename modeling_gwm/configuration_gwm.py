@@ -1,0 +1,98 @@
+"""Configuration of a GWM world model: which frozen base it grafts onto and the shape of its canvas."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+DEFAULT_BASE = "THUDM/CogVideoX-2b"
+BACKBONES = ("cogvideox", "scratch")
+FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class GWMConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`GWMModel`]. It holds every hyper-parameter of the model; the model reads nothing else.
+
+    Args:
+        base_model_name_or_path (`str`, defaults to `"THUDM/CogVideoX-2b"`):
+            Hub id or local folder of a CogVideoX checkpoint in the diffusers layout (a `transformer/` subfolder).
+            Its transformer blocks are loaded once and kept frozen.
+        backbone (`str`, defaults to `"cogvideox"`):
+            `"cogvideox"` grafts onto the pretrained blocks; `"scratch"` builds randomly initialised blocks of the
+            same interface (no diffusers needed) whose weights are trained as part of the adapter.
+        d_model (`int`, defaults to 128):
+            Width of the canvas (the codec's embedding size); projected to and from the base's `inner_dim`.
+        n_loops (`int`, defaults to 3):
+            Default number of times each block runs per forward pass (an adapter may choose its own).
+        block_timestep (`int`, defaults to 0):
+            Diffusion timestep at which the base's time embedding is computed once and fed to every block.
+            0 is the clean-signal end of the schedule: the blocks see their inputs as finished frames.
+        frozen_dtype (`str`, defaults to `"auto"`):
+            dtype of the frozen blocks: `"auto"` is bfloat16 on CUDA and float32 elsewhere (bf16 is slow on CPU).
+            Trainable parameters are always float32; activations are cast at the block boundary.
+        gradient_checkpointing (`bool`, defaults to `False`):
+            Recompute each block application in the backward pass, so activation memory does not grow with `n_loops`.
+        max_fields (`int`, defaults to 64):
+            Number of field-embedding slots of the codec. An adapter maps its field names to slots; adapters with
+            different field sets merge by name.
+        context_len (`int`, defaults to 24):
+            Number of time steps in one canvas window.
+        horizon (`int`, defaults to 4):
+            Number of final steps of a window that are forecast.
+        max_time_steps (`int`, defaults to 4096):
+            Longest window the sinusoidal time encoding is defined for.
+        scratch_num_layers / scratch_num_attention_heads / scratch_attention_head_dim / scratch_time_embed_dim:
+            Architecture of the `"scratch"` backbone (ignored for `"cogvideox"`).
+        seed (`int`, defaults to 0):
+            Seed of the adapter's initialisation (every DAG root starts from the same one).
+    """
+
+    model_type = "gwm"
+
+    def __init__(
+        self,
+        base_model_name_or_path: str = DEFAULT_BASE,
+        backbone: str = "cogvideox",
+        d_model: int = 128,
+        n_loops: int = 3,
+        block_timestep: int = 0,
+        frozen_dtype: str = "auto",
+        gradient_checkpointing: bool = False,
+        max_fields: int = 64,
+        context_len: int = 24,
+        horizon: int = 4,
+        max_time_steps: int = 4096,
+        scratch_num_layers: int = 4,
+        scratch_num_attention_heads: int = 4,
+        scratch_attention_head_dim: int = 32,
+        scratch_time_embed_dim: int = 64,
+        seed: int = 0,
+        **kwargs,
+    ):
+        if backbone not in BACKBONES:
+            raise ValueError(f"GWMConfig: backbone must be one of {BACKBONES}, got {backbone!r}")
+        if frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"GWMConfig: frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype!r}")
+        for name, value in [("d_model", d_model), ("n_loops", n_loops), ("max_fields", max_fields),
+                            ("context_len", context_len), ("max_time_steps", max_time_steps)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GWMConfig: {name} must be a positive integer, got {value!r}")
+        if not isinstance(horizon, int) or not 0 <= horizon < context_len:
+            raise ValueError(f"GWMConfig: horizon must be an integer in [0, context_len={context_len}), got {horizon!r}")
+        self.base_model_name_or_path = base_model_name_or_path
+        self.backbone = backbone
+        self.d_model = d_model
+        self.n_loops = n_loops
+        self.block_timestep = block_timestep
+        self.frozen_dtype = frozen_dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.max_fields = max_fields
+        self.context_len = context_len
+        self.horizon = horizon
+        self.max_time_steps = max_time_steps
+        self.scratch_num_layers = scratch_num_layers
+        self.scratch_num_attention_heads = scratch_num_attention_heads
+        self.scratch_attention_head_dim = scratch_attention_head_dim
+        self.scratch_time_embed_dim = scratch_time_embed_dim
+        self.seed = seed
+        super().__init__(**kwargs)

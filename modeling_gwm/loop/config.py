@@ -1,0 +1,58 @@
+"""Configuration of the loop adapter, the PEFT method that makes every frozen block run several times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+PEFT_TYPE = "GWM_LOOP"
+DEFAULT_TARGET_MODULES = r".*transformer_blocks\.\d+"
+DEFAULT_MODULES_TO_SAVE = ["codec", "proj_in", "proj_out", "encoder_token", "norm_out"]
+
+
+@dataclass
+class LoopConfig(PeftConfig):
+    """
+    Configuration of a [`LoopModel`]: per-block loop embeddings and sigmoid loop gates around frozen transformer
+    blocks, plus the GWM modules trained with them (codec, projections, encoder token, output norm).
+
+    The architecture fields (`inner_dim`, `num_blocks`, `d_model`) are filled in when the adapter is created and are
+    checked when it is loaded, so that an adapter never silently lands on a base it was not trained for.
+    """
+
+    n_loops: int = field(default=3, metadata={"help": "How many times each targeted block runs per forward pass."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=DEFAULT_TARGET_MODULES,
+        metadata={"help": "Regex (full match) or list of names of the blocks to loop; the default takes every block."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default_factory=lambda: list(DEFAULT_MODULES_TO_SAVE),
+        metadata={"help": "GWM modules trained and saved with the adapter (one copy per adapter)."},
+    )
+    train_blocks: bool = field(
+        default=False,
+        metadata={"help": "Also train a per-adapter copy of every block (the 'scratch' backbone, which has no prior)."},
+    )
+    fields: list[dict] = field(
+        default_factory=list,
+        metadata={"help": "The adapter's fields in codec-slot order: name, mean, std, transform, unit."},
+    )
+    inner_dim: Optional[int] = field(default=None, metadata={"help": "Width of the base's blocks (set at creation)."})
+    num_blocks: Optional[int] = field(default=None, metadata={"help": "Number of looped blocks (set at creation)."})
+    d_model: Optional[int] = field(default=None, metadata={"help": "Canvas width of the GWM model (set at creation)."})
+    gwm_config: dict = field(
+        default_factory=dict,
+        metadata={"help": "The GWMConfig of the model the adapter was made on (set at creation), to rebuild it."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if not isinstance(self.n_loops, int) or self.n_loops < 1:
+            raise ValueError(f"LoopConfig: n_loops must be a positive integer, got {self.n_loops!r}")
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f["name"] for f in self.fields]

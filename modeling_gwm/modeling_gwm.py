@@ -1,0 +1,259 @@
+"""GWMModel: a canvas world model around the frozen blocks of a CogVideoX video transformer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .base import FrozenBase, build_scratch_base, load_cogvideox_base, resolve_frozen_dtype
+from .canvas import FieldCodec, masked_mse, sinusoidal_encoding
+from .configuration_gwm import GWMConfig
+from .loop import AdapterMismatchError, LoopConfig, LoopLayer, check_adapter_fits
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterLoadError(OSError):
+    """An adapter folder is missing files, holds a foreign PEFT method or a damaged weights file."""
+
+
+@dataclass
+class GWMOutput(ModelOutput):
+    """Output of [`GWMModel.forward`].
+
+    Args:
+        loss: masked MSE over positions hidden for prediction that have ground truth (None without a target mask).
+        predictions: (B, T, F) predicted values in normalised units, for every position.
+        hidden_states: (B, N, d_model) canvas output of the backbone.
+    """
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class EncoderToken(nn.Module):
+    """The one learned token that joins CogVideoX's joint attention as global context."""
+
+    def __init__(self, inner_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 1, inner_dim) * 0.02)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight.expand(batch_size, -1, -1)  # (B, 1, inner_dim)
+
+
+def _is_auto_dtype(config: GWMConfig) -> bool:
+    return config.frozen_dtype == "auto"
+
+
+class GWMModel(PreTrainedModel):
+    """The seed's backbone plus a field codec.
+
+    values + presence -> codec -> canvas (B, N, d_model) -> time encoding -> proj_in -> every frozen block `n_loops`
+    times (the loop adapter) with one encoder token in the joint attention -> proj_out -> LayerNorm -> value head.
+
+    Build it with [`GWMModel.from_pretrained`]. Without an adapter the blocks run once each; attach the loop adapter
+    with `peft.get_peft_model(model, LoopConfig(...))` or load a trained one with `from_pretrained(base, adapter)`.
+    """
+
+    config_class = GWMConfig
+    base_model_prefix = "gwm"
+    main_input_name = "values"
+    supports_gradient_checkpointing = False  # our own per-application switch, see `set_gradient_checkpointing`
+    _no_split_modules = ["LoopLayer"]
+
+    def __init__(self, config: GWMConfig, frozen_base: FrozenBase | None = None, device: str | None = None):
+        super().__init__(config)
+        config._name_or_path = config.base_model_name_or_path  # PEFT records it as the adapter's base_model
+        if frozen_base is None:
+            frozen_base = build_frozen_base(config)
+        self.base_source = frozen_base.source
+        self.inner_dim = frozen_base.inner_dim
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)  # every model built from one config starts from the same adapter init
+        self.codec = FieldCodec(config.max_fields, config.d_model)
+        self.proj_in = nn.Linear(config.d_model, self.inner_dim)
+        self.encoder_token = EncoderToken(self.inner_dim)
+        self.proj_out = nn.Linear(self.inner_dim, config.d_model)
+        self.norm_out = nn.LayerNorm(config.d_model)
+        torch.random.set_rng_state(generator_state)
+        self.transformer_blocks = frozen_base.blocks
+        self.transformer_blocks.requires_grad_(False)
+        self.register_buffer("block_temb", frozen_base.temb, persistent=False)  # (1, time_embed_dim)
+        self.post_init()
+        if device is not None:
+            self.to(device)
+        self.set_frozen_dtype(resolve_frozen_dtype(config.frozen_dtype, device))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Modules initialise themselves; the frozen blocks must never be touched.
+        pass
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike | None = None,
+        adapter: str | os.PathLike | None = None,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        device: str | torch.device | None = None,
+        config: GWMConfig | None = None,
+        **config_overrides,
+    ):
+        """Load the frozen base, and optionally a trained adapter onto it.
+
+        Args:
+            base: Hub id or local folder of a CogVideoX checkpoint in the diffusers layout (`transformer/`). With an
+                adapter and no base, the base the adapter was trained on is used. A local adapter folder passed
+                alone is recognised as the adapter.
+            adapter: local folder or Hub id of a GWM adapter (`adapter_config.json` + `adapter_model.safetensors`).
+            subfolder / revision / token: where the adapter lives inside a Hub repo (a DAG node's subfolder).
+            adapter_name: name of the loaded adapter on the model (several can sit on one base).
+            is_trainable: load the adapter for further training rather than inference.
+            device: where to put the model; the frozen blocks go to bf16 on CUDA when `frozen_dtype="auto"`.
+            config / config_overrides: a `GWMConfig` or fields of one, for a model without adapter.
+
+        Returns:
+            a `peft.PeftModel` wrapping the `GWMModel` when an adapter is given (every `GWMModel` method is reachable
+            through it), else the bare `GWMModel`.
+        """
+        if adapter is None and base is not None and os.path.isfile(os.path.join(base, "adapter_config.json")):
+            base, adapter = None, base
+        if adapter is None:
+            if config is None:
+                config = GWMConfig(**({"base_model_name_or_path": str(base)} if base else {}), **config_overrides)
+            return cls(config, device=device)
+
+        loop_config = load_adapter_config(adapter, subfolder=subfolder, revision=revision, token=token)
+        gwm_kwargs = {**loop_config.gwm_config, **config_overrides}
+        if base is not None:
+            gwm_kwargs["base_model_name_or_path"] = str(base)
+        model = cls(GWMConfig(**gwm_kwargs), device=device)
+        check_adapter_fits(loop_config, **model.adapter_architecture(), where=str(adapter))
+        try:
+            return PeftModel.from_pretrained(
+                model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, subfolder=subfolder,
+                revision=revision, token=token,
+            )
+        except Exception as err:  # safetensors raises its own error types on damaged files
+            if "safetensors" in type(err).__module__ or "header" in str(err).lower():
+                raise AdapterLoadError(
+                    f"Adapter weights in {adapter} are unreadable (truncated or not a safetensors file): {err}"
+                ) from None
+            raise
+
+    def adapter_architecture(self) -> dict[str, int]:
+        """What an adapter must match to fit this model."""
+        return {"inner_dim": self.inner_dim, "num_blocks": len(self.transformer_blocks), "d_model": self.config.d_model}
+
+    def set_frozen_dtype(self, dtype: torch.dtype) -> None:
+        """Put the frozen blocks (and only them) in `dtype`; trainable parameters stay float32."""
+        for module in self.transformer_blocks:
+            block = module.base_layer if isinstance(module, LoopLayer) else module
+            block.to(dtype)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block application in the backward pass (activation memory flat in `n_loops`)."""
+        self.config.gradient_checkpointing = enabled
+        for module in self.modules():
+            if isinstance(module, LoopLayer):
+                module.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------ forward
+    def backbone(self, canvas: torch.Tensor, time_index: torch.Tensor) -> torch.Tensor:
+        """The seed's pipeline: canvas (B, N, d_model) -> (B, N, d_model)."""
+        hidden = canvas + sinusoidal_encoding(time_index, canvas.size(-1)).to(canvas.dtype)  # (B, N, d_model)
+        hidden = self.proj_in(hidden)  # (B, N, inner_dim)
+        encoder = self.encoder_token(hidden.size(0))  # (B, 1, inner_dim)
+        temb = self.block_temb.expand(hidden.size(0), -1)  # (B, time_embed_dim)
+        for block in self.transformer_blocks:
+            hidden, encoder = block(hidden, encoder, temb, None, None)  # (B, N, inner), (B, 1, inner)
+        hidden = self.proj_out(hidden.float())  # (B, N, d_model)
+        return self.norm_out(hidden)
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        presence: torch.Tensor,
+        field_ids: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> GWMOutput:
+        """Predict every canvas position.
+
+        Args:
+            values: (B, T, F) normalised values (anything where `presence` is False).
+            presence: (B, T, F) bool, True where the value was observed.
+            field_ids: (F,) or (B, F) codec slots of the columns; defaults to 0..F-1 (the adapter's field order).
+            target_mask: (B, T, F) bool, positions hidden from the input and predicted; the loss is taken where
+                target_mask AND presence.
+        """
+        batch, steps, n_fields = values.shape
+        if field_ids is None:
+            field_ids = torch.arange(n_fields, device=values.device)
+        presence = presence.bool()
+        values = torch.where(presence, values, torch.zeros_like(values))  # NaN never reaches the network
+        visible = presence if target_mask is None else presence & ~target_mask.bool()
+        canvas = self.codec.encode(values, visible, field_ids)  # (B, N, d_model)
+        time_index = torch.arange(steps, device=values.device).repeat_interleave(n_fields)  # (N,)
+        hidden = self.backbone(canvas, time_index)  # (B, N, d_model)
+        predictions = self.codec.decode(hidden, steps)  # (B, T, F)
+        loss = None
+        if target_mask is not None:
+            loss = masked_mse(predictions, values.float(), target_mask.bool() & presence)
+        output = GWMOutput(loss=loss, predictions=predictions, hidden_states=hidden)
+        return output if return_dict else output.to_tuple()
+
+
+def build_frozen_base(config: GWMConfig, architecture: dict | None = None) -> FrozenBase:
+    """The frozen blocks a config asks for; `backbone="cogvideox"` falls back to scratch without diffusers."""
+    backbone = config.backbone
+    if backbone == "cogvideox":
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            logger.warning("diffusers is not installed: falling back to the scratch backbone (pip install diffusers).")
+            config.backbone = backbone = "scratch"
+    if backbone == "cogvideox":
+        return load_cogvideox_base(config.base_model_name_or_path, config.block_timestep, architecture=architecture)
+    return build_scratch_base(config.scratch_num_layers, config.scratch_num_attention_heads,
+                              config.scratch_attention_head_dim, config.scratch_time_embed_dim, seed=config.seed)
+
+
+def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
+                        token: str | bool | None = None) -> LoopConfig:
+    """Read an adapter's `adapter_config.json`, refusing anything that is not a GWM loop adapter."""
+    from peft import PeftConfig
+
+    location = f"{adapter}" + (f" (subfolder {subfolder})" if subfolder else "")
+    local = os.path.isdir(adapter)
+    if local and not os.path.isfile(os.path.join(adapter, subfolder or "", "adapter_config.json")):
+        raise AdapterLoadError(f"No adapter_config.json in {location}: not a GWM adapter folder.")
+    try:
+        peft_config = PeftConfig.from_pretrained(str(adapter), subfolder=subfolder, revision=revision, token=token)
+    except ValueError as err:
+        raise AdapterLoadError(f"{location}/adapter_config.json is not a valid PEFT adapter config: {err}") from None
+    except OSError as err:
+        raise AdapterLoadError(f"Could not fetch the adapter {location}: {str(err).splitlines()[0]}") from None
+    if not isinstance(peft_config, LoopConfig):
+        raise AdapterLoadError(
+            f"{location} holds a {peft_config.peft_type} adapter, not a GWM loop adapter (peft_type GWM_LOOP)."
+        )
+    return peft_config
+
+
+__all__ = ["AdapterLoadError", "AdapterMismatchError", "GWMModel", "GWMOutput", "build_frozen_base"]
