@@ -264,14 +264,12 @@ def _finish_axes(ax, values: list[float]) -> None:
 
 def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: str | None = None) -> None:
     """One node's training loss (raw and smoothed) and validation loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in any process
 
     node = title or metrics.get("node") or "node"
     steps, train, vsteps, val = _history(metrics)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     if train:
         smooth = len(train) > 20
         ax.plot(steps, train, color="tab:blue", alpha=0.35 if smooth else 1.0, lw=1,
@@ -287,21 +285,19 @@ def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: s
     _finish_axes(ax, train + val)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
 
 
 def plot_loss_curves(output_dir: str | os.PathLike, path: str | os.PathLike | io.BytesIO) -> None:
     """Every trained node of a run on one axis, in training order (steps laid end to end), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     output_dir = Path(output_dir)
     dag = _read_json(output_dir / "dag.json")
     names = list(dict.fromkeys([*(dag.get("order") or []), *(dag.get("nodes") or {})]))
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
-    offset, all_values, colors = 0, [], plt.get_cmap("tab10")
+    fig = Figure(figsize=(9, 4.5), dpi=110)
+    ax = fig.subplots()
+    offset, all_values, colors = 0, [], colormaps["tab10"]
     for i, name in enumerate(names):
         metrics = _read_json(_node_dir(output_dir, dag, name) / "metrics.json")
         steps, train, vsteps, val = _history(metrics)
@@ -324,7 +320,6 @@ def plot_loss_curves(output_dir: str | os.PathLike, path: str | os.PathLike | io
     _finish_axes(ax, all_values)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------- cards
@@ -725,9 +720,10 @@ def push_adapter(model_or_folder, repo_id: str, *, adapter_name: str | None = No
                 raise FileNotFoundError(f"{source} is not an adapter folder (needs {' + '.join(ADAPTER_FILES)}).")
             node = source.name
         else:
-            node, local_dir = adapter_name or model_or_folder.active_adapter, None
-            model_or_folder.save_pretrained(Path(staging, "saved"), selected_adapters=[node])
-            source = Path(staging, "saved", node if node != "default" else "")  # PEFT's layout for named adapters
+            name, local_dir = adapter_name or model_or_folder.active_adapter, None
+            model_or_folder.save_pretrained(Path(staging, "saved"), selected_adapters=[name])
+            source = Path(staging, "saved", name if name != "default" else "")  # PEFT's layout for named adapters
+            node = name if name != "default" else repo_id.split("/")[-1]
         if local_dir is not None and (source.parent / "dag.json").is_file():
             run_dir = source.parent  # a node of a run: its card keeps lineage and metrics
         else:
