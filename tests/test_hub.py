@@ -194,6 +194,16 @@ def test_every_node_folder_has_a_card_and_a_loss_plot(run_dir):
     assert "[`world`](world/README.md)" in (run_dir / "README.md").read_text()
 
 
+def test_a_node_with_only_adapter_files_still_gets_a_card_and_plot(run_copy):
+    (run_copy / "macro" / "metrics.json").unlink()
+    (run_copy / "dag.json").unlink()
+    write_node_card(str(run_copy), "macro")
+    card = ModelCard.load(run_copy / "macro" / "README.md")
+    assert card.data.pipeline_tag == "time-series-forecasting" and "`macro.us.real_gdp`" in card.text
+    assert "No metrics were recorded" in card.text
+    assert (run_copy / "macro" / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_malformed_metrics_file_is_named_in_the_error(run_copy):
     (run_copy / "macro" / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"macro/metrics\.json is not valid JSON"):
