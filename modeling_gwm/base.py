@@ -88,7 +88,7 @@ def load_cogvideox_base(
             transformer = CogVideoXTransformer3DModel.from_pretrained(
                 name_or_path, subfolder=subfolder, revision=revision, token=token, torch_dtype=torch.float32
             )
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
             hint = " (HF_HUB_OFFLINE is set)" if offline else ""
             raise BaseLoadError(

@@ -137,6 +137,11 @@ class GWMModel(PreTrainedModel):
                 config = GWMConfig(**({"base_model_name_or_path": str(base)} if base else {}), **config_overrides)
             return cls(config, device=device)
 
+        if not os.path.isdir(adapter):  # a Hub id: fetch (or find in the HF cache) just the adapter files
+            from .hub import download_adapter
+
+            adapter = download_adapter(str(adapter), subfolder=subfolder, revision=revision, token=token)
+            subfolder = revision = None
         loop_config = load_adapter_config(adapter, subfolder=subfolder, revision=revision, token=token)
         gwm_kwargs = {**loop_config.gwm_config, **config_overrides}
         if base is not None:

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, scan_cache_dir
-from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.hf_api import CommitInfo
 from peft import get_peft_model, get_peft_model_state_dict
@@ -250,9 +249,6 @@ def test_planned_upload_loads_back_from_the_hub_cache_offline(run_dir, hub_cache
     assert pinned.peft_config["default"].field_names == ["macro.us.real_gdp"]
 
 
-@pytest.mark.xfail(strict=True, raises=LocalEntryNotFoundError, reason=(
-    "PEFT 0.21 load_peft_weights joins the subfolder twice when HF_HUB_OFFLINE=1; passes once "
-    "GWMModel.from_pretrained resolves Hub ids with modeling_gwm.hub.download_adapter"))
 def test_hub_id_with_subfolder_loads_from_the_cache_offline(run_dir, hub_cache):
     model = GWMModel.from_pretrained(TINY_BASE_PATH, REPO, subfolder="world")
     _assert_same_adapter(model, run_dir / "world")

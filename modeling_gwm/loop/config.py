@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -23,11 +22,11 @@ class LoopConfig(PeftConfig):
     """
 
     n_loops: int = field(default=3, metadata={"help": "How many times each targeted block runs per forward pass."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=DEFAULT_TARGET_MODULES,
         metadata={"help": "Regex (full match) or list of names of the blocks to loop; the default takes every block."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default_factory=lambda: list(DEFAULT_MODULES_TO_SAVE),
         metadata={"help": "GWM modules trained and saved with the adapter (one copy per adapter)."},
     )
@@ -39,9 +38,9 @@ class LoopConfig(PeftConfig):
         default_factory=list,
         metadata={"help": "The adapter's fields in codec-slot order: name, mean, std, transform, unit."},
     )
-    inner_dim: Optional[int] = field(default=None, metadata={"help": "Width of the base's blocks (set at creation)."})
-    num_blocks: Optional[int] = field(default=None, metadata={"help": "Number of looped blocks (set at creation)."})
-    d_model: Optional[int] = field(default=None, metadata={"help": "Canvas width of the GWM model (set at creation)."})
+    inner_dim: int | None = field(default=None, metadata={"help": "Width of the base's blocks (set at creation)."})
+    num_blocks: int | None = field(default=None, metadata={"help": "Number of looped blocks (set at creation)."})
+    d_model: int | None = field(default=None, metadata={"help": "Canvas width of the GWM model (set at creation)."})
     gwm_config: dict = field(
         default_factory=dict,
         metadata={"help": "The GWMConfig of the model the adapter was made on (set at creation), to rebuild it."},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner
+
 from .config import DEFAULT_TARGET_MODULES, LoopConfig
 from .layer import LoopLayer
 
