@@ -152,11 +152,12 @@ def make_tiny_cogvideox(path: str | os.PathLike, seed: int = 0, **overrides) -> 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     transformer = CogVideoXTransformer3DModel(**{**TINY_ARCHITECTURE, **overrides})
-    # diffusers zero-initialises nothing in the blocks; scale every weight to a sane random init.
+    # Unit-gain random weights (std 1/sqrt(fan_in)): attention logits of order one, so the random blocks route
+    # information selectively, as trained ones do; a small-std init would make every attention map uniform.
     with torch.no_grad():
         for param in transformer.parameters():
             if param.dim() >= 2:
-                param.normal_(0.0, 0.02)
+                param.normal_(0.0, param.shape[1] ** -0.5)
     torch.random.set_rng_state(generator_state)
     transformer.save_pretrained(os.path.join(path, "transformer"))
     return str(path)

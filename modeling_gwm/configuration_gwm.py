@@ -78,7 +78,8 @@ class GWMConfig(PretrainedConfig):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GWMConfig: {name} must be a positive integer, got {value!r}")
         if not isinstance(horizon, int) or not 0 <= horizon < context_len:
-            raise ValueError(f"GWMConfig: horizon must be an integer in [0, context_len={context_len}), got {horizon!r}")
+            raise ValueError(f"GWMConfig: horizon must be an integer in [0, context_len={context_len}), "
+                             f"got {horizon!r}")
         self.base_model_name_or_path = base_model_name_or_path
         self.backbone = backbone
         self.d_model = d_model

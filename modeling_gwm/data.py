@@ -112,7 +112,7 @@ class DataSource:
         return out
 
     def validate(self) -> None:
-        for field_name, spec in self.fields.items():
+        for spec in self.fields.values():
             if spec.transform not in TRANSFORMS:
                 raise DataError(f"source {self.name!r}, column {spec.column!r}: unknown transform {spec.transform!r};"
                                 f" valid transforms are {', '.join(TRANSFORMS)}")
@@ -146,8 +146,8 @@ class DataSource:
                                 f"columns are {list(table.columns)}")
             column = table[spec.column]
             numeric = pd.to_numeric(column, errors="coerce")
-            non_numeric = numeric.isna() & column.notna() & (column.astype(str).str.strip().str.lower()
-                                                              .isin(["", "nan", "na", "null", "none"]) == False)  # noqa: E712
+            blank = column.astype(str).str.strip().str.lower().isin(["", "nan", "na", "null", "none"])
+            non_numeric = numeric.isna() & column.notna() & ~blank
             if non_numeric.any():
                 example = column[non_numeric].iloc[0]
                 raise DataError(f"source {self.name!r}, column {spec.column!r}: not numeric (e.g. {example!r})")
@@ -182,7 +182,8 @@ class DataSource:
             raise DataError(f"source {self.name!r}: file not found: {self.path}")
         fmt = self.format or _FORMATS.get(Path(self.path).suffix.lower())
         if fmt not in ("csv", "parquet", "json"):
-            raise DataError(f"source {self.name!r}: cannot tell the format of {self.path}; set format: csv|parquet|json")
+            raise DataError(f"source {self.name!r}: cannot tell the format of {self.path}; "
+                            "set format: csv|parquet|json")
         if os.path.getsize(self.path) == 0:
             raise DataError(f"source {self.name!r}: file is empty: {self.path}")
         try:

@@ -20,4 +20,6 @@ def register() -> None:
 
 register()
 
-__all__ = ["PEFT_TYPE", "AdapterMismatchError", "LoopConfig", "LoopLayer", "LoopModel", "check_adapter_fits", "register"]
+__all__ = [
+    "PEFT_TYPE", "AdapterMismatchError", "LoopConfig", "LoopLayer", "LoopModel", "check_adapter_fits", "register",
+]

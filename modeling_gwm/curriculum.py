@@ -1,0 +1,324 @@
+"""The DAG curriculum: nodes, their parents, data and hyper-parameters; parsed, validated and ordered up front.
+
+A node with one parent *forks* (starts from a copy of the parent's adapter), a node with several *joins* (starts
+from a weighted merge of its parents), a node without parents is a *root* (starts from the shared seeded init).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import yaml
+
+from .data import DataError, DataSource
+
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NAMES = {"final", "checkpoint", "runs", "logs"}
+
+
+class CurriculumError(ValueError):
+    """A broken curriculum; the message names the file and the node."""
+
+
+@dataclass
+class MergeSpec:
+    """How a join combines its parents' adapters (task vectors from the shared init, merged with PEFT's merge_utils)."""
+
+    method: str = "linear"
+    weights: list[float] | None = None  # one per parent, in parent order; default equal weights summing to 1
+    density: float = 0.5  # kept fraction for ties / dare_* / magnitude_prune
+    majority_sign_method: str = "total"  # ties / dare_ties: "total" or "frequency"
+
+
+@dataclass
+class TrainingNode:
+    """One node of the curriculum."""
+
+    name: str
+    parents: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    fields: list[str] | None = None  # default: every field of the node's sources
+    description: str = ""
+    steps: int = 100
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    context_len: int = 24
+    horizon: int = 4
+    n_loops: int = 3
+    random_fraction: float = 0.15
+    forecast_probability: float = 0.5
+    val_fraction: float = 0.2
+    eval_windows: int = 64
+    checkpoint_every: int = 25
+    merge: MergeSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        return "root" if not self.parents else ("fork" if len(self.parents) == 1 else "join")
+
+    def merge_weights(self) -> list[float]:
+        if self.merge and self.merge.weights is not None:
+            return list(self.merge.weights)
+        return [1.0 / len(self.parents)] * len(self.parents)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_NODE_KEYS = {f.name for f in fields(TrainingNode)}
+_DEFAULT_KEYS = _NODE_KEYS - {"name", "parents", "sources", "fields", "description", "merge"}
+_MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep",
+               "gradient_checkpointing", "scratch_num_layers", "scratch_num_attention_heads",
+               "scratch_attention_head_dim", "scratch_time_embed_dim"}
+
+
+@dataclass
+class Curriculum:
+    nodes: list[TrainingNode]
+    sources: dict[str, DataSource]
+    model: dict = field(default_factory=dict)
+    path: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def where(self) -> str:
+        return self.path or "curriculum"
+
+    def node(self, name: str) -> TrainingNode:
+        return self._by_name[name]
+
+    def children(self, name: str) -> list[str]:
+        return [n.name for n in self.nodes if name in n.parents]
+
+    def ancestors(self, name: str) -> list[str]:
+        seen: list[str] = []
+        stack = list(self.node(name).parents)
+        while stack:
+            parent = stack.pop()
+            if parent not in seen:
+                seen.append(parent)
+                stack.extend(self.node(parent).parents)
+        return [n for n in self.order() if n in seen]
+
+    def sink(self) -> str:
+        """The last node of the order that no other node builds on."""
+        return [n for n in self.order() if not self.children(n)][-1]
+
+    def order(self) -> list[str]:
+        """Topological order, stable: among ready nodes, the one declared first goes first."""
+        done: list[str] = []
+        pending = [n.name for n in self.nodes]
+        while pending:
+            ready = [n for n in pending if all(p in done for p in self.node(n).parents)]
+            if not ready:
+                cycle = " -> ".join(pending)
+                raise CurriculumError(f"{self.where}: the parents of nodes {cycle} form a cycle")
+            done.append(ready[0])
+            pending.remove(ready[0])
+        return done
+
+    def node_fields(self, name: str) -> list[str]:
+        """Fields a node trains on (from its own sources)."""
+        node = self.node(name)
+        if node.fields is not None:
+            return list(node.fields)
+        return [f for s in node.sources for f in self.sources[s].fields]
+
+    def adapter_fields(self, name: str) -> list[str]:
+        """The node adapter's field list (codec-slot order): the parents' fields first, then its own new ones."""
+        out: list[str] = []
+        for parent in self.node(name).parents:
+            out += [f for f in self.adapter_fields(parent) if f not in out]
+        out += [f for f in self.node_fields(name) if f not in out]
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        where = self.where
+        if not self.nodes:
+            raise CurriculumError(f"{where}: the curriculum has no nodes")
+        self._by_name: dict[str, TrainingNode] = {}
+        for node in self.nodes:
+            if not isinstance(node.name, str) or not SAFE_NAME.match(node.name) or node.name in RESERVED_NAMES \
+                    or ".." in node.name:
+                raise CurriculumError(f"{where}: node name {node.name!r} is not a safe folder name (letters, digits, "
+                                      f"'_', '-', '.', at most 64, not {sorted(RESERVED_NAMES)})")
+            if node.name in self._by_name:
+                raise CurriculumError(f"{where}: node {node.name!r} is declared twice")
+            self._by_name[node.name] = node
+        for node in self.nodes:
+            _check_node(node, self, where)
+        self.order()  # raises on cycles
+        for node in self.nodes:
+            fields_needed = len(self.adapter_fields(node.name))
+            max_fields = int(self.model.get("max_fields", 64))
+            if fields_needed > max_fields:
+                raise CurriculumError(f"{where}: node {node.name!r} needs {fields_needed} field slots, more than "
+                                      f"model.max_fields={max_fields}")
+
+    # ------------------------------------------------------------------ views
+    def plan(self) -> str:
+        """What `--dry_run` prints: order, kind, parents, merge weights, fields, steps."""
+        lines = [f"Curriculum {self.where}: {len(self.nodes)} nodes, sink {self.sink()!r}"]
+        for i, name in enumerate(self.order(), 1):
+            node = self.node(name)
+            start = "seeded init" if node.kind == "root" else (
+                f"copy of {node.parents[0]}" if node.kind == "fork" else
+                f"{(node.merge or MergeSpec()).method} merge of " + ", ".join(
+                    f"{p}×{w:g}" for p, w in zip(node.parents, node.merge_weights())))
+            lines.append(f"{i:>2}. {name} [{node.kind}] from {start}; {node.steps} steps, lr {node.learning_rate:g}, "
+                         f"batch {node.batch_size}, n_loops {node.n_loops}, window {node.context_len}/{node.horizon}")
+            lines.append(f"    sources: {', '.join(node.sources)}; trains on {len(self.node_fields(name))} fields: "
+                         + ", ".join(self.node_fields(name)))
+        return "\n".join(lines)
+
+    def mermaid(self) -> str:
+        lines = ["graph TD"]
+        for name in self.order():
+            node = self.node(name)
+            lines.append(f'    {_mid(name)}["{name}"]')
+            for parent, weight in zip(node.parents, node.merge_weights() if node.parents else []):
+                label = f'|"{(node.merge or MergeSpec()).method} {weight:g}"|' if node.kind == "join" else ""
+                lines.append(f"    {_mid(parent)} -->{label} {_mid(name)}")
+        return "\n".join(lines)
+
+
+def _mid(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
+    here = f"{where}: node {node.name!r}"
+    for parent in node.parents:
+        if parent not in curriculum._by_name:
+            raise CurriculumError(f"{here}: unknown parent {parent!r}")
+        if parent == node.name:
+            raise CurriculumError(f"{here}: a node cannot be its own parent")
+    if len(set(node.parents)) != len(node.parents):
+        raise CurriculumError(f"{here}: a parent is listed twice")
+    if not node.sources:
+        raise CurriculumError(f"{here}: no data sources (every node trains on its own data)")
+    for source in node.sources:
+        if source not in curriculum.sources:
+            raise CurriculumError(f"{here}: unknown data source {source!r} (declared: {sorted(curriculum.sources)})")
+    own = [f for s in node.sources for f in curriculum.sources[s].fields]
+    for f in node.fields or []:
+        if f not in own:
+            raise CurriculumError(f"{here}: field {f!r} is in none of its sources {node.sources}")
+    positive_int = ["steps", "batch_size", "context_len", "n_loops", "eval_windows", "checkpoint_every"]
+    for key in positive_int:
+        value = getattr(node, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CurriculumError(f"{here}: {key} must be a positive integer, got {value!r}")
+    if not isinstance(node.horizon, int) or not 1 <= node.horizon < node.context_len:
+        raise CurriculumError(f"{here}: horizon must be an integer in [1, context_len={node.context_len}), "
+                              f"got {node.horizon!r}")
+    for key in ("learning_rate",):
+        value = getattr(node, key)
+        if not isinstance(value, (int, float)) or not 0 < value < 10:
+            raise CurriculumError(f"{here}: {key} must be a number in (0, 10), got {value!r}")
+    for key in ("random_fraction", "forecast_probability", "weight_decay"):
+        value = getattr(node, key)
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise CurriculumError(f"{here}: {key} must be a number in [0, 1], got {value!r}")
+    if not isinstance(node.val_fraction, (int, float)) or not 0 < node.val_fraction < 1:
+        raise CurriculumError(f"{here}: val_fraction must be in (0, 1), got {node.val_fraction!r}")
+    if node.merge is not None:
+        if node.kind != "join":
+            raise CurriculumError(f"{here}: 'merge' is only for nodes with several parents")
+        if node.merge.method not in MERGE_METHODS:
+            raise CurriculumError(f"{here}: unknown merge method {node.merge.method!r}; "
+                                  f"valid: {', '.join(MERGE_METHODS)}")
+        if node.merge.weights is not None:
+            w = node.merge.weights
+            if len(w) != len(node.parents) or not all(isinstance(x, (int, float)) and x >= 0 for x in w) or sum(w) <= 0:
+                raise CurriculumError(f"{here}: merge weights {w} must be {len(node.parents)} non-negative numbers "
+                                      "(one per parent) with a positive sum")
+        if not 0 < node.merge.density <= 1:
+            raise CurriculumError(f"{here}: merge density must be in (0, 1], got {node.merge.density}")
+        if node.merge.majority_sign_method not in ("total", "frequency"):
+            raise CurriculumError(f"{here}: majority_sign_method must be 'total' or 'frequency'")
+    loops = {curriculum._by_name[p].n_loops for p in node.parents}
+    if node.kind == "join" and len(loops | {node.n_loops}) > 1:
+        raise CurriculumError(f"{here}: a join needs the same n_loops as all its parents, got {node.n_loops} and "
+                              f"{sorted(loops)}")
+    if node.kind == "fork" and loops != {node.n_loops}:
+        raise CurriculumError(f"{here}: a fork needs its parent's n_loops ({loops.pop()}), got {node.n_loops}")
+
+
+def _node_from_dict(raw: dict, defaults: dict, where: str, index: int) -> TrainingNode:
+    if not isinstance(raw, dict):
+        raise CurriculumError(f"{where}: node #{index + 1} must be a mapping, got {type(raw).__name__}")
+    name = raw.get("name", f"#{index + 1}")
+    unknown = sorted(set(raw) - _NODE_KEYS)
+    if unknown:
+        raise CurriculumError(f"{where}: node {name!r}: unknown key(s) {unknown}; valid: {sorted(_NODE_KEYS)}")
+    if "name" not in raw:
+        raise CurriculumError(f"{where}: node #{index + 1} has no name")
+    values = {**defaults, **raw}
+    for key in ("parents", "sources"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+        if values.get(key) is not None and not isinstance(values[key], list):
+            raise CurriculumError(f"{where}: node {name!r}: {key} must be a list")
+    merge = values.pop("merge", None)
+    if merge is not None:
+        if isinstance(merge, str):
+            merge = {"method": merge}
+        if not isinstance(merge, dict) or set(merge) - {f.name for f in fields(MergeSpec)}:
+            raise CurriculumError(f"{where}: node {name!r}: merge must be a mapping with method, weights, density, "
+                                  "majority_sign_method")
+        merge = MergeSpec(**merge)
+    try:
+        return TrainingNode(**{k: v for k, v in values.items() if k in _NODE_KEYS}, merge=merge)
+    except TypeError as err:
+        raise CurriculumError(f"{where}: node {name!r}: {err}") from None
+
+
+def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> Curriculum:
+    """Parse and validate a curriculum YAML file; raises `CurriculumError` naming the file and the node."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CurriculumError(f"{path}: curriculum file not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        raise CurriculumError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise CurriculumError(f"{path}: expected a mapping with 'sources' and 'nodes' at the top level")
+    unknown = sorted(set(raw) - {"defaults", "model", "sources", "nodes", "description"})
+    if unknown:
+        raise CurriculumError(f"{path}: unknown top-level key(s) {unknown}; valid: defaults, model, sources, nodes")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict) or set(defaults) - _DEFAULT_KEYS:
+        bad = sorted(set(defaults) - _DEFAULT_KEYS) if isinstance(defaults, dict) else defaults
+        raise CurriculumError(f"{path}: bad 'defaults' {bad}; valid keys: {sorted(_DEFAULT_KEYS)}")
+    model = dict(raw.get("model") or {})
+    if set(model) - _MODEL_KEYS:
+        raise CurriculumError(f"{path}: unknown model key(s) {sorted(set(model) - _MODEL_KEYS)}; "
+                              f"valid: {sorted(_MODEL_KEYS)}")
+    base = model.get("base")
+    if isinstance(base, str) and not os.path.isabs(base) and os.path.exists(os.path.join(base_dir, base)):
+        model["base"] = os.path.normpath(os.path.join(base_dir, base))  # a local base next to the curriculum
+    raw_sources = raw.get("sources") or {}
+    if not isinstance(raw_sources, dict):
+        raise CurriculumError(f"{path}: 'sources' must map source names to their declarations")
+    try:
+        sources = {name: DataSource.from_dict(name, spec, base_dir) for name, spec in raw_sources.items()}
+    except DataError as err:
+        raise CurriculumError(f"{path}: {err}") from None
+    raw_nodes = raw.get("nodes")
+    if raw_nodes is not None and not isinstance(raw_nodes, list):
+        raise CurriculumError(f"{path}: 'nodes' must be a list")
+    nodes = [_node_from_dict(n, defaults, path, i) for i, n in enumerate(raw_nodes or [])]
+    if overrides:
+        nodes = [replace(n, **overrides) for n in nodes]
+    return Curriculum(nodes=nodes, sources=sources, model=model, path=path)

@@ -1,0 +1,92 @@
+"""Join merges: parents' adapters combined as task vectors from their shared seeded init (a model soup).
+
+merged = init + merge_method([parent_i - init], weights). With `linear` and weights summing to 1 this is exactly the
+weighted average of the parents. The sparsifying methods come from PEFT's `peft.utils.merge_utils`. Field
+embeddings are aligned by field *name* first: a field the child shares with several parents gets their weighted
+average (weights renormalised over the parents that have it); a field only one parent has is copied from it.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.utils import merge_utils
+
+from .curriculum import MERGE_METHODS, MergeSpec
+
+FIELD_EMBEDDING_KEY = "codec.field_embedding.weight"
+
+
+def _merge_tensors(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+    if spec.method == "linear":
+        return merge_utils.task_arithmetic(deltas, weights)
+    if spec.method == "ties":
+        return merge_utils.ties(deltas, weights, spec.density, spec.majority_sign_method)
+    if spec.method == "dare_linear":
+        return merge_utils.dare_linear(deltas, weights, spec.density)
+    if spec.method == "dare_ties":
+        return merge_utils.dare_ties(deltas, weights, spec.density, spec.majority_sign_method)
+    if spec.method == "magnitude_prune":
+        return merge_utils.magnitude_prune(deltas, weights, spec.density)
+    raise ValueError(f"unknown merge method {spec.method!r}; valid: {', '.join(MERGE_METHODS)}")
+
+
+def align_fields(state: dict[str, torch.Tensor], fields: list[str], target_fields: list[str],
+                 init: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Reorder a state's field-embedding rows into `target_fields` order.
+
+    Returns the aligned state and a (max_fields,) bool tensor telling which rows this state really holds.
+    """
+    key = next(k for k in state if k.endswith(FIELD_EMBEDDING_KEY))
+    table = init[key].clone()  # rows the state does not have keep the init
+    has = torch.zeros(table.size(0), dtype=torch.bool)
+    for row, name in enumerate(target_fields):
+        if name in fields:
+            table[row] = state[key][fields.index(name)]
+            has[row] = True
+    has[len(target_fields):] = True  # unused slots: merged like any weight
+    return {**state, key: table}, has
+
+
+def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[list[str]], child_fields: list[str],
+                   init: dict[str, torch.Tensor], spec: MergeSpec | None = None,
+                   weights: list[float] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Merge parents' adapter state dicts (PEFT keys, no adapter name) into the child's starting state.
+
+    `init` is the shared seeded initialisation the parents started from (a fresh adapter's state); DARE's random
+    drop is seeded with `seed`, so a merge is reproducible.
+    """
+    spec = spec or MergeSpec()
+    weights = weights if weights is not None else [1.0 / len(parents)] * len(parents)
+    if len(weights) != len(parents):
+        raise ValueError(f"{len(weights)} merge weights for {len(parents)} parents")
+    for i, state in enumerate(parents):
+        if set(state) != set(init):
+            missing = sorted(set(init) ^ set(state))[:3]
+            raise ValueError(f"parent #{i + 1} adapter does not match the child's layout (differs at {missing})")
+        for key, tensor in state.items():
+            if tensor.shape != init[key].shape:
+                raise ValueError(f"parent #{i + 1} adapter tensor {key} has shape {tuple(tensor.shape)}, the child "
+                                 f"expects {tuple(init[key].shape)} (different n_loops or base?)")
+    aligned, holds = zip(*(align_fields(s, f, child_fields, init) for s, f in zip(parents, parent_fields)))
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    merged = {}
+    weight_tensor = torch.tensor(weights, dtype=torch.float32)
+    for key, start in init.items():
+        start = start.float()
+        deltas = [state[key].float() - start for state in aligned]
+        if key.endswith(FIELD_EMBEDDING_KEY):
+            table = start.clone()
+            for row in range(start.size(0)):
+                owners = [i for i in range(len(parents)) if holds[i][row]]
+                if not owners:
+                    continue
+                row_weights = weight_tensor[owners]
+                if len(owners) < len(parents):
+                    row_weights = row_weights / row_weights.sum() * weight_tensor.sum()
+                table[row] = start[row] + _merge_tensors([deltas[i][row] for i in owners], row_weights, spec)
+            merged[key] = table
+        else:
+            merged[key] = start + _merge_tensors(deltas, weight_tensor, spec)
+    torch.random.set_rng_state(generator_state)
+    return merged

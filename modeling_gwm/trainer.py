@@ -1,0 +1,508 @@
+"""DAG curriculum training with accelerate: one frozen base per process, one adapter per node.
+
+Every node goes through the same phases: start its adapter (seeded init, fork copy or join merge), train, evaluate,
+write its outputs atomically. Batches are derived from (seed, node, step) alone, so a resumed or multi-process run
+sees exactly the batches an uninterrupted single-process run sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .configuration_gwm import DEFAULT_BASE
+from .curriculum import Curriculum, CurriculumError, MergeSpec, TrainingNode
+from .data import CanvasDataset, DataSource, NodeData, build_node_data, collate_canvas
+from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, read_json
+from .loop import LoopConfig
+from .masking import sample_target_mask
+from .merging import align_fields, merge_adapters
+from .modeling_gwm import GWMModel
+
+logger = get_logger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+COMPLETE_MARKER = "COMPLETE"
+
+
+class NodeNotReadyError(RuntimeError):
+    """A node's parents have no complete adapter in the output directory yet."""
+
+
+@dataclass
+class NodeState:
+    """What a node's training loop carries between steps (and across a resume)."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    val_history: list[dict] = field(default_factory=list)
+
+
+def _step_seed(seed: int, node_index: int, step: int) -> int:
+    return (seed * 1_000_003 + node_index * 7_919 + step) % (2**63 - 1)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors (for safetensors) plus JSON-able metadata: no pickle anywhere."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value for index, entries in state["state"].items() for key, value in entries.items()
+               if torch.is_tensor(value)}
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class DAGCurriculumTrainer:
+    """Train every node of a DAG curriculum in topological order on one shared frozen base.
+
+    The seed's API: `DAGCurriculumTrainer(nodes=dag, data_sources=sources, backbone="cogvideox",
+    pretrained_model_id="THUDM/CogVideoX-2b", device="cuda").run()`; `training/dag_train.py` builds the same
+    trainer from a YAML curriculum (`curriculum=load_curriculum(path)`).
+    """
+
+    def __init__(
+        self,
+        nodes: list[TrainingNode] | None = None,
+        data_sources: dict[str, DataSource] | None = None,
+        backbone: str | None = None,
+        pretrained_model_id: str | None = None,
+        device: str | None = None,
+        *,
+        curriculum: Curriculum | None = None,
+        output_dir: str = "outputs/gwm",
+        model_config: dict | None = None,
+        seed: int = 0,
+        resume: bool = False,
+        max_steps: int | None = None,
+        only_nodes: list[str] | None = None,
+        with_ancestors: bool = True,
+        mixed_precision: str = "no",
+        gradient_accumulation_steps: int = 1,
+        report_to: str = "none",
+        gradient_checkpointing: bool = False,
+        push_to_hub: bool = False,
+        hub_model_id: str | None = None,
+        hub_token: str | None = None,
+        write_cards: bool = True,
+    ):
+        if curriculum is None:
+            if not nodes or data_sources is None:
+                raise CurriculumError("DAGCurriculumTrainer needs nodes and data_sources, or a curriculum")
+            curriculum = Curriculum(nodes=list(nodes), sources=dict(data_sources), model=dict(model_config or {}))
+        self.curriculum = curriculum
+        self.model_config = {**curriculum.model, **(model_config or {})}
+        if backbone is not None:
+            self.model_config["backbone"] = backbone
+        if pretrained_model_id is not None:
+            self.model_config["base"] = pretrained_model_id
+        self.output_dir = os.path.abspath(output_dir)
+        self.seed = seed
+        self.resume = resume
+        self.max_steps = max_steps
+        self.only_nodes = only_nodes
+        self.with_ancestors = with_ancestors
+        self.gradient_checkpointing = gradient_checkpointing
+        self.push_to_hub, self.hub_model_id, self.hub_token = push_to_hub, hub_model_id, hub_token
+        self.write_cards = write_cards
+        if push_to_hub and not hub_model_id:
+            raise CurriculumError("--push_to_hub needs --hub_model_id (e.g. user/gwm-demo)")
+        for name in only_nodes or []:
+            if name not in {n.name for n in curriculum.nodes}:
+                raise CurriculumError(f"{curriculum.where}: --nodes names unknown node {name!r}")
+        log_with = None if report_to in (None, "none") else report_to
+        self.accelerator = Accelerator(
+            cpu=device == "cpu", mixed_precision=mixed_precision, log_with=log_with,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            project_dir=os.path.join(self.output_dir, "runs"),
+        )
+        self.model = None
+        self.peft_model = None
+
+    # ------------------------------------------------------------------ plan
+    def selected_nodes(self) -> list[str]:
+        order = self.curriculum.order()
+        if not self.only_nodes:
+            return order
+        wanted = set(self.only_nodes)
+        if self.with_ancestors:
+            for name in self.only_nodes:
+                wanted.update(self.curriculum.ancestors(name))
+        return [n for n in order if n in wanted]
+
+    def node_dir(self, name: str) -> str:
+        return os.path.join(self.output_dir, name)
+
+    def is_complete(self, name: str) -> bool:
+        folder = self.node_dir(name)
+        return os.path.isfile(os.path.join(folder, COMPLETE_MARKER)) and all(
+            os.path.isfile(os.path.join(folder, f)) for f in ADAPTER_FILES)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        acc = self.accelerator
+        set_seed(self.seed)
+        selected = self.selected_nodes()
+        requested = set(self.only_nodes or selected)
+        if not self.resume:
+            done = [n for n in selected if n in requested and self.is_complete(n)]
+            if done:
+                raise CurriculumError(f"{self.output_dir} already holds trained node(s) {done}: pass --resume to keep "
+                                      "and skip them, or choose a new --output_dir")
+        os.makedirs(self.output_dir, exist_ok=True)
+        dag = self._load_dag()
+        if acc.is_main_process:
+            atomic_write_json(self._dag_path, dag)
+        if acc.log_with:
+            acc.init_trackers("gwm", config={"seed": self.seed, **{k: str(v) for k, v in self.model_config.items()}})
+        for name in selected:
+            if self.is_complete(name):
+                logger.info(f"node {name}: complete in {self.node_dir(name)}, skipped", main_process_only=True)
+                continue
+            self._check_parents_ready(name)
+            self.train_node(name, dag)
+        self._write_final(dag)
+        if acc.log_with:
+            acc.end_training()
+        if self.push_to_hub and acc.is_main_process:
+            from .hub import push_curriculum
+
+            url = push_curriculum(self.output_dir, self.hub_model_id, token=self.hub_token)
+            logger.info(f"pushed the curriculum to {url}", main_process_only=True)
+        acc.wait_for_everyone()
+        return self._load_dag()
+
+    @property
+    def _dag_path(self) -> str:
+        return os.path.join(self.output_dir, "dag.json")
+
+    def _load_dag(self) -> dict:
+        dag = read_json(self._dag_path) if os.path.isfile(self._dag_path) else {}
+        dag.setdefault("nodes", {})
+        dag.update({"curriculum": self.curriculum.path, "order": self.curriculum.order(), "seed": self.seed,
+                    "base": self.model_config.get("base", DEFAULT_BASE), "sink": self.curriculum.sink()})
+        for name in self.curriculum.order():
+            node = self.curriculum.node(name)
+            entry = dag["nodes"].setdefault(name, {"status": "pending"})
+            entry.update({"kind": node.kind, "parents": node.parents, "output": name,
+                          "merge": None if node.kind != "join" else {
+                              "method": (node.merge or MergeSpec()).method, "weights": node.merge_weights(),
+                              "density": (node.merge or MergeSpec()).density}})
+            if self.is_complete(name):
+                entry["status"] = "done"
+        return dag
+
+    def _update_dag(self, dag: dict, name: str, **values) -> None:
+        dag["nodes"][name].update(values)
+        if self.accelerator.is_main_process:
+            current = self._load_dag()  # another job may have finished other nodes meanwhile
+            current["nodes"][name].update(dag["nodes"][name])
+            atomic_write_json(self._dag_path, current)
+
+    def _check_parents_ready(self, name: str) -> None:
+        missing = [p for p in self.curriculum.node(name).parents if not self.is_complete(p)]
+        if missing:
+            raise NodeNotReadyError(f"node {name!r} cannot start: parent adapter(s) {missing} are not complete in "
+                                    f"{self.output_dir} (train them first, e.g. --nodes {' '.join(missing)})")
+
+    # ------------------------------------------------------------------ model
+    def _ensure_model(self) -> GWMModel:
+        if self.model is None:
+            config = {k: v for k, v in self.model_config.items() if k != "base"}
+            config.setdefault("seed", self.seed)
+            config["gradient_checkpointing"] = self.gradient_checkpointing or config.get("gradient_checkpointing",
+                                                                                         False)
+            base = self.model_config.get("base", DEFAULT_BASE)
+            self.model = GWMModel.from_pretrained(base, device=self.accelerator.device, **config)
+            logger.info(f"frozen base {self.model.base_source}: {len(self.model.transformer_blocks)} blocks, "
+                        f"inner_dim {self.model.inner_dim}", main_process_only=True)
+        return self.model
+
+    def _node_data(self, name: str) -> NodeData:
+        node = self.curriculum.node(name)
+        return build_node_data([self.curriculum.sources[s] for s in node.sources], self.curriculum.node_fields(name),
+                               node.context_len, val_fraction=node.val_fraction)
+
+    def _field_meta(self, name: str, data: NodeData) -> list[dict]:
+        inherited: dict[str, dict] = {}
+        for parent in self.curriculum.node(name).parents:
+            for entry in read_json(os.path.join(self.node_dir(parent), "adapter_config.json"))["fields"]:
+                inherited.setdefault(entry["name"], entry)
+        return [data.stats[f].to_dict() if f in data.stats else inherited[f]
+                for f in self.curriculum.adapter_fields(name)]
+
+    def _attach_adapter(self, name: str, fields_meta: list[dict]) -> dict[str, torch.Tensor]:
+        """Add the node's adapter (fresh = the shared seeded init), drop all others; returns the init state."""
+        node = self.curriculum.node(name)
+        model = self._ensure_model()
+        model.config.context_len, model.config.horizon = node.context_len, node.horizon
+        config = LoopConfig(n_loops=node.n_loops, fields=fields_meta)
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(model, config, adapter_name=name)
+        else:
+            self.peft_model.add_adapter(name, config)
+        self.peft_model.set_adapter(name)
+        for other in list(self.peft_model.peft_config):
+            if other != name:
+                self.peft_model.delete_adapter(other)  # memory stays constant however many nodes came before
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model, adapter_name=name).items()}
+
+    def _parent_state(self, parent: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+        folder = self.node_dir(parent)
+        fields = [f["name"] for f in read_json(os.path.join(folder, "adapter_config.json"))["fields"]]
+        return load_file(os.path.join(folder, "adapter_model.safetensors")), fields
+
+    def start_state(self, name: str, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Root: the seeded init. Fork: the parent's adapter. Join: the weighted merge of the parents."""
+        node = self.curriculum.node(name)
+        child_fields = self.curriculum.adapter_fields(name)
+        if node.kind == "root":
+            return init
+        parents = [self._parent_state(p) for p in node.parents]
+        if node.kind == "fork":
+            state, fields = parents[0]
+            return align_fields(state, fields, child_fields, init)[0]
+        return merge_adapters([s for s, _ in parents], [f for _, f in parents], child_fields, init,
+                              spec=node.merge or MergeSpec(), weights=node.merge_weights(), seed=self.seed)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset: CanvasDataset, field_ids: torch.Tensor, horizon: int, max_windows: int) -> float:
+        """Forecast loss on held-out positions: the last `horizon` steps of validation windows are hidden."""
+        if len(dataset) == 0:
+            return float("nan")
+        picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).round().long().unique()
+        model = self.peft_model
+        was_training = model.training
+        model.eval()
+        sse, count = 0.0, 0.0
+        for chunk in picks.split(64):
+            batch = collate_canvas([dataset[int(i)] for i in chunk])
+            values = batch["values"].to(self.accelerator.device)
+            presence = batch["presence"].to(self.accelerator.device)
+            target = torch.zeros_like(presence)
+            target[:, -horizon:] = True
+            with self.accelerator.autocast():
+                predictions = model(values, presence, field_ids=field_ids, target_mask=target).predictions
+            scored = target & presence & batch.get("holdout", presence).to(presence.device)
+            sse += float(((predictions.float() - values) ** 2 * scored).sum())
+            count += float(scored.sum())
+        model.train(was_training)
+        return sse / count if count else float("nan")
+
+    def _retention(self, name: str, child_fields: list[str]) -> dict:
+        """For a join: the merged adapter's loss on each parent's validation data, next to the parent's own."""
+        out = {}
+        for parent in self.curriculum.node(name).parents:
+            node = self.curriculum.node(parent)
+            data = self._node_data(parent)
+            ids = torch.tensor([child_fields.index(f) for f in data.field_names], device=self.accelerator.device)
+            merged = self.evaluate(data.val, ids, node.horizon, node.eval_windows)
+            own = read_json(os.path.join(self.node_dir(parent), "metrics.json")).get("val_loss_end")
+            out[parent] = {"parent_val_loss": own, "merged_val_loss": merged,
+                           "retention": (own / merged) if own and merged == merged and merged > 0 else None}
+        return out
+
+    # ------------------------------------------------------------------ training
+    def _batch(self, data: NodeData, node: TrainingNode, node_index: int, step: int) -> list[dict]:
+        """This process's micro-batches of the step's global batch, plus the global count of scored positions."""
+        acc = self.accelerator
+        world, accumulation = acc.num_processes, acc.gradient_accumulation_steps
+        if node.batch_size % (world * accumulation):
+            raise CurriculumError(f"node {node.name!r}: batch_size {node.batch_size} is not divisible by "
+                                  f"{world} processes × {accumulation} accumulation steps")
+        generator = torch.Generator().manual_seed(_step_seed(self.seed, node_index, step))
+        picks = torch.randint(len(data.train), (node.batch_size,), generator=generator)
+        batch = collate_canvas([data.train[int(i)] for i in picks])
+        mask = sample_target_mask(batch["presence"], node.horizon, node.random_fraction, node.forecast_probability,
+                                  generator=generator)
+        scored_total = float((mask & batch["presence"]).sum().clamp_min(1))
+        per_process = node.batch_size // world
+        rows = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+        micro = per_process // accumulation
+        out = []
+        for k in range(accumulation):
+            part = slice(rows.start + k * micro, rows.start + (k + 1) * micro)
+            out.append({key: batch[key][part].to(acc.device) for key in ("values", "presence")}
+                       | {"target_mask": mask[part].to(acc.device), "scored_total": scored_total})
+        return out
+
+    def train_node(self, name: str, dag: dict) -> dict:
+        acc = self.accelerator
+        node = self.curriculum.node(name)
+        node_index = self.curriculum.order().index(name)
+        folder = self.node_dir(name)
+        started = time.time()
+        data = self._node_data(name)
+        child_fields = self.curriculum.adapter_fields(name)
+        field_ids = torch.tensor([child_fields.index(f) for f in data.field_names], device=acc.device)
+        init = self._attach_adapter(name, self._field_meta(name, data))
+        self._update_dag(dag, name, status="running")
+        start = self.start_state(name, init)
+        set_peft_model_state_dict(self.peft_model, start, adapter_name=name)
+        retention = self._retention(name, child_fields) if node.kind == "join" else None
+
+        steps = node.steps if self.max_steps is None else min(node.steps, self.max_steps)
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=node.learning_rate, weight_decay=node.weight_decay)
+        state = self._load_checkpoint(name, optimizer)
+        val_start = self.evaluate(data.val, field_ids, node.horizon, node.eval_windows) if state.step == 0 else None
+        if state.step == 0:
+            state.val_history.append({"step": 0, "val_loss": val_start})
+        ddp_model, optimizer = acc.prepare(self.peft_model, optimizer)
+        ddp_model.train()
+        progress = tqdm(total=steps, initial=state.step, desc=f"{name} [{node.kind}]",
+                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+        while state.step < steps:
+            sse_step = torch.zeros((), device=acc.device)
+            for micro in self._batch(data, node, node_index, state.step):
+                with acc.accumulate(ddp_model):
+                    with acc.autocast():
+                        predictions = ddp_model(micro["values"], micro["presence"], field_ids=field_ids,
+                                                target_mask=micro["target_mask"]).predictions
+                    scored = micro["target_mask"] & micro["presence"]
+                    sse = ((predictions.float() - micro["values"]) ** 2 * scored).sum()
+                    scale = acc.num_processes * acc.gradient_accumulation_steps / micro["scored_total"]
+                    acc.backward(sse * scale)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                sse_step += sse.detach()
+                scored_total = micro["scored_total"]
+            train_loss = float(acc.reduce(sse_step, reduction="sum")) / scored_total
+            state.step += 1
+            state.history.append({"step": state.step, "train_loss": train_loss})
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.4f}")
+            if acc.log_with:
+                acc.log({f"{name}/train_loss": train_loss}, step=node_index * 1_000_000 + state.step)
+            if state.step % node.checkpoint_every == 0 and state.step < steps:
+                val = self.evaluate(data.val, field_ids, node.horizon, node.eval_windows)
+                state.val_history.append({"step": state.step, "val_loss": val})
+                self._save_checkpoint(name, optimizer, state)
+        progress.close()
+        val_end = self.evaluate(data.val, field_ids, node.horizon, node.eval_windows)
+        state.val_history.append({"step": state.step, "val_loss": val_end})
+        val_start = state.val_history[0]["val_loss"]
+        metrics = {
+            "node": name, "kind": node.kind, "parents": node.parents, "steps": state.step,
+            "train_loss_start": state.history[0]["train_loss"] if state.history else None,
+            "train_loss_end": state.history[-1]["train_loss"] if state.history else None,
+            "val_loss_start": val_start, "val_loss_end": val_end,
+            "wall_time_s": round(time.time() - started, 2),
+            "trainable_params": sum(p.numel() for p in params), "n_loops": node.n_loops,
+            "fields": data.field_names, "adapter_fields": child_fields, "sources": node.sources,
+            "date_range": {"start": min(a for a, _ in data.date_range.values()),
+                           "end": max(b for _, b in data.date_range.values())},
+            "settings": {"learning_rate": node.learning_rate, "batch_size": node.batch_size,
+                         "context_len": node.context_len, "horizon": node.horizon,
+                         "random_fraction": node.random_fraction, "forecast_probability": node.forecast_probability,
+                         "processes": acc.num_processes, "gradient_accumulation": acc.gradient_accumulation_steps,
+                         "mixed_precision": str(acc.mixed_precision), "seed": self.seed},
+            "history": state.history, "val_history": state.val_history,
+        }
+        self.peft_model = acc.unwrap_model(ddp_model)
+        acc.free_memory()
+        self._write_outputs(name, metrics)
+        self._update_dag(dag, name, status="done", val_loss_start=val_start, val_loss_end=val_end,
+                         retention=retention)
+        if self.write_cards and acc.is_main_process:
+            from .hub import write_node_card
+
+            write_node_card(self.output_dir, name)
+        if acc.is_main_process:
+            atomic_write_bytes(os.path.join(folder, COMPLETE_MARKER), b"complete\n")
+            shutil.rmtree(os.path.join(folder, "checkpoint"), ignore_errors=True)
+        acc.wait_for_everyone()
+        logger.info(f"node {name}: val loss {val_start:.4f} -> {val_end:.4f} in {metrics['wall_time_s']} s",
+                    main_process_only=True)
+        return metrics
+
+    # ------------------------------------------------------------------ files
+    def _write_outputs(self, name: str, metrics: dict) -> None:
+        acc = self.accelerator
+        folder = self.node_dir(name)
+        if acc.is_main_process:
+            staging = os.path.join(folder, ".staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.peft_model.save_pretrained(staging, selected_adapters=[name], save_embedding_layers=False)
+            saved = os.path.join(staging, name) if os.path.isdir(os.path.join(staging, name)) else staging
+            for filename in ADAPTER_FILES:
+                os.replace(os.path.join(saved, filename), os.path.join(folder, filename))
+            shutil.rmtree(staging, ignore_errors=True)
+            atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
+        acc.wait_for_everyone()
+
+    def _save_checkpoint(self, name: str, optimizer, state: NodeState) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            folder = self.node_dir(name)
+            staging = os.path.join(folder, ".checkpoint.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+            adapter = get_peft_model_state_dict(acc.unwrap_model(self.peft_model), adapter_name=name)
+            atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
+            tensors, meta = _optimizer_tensors(optimizer)
+            atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
+            atomic_write_json(os.path.join(staging, "trainer_state.json"),
+                              {"step": state.step, "history": state.history, "val_history": state.val_history,
+                               "optimizer": meta})
+            atomic_replace_dir(staging, os.path.join(folder, "checkpoint"))
+        acc.wait_for_everyone()
+
+    def _load_checkpoint(self, name: str, optimizer) -> NodeState:
+        folder = os.path.join(self.node_dir(name), "checkpoint")
+        if not (self.resume and os.path.isfile(os.path.join(folder, "trainer_state.json"))):
+            return NodeState()
+        saved = read_json(os.path.join(folder, "trainer_state.json"))
+        set_peft_model_state_dict(self.peft_model, load_file(os.path.join(folder, "adapter.safetensors")),
+                                  adapter_name=name)
+        optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors")),
+                                                   saved["optimizer"]))
+        logger.info(f"node {name}: resuming from step {saved['step']}", main_process_only=True)
+        return NodeState(step=saved["step"], history=saved["history"], val_history=saved["val_history"])
+
+    def _write_final(self, dag: dict) -> None:
+        sink = self.curriculum.sink()
+        if not self.accelerator.is_main_process or not self.is_complete(sink):
+            return
+        staging = os.path.join(self.output_dir, ".final.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(self.node_dir(sink), staging, ignore=shutil.ignore_patterns("checkpoint", ".*"))
+        atomic_replace_dir(staging, os.path.join(self.output_dir, "final"))
+
+
+def summary(dag: dict, output_dir: str) -> str:
+    """What the run prints at the end: every node's validation loss and every join's retention."""
+    lines = [f"GWM curriculum finished: {output_dir}", "", "node         status  val loss start -> end"]
+    for name in dag["order"]:
+        entry = dag["nodes"][name]
+        start, end = entry.get("val_loss_start"), entry.get("val_loss_end")
+        losses = f"{start:.4f} -> {end:.4f}" if start is not None and end is not None else "-"
+        lines.append(f"{name:<12} {entry['status']:<7} {losses}")
+    for name in dag["order"]:
+        retention = dag["nodes"][name].get("retention")
+        if retention:
+            lines.append(f"\njoin {name}: merged adapter on each parent's validation data, before training")
+            for parent, r in retention.items():
+                lines.append(f"  {parent:<12} parent {r['parent_val_loss']:.4f}  merged {r['merged_val_loss']:.4f}")
+    lines.append(f"\nadapters and model cards: {output_dir}/<node>/ (final: {output_dir}/final/)")
+    return "\n".join(lines)
+
+
+logging.getLogger("modeling_gwm").addHandler(logging.NullHandler())

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Train a GWM DAG curriculum.
+
+    accelerate launch training/dag_train.py                      # the shipped demo, CPU, tiny base, no download
+    accelerate launch training/dag_train.py --config my.yaml --base THUDM/CogVideoX-2b --mixed_precision bf16
+    accelerate launch --multi_gpu --num_processes 2 training/dag_train.py   # DDP (gloo on CPU)
+
+Spread one curriculum over several machines by running independent nodes as separate jobs that share --output_dir
+(e.g. `--nodes macro` on one machine, `--nodes climate` on another, then `--nodes world --no_deps`): a join waits for
+nothing and refuses to start, with a clear message, until its parents' adapters are complete there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configuration", "curricula", "demo.yaml")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEMO, help="curriculum YAML (default: the shipped demo)")
+    parser.add_argument("--output_dir", default="outputs/gwm-demo", help="where node adapters, cards and dag.json go")
+    parser.add_argument("--base", default=None, help="Hub id or local CogVideoX checkpoint (overrides model.base)")
+    parser.add_argument("--backbone", choices=["cogvideox", "scratch"], default=None)
+    parser.add_argument("--nodes", nargs="+", default=None, help="train only these nodes (and missing ancestors)")
+    parser.add_argument("--no_deps", action="store_true", help="with --nodes: do not train missing ancestors")
+    parser.add_argument("--resume", action="store_true", help="skip complete nodes, continue half-trained ones")
+    parser.add_argument("--max_steps", type=int, default=None, help="cap every node's steps (quick runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="default: accelerate's config (no on CPU)")
+    parser.add_argument("--report_to", choices=["none", "tensorboard", "trackio", "wandb"], default="none")
+    parser.add_argument("--push_to_hub", action="store_true", help="publish every node (one subfolder each)")
+    parser.add_argument("--hub_model_id", default=None, help="user/repo for --push_to_hub")
+    parser.add_argument("--hub_token", default=None, help="default: HF_TOKEN / the cached login")
+    parser.add_argument("--dry_run", action="store_true", help="validate and print the plan, train nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("datasets", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from modeling_gwm.curriculum import CurriculumError, load_curriculum
+    from modeling_gwm.data import DataError
+
+    try:
+        curriculum = load_curriculum(args.config)
+        if args.dry_run:
+            print(curriculum.plan())
+            print("\n```mermaid\n" + curriculum.mermaid() + "\n```")
+            return 0
+        from modeling_gwm.trainer import DAGCurriculumTrainer, summary
+
+        trainer = DAGCurriculumTrainer(
+            curriculum=curriculum, output_dir=args.output_dir, backbone=args.backbone, pretrained_model_id=args.base,
+            seed=args.seed, resume=args.resume, max_steps=args.max_steps, only_nodes=args.nodes,
+            with_ancestors=not args.no_deps, mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, report_to=args.report_to,
+            gradient_checkpointing=args.gradient_checkpointing, push_to_hub=args.push_to_hub,
+            hub_model_id=args.hub_model_id, hub_token=args.hub_token or os.environ.get("HF_TOKEN"),
+        )
+        dag = trainer.run()
+        if trainer.accelerator.is_main_process:
+            print(summary(dag, trainer.output_dir))
+    except (CurriculumError, DataError, OSError, RuntimeError, ValueError) as err:
+        if not isinstance(err, (CurriculumError, DataError)) and os.environ.get("GWM_DEBUG"):
+            raise
+        print(f"dag_train.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
