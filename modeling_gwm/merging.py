@@ -43,7 +43,8 @@ def align_fields(state: dict[str, torch.Tensor], fields: list[str], target_field
         if name in fields:
             table[row] = state[key][fields.index(name)]
             has[row] = True
-    has[len(target_fields):] = True  # unused slots: merged like any weight
+    table[len(target_fields):] = state[key][len(target_fields):]  # unused slots: merged like any weight
+    has[len(target_fields):] = True
     return {**state, key: table}, has
 
 
