@@ -138,7 +138,14 @@ class GWMModel(PreTrainedModel):
             return cls(config, device=device)
 
         if not os.path.isdir(adapter):  # a Hub id: fetch (or find in the HF cache) just the adapter files
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
             from .hub import download_adapter
+
+            try:
+                validate_repo_id(str(adapter))
+            except HFValidationError:
+                raise AdapterLoadError(f"No adapter folder at {adapter} (and it is not a Hub repo id).") from None
 
             adapter = download_adapter(str(adapter), subfolder=subfolder, revision=revision, token=token)
             subfolder = revision = None
@@ -148,6 +155,7 @@ class GWMModel(PreTrainedModel):
             gwm_kwargs["base_model_name_or_path"] = str(base)
         model = cls(GWMConfig(**gwm_kwargs), device=device)
         check_adapter_fits(loop_config, **model.adapter_architecture(), where=str(adapter))
+        _check_adapter_weights(os.path.join(adapter, subfolder or ""), loop_config, model.adapter_architecture())
         try:
             return PeftModel.from_pretrained(
                 model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, subfolder=subfolder,
@@ -223,6 +231,19 @@ class GWMModel(PreTrainedModel):
         output = GWMOutput(loss=loss, predictions=predictions, hidden_states=hidden)
         return output if return_dict else output.to_tuple()
 
+    # ------------------------------------------------------------------ inference in the data's own units
+    def forecast(self, history, horizon: int, **kwargs):
+        """The `horizon` steps after `history` in raw units; see `modeling_gwm.forecasting.forecast`."""
+        from .forecasting import forecast
+
+        return forecast(self, history, horizon, **kwargs)
+
+    def impute(self, frame, **kwargs):
+        """`frame` with its missing values filled; see `modeling_gwm.forecasting.impute`."""
+        from .forecasting import impute
+
+        return impute(self, frame, **kwargs)
+
 
 def build_frozen_base(config: GWMConfig, architecture: dict | None = None) -> FrozenBase:
     """The frozen blocks a config asks for; `backbone="cogvideox"` falls back to scratch without diffusers."""
@@ -237,6 +258,37 @@ def build_frozen_base(config: GWMConfig, architecture: dict | None = None) -> Fr
         return load_cogvideox_base(config.base_model_name_or_path, config.block_timestep, architecture=architecture)
     return build_scratch_base(config.scratch_num_layers, config.scratch_num_attention_heads,
                               config.scratch_attention_head_dim, config.scratch_time_embed_dim, seed=config.seed)
+
+
+def _check_adapter_weights(folder: str, loop_config: LoopConfig, arch: dict[str, int]) -> None:
+    """Check the weights file against the model from its header alone: a config edited by hand cannot hide a
+    different n_loops, width, block count or canvas width, and a damaged file is named before PEFT reads it."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise AdapterLoadError(f"No adapter_model.safetensors in {folder}: the adapter has no weights.")
+    try:
+        with safe_open(path, framework="pt") as weights:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except Exception as err:  # safetensors raises its own error type on damaged files
+        raise AdapterLoadError(f"Adapter weights {path} are unreadable (truncated or not a safetensors file): "
+                               f"{err}") from None
+    prefix = "base_model.model."
+    loop_shapes = {k: v for k, v in shapes.items() if k.startswith(prefix + "transformer_blocks.")
+                   and k.endswith(".loop_emb")}
+    wrong = []
+    if len(loop_shapes) != arch["num_blocks"]:
+        wrong.append(f"{len(loop_shapes)} looped blocks (model has {arch['num_blocks']})")
+    expected = (loop_config.n_loops, arch["inner_dim"])
+    for shape in sorted(set(loop_shapes.values()) - {expected}):
+        wrong.append(f"loop embeddings of shape {shape} (n_loops {loop_config.n_loops} and inner_dim "
+                     f"{arch['inner_dim']} expect {expected})")
+    proj_in = shapes.get(prefix + "proj_in.weight")
+    if proj_in is not None and proj_in != (arch["inner_dim"], arch["d_model"]):
+        wrong.append(f"proj_in of shape {proj_in} (model expects {(arch['inner_dim'], arch['d_model'])})")
+    if wrong:
+        raise AdapterMismatchError(f"Adapter weights {path} do not fit this model: " + "; ".join(wrong) + ".")
 
 
 def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
@@ -256,7 +308,8 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
         raise AdapterLoadError(f"Could not fetch the adapter {location}: {str(err).splitlines()[0]}") from None
     if not isinstance(peft_config, LoopConfig):
         raise AdapterLoadError(
-            f"{location} holds a {peft_config.peft_type} adapter, not a GWM loop adapter (peft_type GWM_LOOP)."
+            f"{location} holds a {getattr(peft_config.peft_type, 'value', peft_config.peft_type)} adapter, "
+            "not a GWM loop adapter (peft_type GWM_LOOP)."
         )
     return peft_config
 

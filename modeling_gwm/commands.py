@@ -1,0 +1,318 @@
+"""The `gwm` command line: forecast, evaluate, plan a curriculum, count parameters, plot losses, push a run.
+
+Every user error (a bad file, an unknown field, a horizon of 0, no network for a push) ends with exit code 2 and one
+line `gwm <command>: error: ...` on stderr; set GWM_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_EPILOGS = {
+    "params": """example:
+  gwm params --base configuration/tiny-cogvideox --d_model 32 --n_loops 2
+  gwm params --architecture THUDM/CogVideoX-2b --d_model 256 --n_loops 4   # no download: a meta-device build""",
+    "dag": """example:
+  gwm dag --config configuration/curricula/demo.yaml""",
+    "forecast": """columns: the data's columns must be field names of the adapter (e.g. climate.enso.nino12_sst);
+map raw column names with --columns RAW=FIELD (repeatable or comma-separated): then only the mapped columns are read.
+
+example:
+  gwm forecast --adapter outputs/gwm-demo/final --data configuration/data/elnino_nino12_monthly.csv \\
+      --columns sst=climate.enso.nino12_sst --horizon 12 --out preds.csv --plot preds.png""",
+    "evaluate": """MASE divides a method's MAE by the in-sample MAE of the (seasonal) naive one-step forecast on the
+training part; below 1 beats it. --season defaults to 12 for monthly, 4 for quarterly, 7 for daily data.
+
+example:
+  gwm evaluate --adapter outputs/gwm-demo/final --data configuration/data/elnino_nino12_monthly.csv \\
+      --columns sst=climate.enso.nino12_sst --holdout 12 --json eval.json --plot eval.png""",
+    "plot-losses": """example:
+  gwm plot-losses outputs/gwm-demo --out losses.png""",
+    "push": """example:
+  gwm push outputs/gwm-demo --hub_model_id your-name/gwm-demo --private""",
+}
+
+
+class CommandError(ValueError):
+    """A bad command-line value (e.g. a malformed --columns mapping)."""
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _columns_mapping(values: list[str] | None) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for value in values or []:
+        for pair in value.split(","):
+            if not pair.strip():
+                continue
+            raw, sep, field = pair.partition("=")
+            if not sep or not raw.strip() or not field.strip():
+                raise CommandError(f"--columns expects RAW=FIELD pairs (e.g. sst=climate.enso.nino12_sst), "
+                                   f"got {pair!r}")
+            mapping[raw.strip()] = field.strip()
+    return mapping
+
+
+def _read_table(path: str, time_column: str, columns: dict[str, str]):
+    """A CSV/Parquet/JSON file as a DataFrame with field-named columns (and the time column)."""
+    import pandas as pd
+
+    from .data import DataError
+
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            table = pd.read_parquet(path)
+        elif suffix in (".json", ".jsonl"):
+            table = pd.read_json(path, lines=suffix == ".jsonl")
+        else:
+            table = pd.read_csv(path)
+    except Exception as err:  # pandas' parser errors have many types
+        raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    if time_column not in table.columns:
+        raise DataError(f"{path}: no time column {time_column!r} (set --time_column); columns are "
+                        f"{list(table.columns)}")
+    if columns:
+        absent = [c for c in columns if c not in table.columns]
+        if absent:
+            raise DataError(f"{path}: --columns names column(s) {absent} that are not in the file; columns are "
+                            f"{list(table.columns)}")
+        table = table[[time_column, *columns]].rename(columns=columns)
+    return table
+
+
+def _spec(adapter: str, subfolder: str | None):
+    """The adapter's fields and window from its adapter_config.json alone (fast: no weights, no base)."""
+    from .forecasting import AdapterSpec
+    from .modeling_gwm import load_adapter_config
+
+    return AdapterSpec.from_config(load_adapter_config(adapter, subfolder=subfolder), adapter_name=adapter)
+
+
+def _load_model(args):
+    from .modeling_gwm import GWMModel
+
+    return GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
+
+
+def _hint_columns(err: Exception, args) -> str:
+    """Point at --columns when a raw column name was taken for a field."""
+    message = str(err)
+    if message.startswith("unknown field(s)") and not args.columns:
+        message += "; map raw column names with --columns RAW=FIELD"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_params(args) -> int:
+    try:
+        from . import budget  # imported lazily: the rest of the CLI works without it
+    except ImportError as err:
+        raise CommandError(f"the parameter budget needs modeling_gwm.budget, which cannot be imported ({err})") \
+            from None
+
+    if args.architecture:
+        rows = budget.budget_for_architecture(args.architecture, args.d_model, args.n_loops)
+    else:
+        import peft
+
+        from .loop import LoopConfig
+        from .modeling_gwm import GWMModel
+
+        model = GWMModel.from_pretrained(args.base, d_model=args.d_model)
+        model = peft.get_peft_model(model, LoopConfig(n_loops=args.n_loops), adapter_name="default")
+        rows = budget.parameter_budget(model)
+    print(budget.format_budget(rows))
+    return 0
+
+
+def cmd_dag(args) -> int:
+    from .curriculum import load_curriculum
+
+    curriculum = load_curriculum(args.config)
+    print(curriculum.plan())
+    print("\n```mermaid\n" + curriculum.mermaid() + "\n```")
+    return 0
+
+
+def _history(args, spec):
+    from .data import DataError
+    from .forecasting import read_history
+
+    table = _read_table(args.data, args.time_column, _columns_mapping(args.columns))
+    try:
+        return read_history(table, spec, time_column=args.time_column, freq=args.freq)
+    except DataError as err:
+        raise DataError(f"{args.data}: {_hint_columns(err, args)}") from None
+
+
+def cmd_forecast(args) -> int:
+    from .forecasting import check_forecast_request, forecast, plot_forecast
+
+    spec = _spec(args.adapter, args.subfolder)
+    history, freq = _history(args, spec)
+    check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
+    model = _load_model(args)
+    predictions = forecast(model, history, args.horizon, freq=freq)
+    predictions.to_csv(args.out, index_label=args.time_column)
+    print(predictions.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"\nwrote {args.out} ({len(predictions)} steps × {predictions.shape[1]} fields)")
+    if args.plot:
+        plot_forecast(history, predictions, args.plot, title=f"GWM forecast ({os.path.basename(args.adapter)})")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .forecasting import check_evaluate_request, evaluate, evaluation_json, format_evaluation, plot_forecast
+
+    spec = _spec(args.adapter, args.subfolder)
+    history, freq = _history(args, spec)
+    check_evaluate_request(len(history), args.holdout, spec)
+    if args.season is not None and args.season < 1:
+        raise ValueError(f"--season must be a positive number of steps, got {args.season}")
+    model = _load_model(args)
+    result = evaluate(model, history, args.holdout, season=args.season, freq=freq)
+    print(format_evaluation(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(evaluation_json(result), indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot_forecast(result["history"], result["predictions"], args.plot, actuals=result["actuals"],
+                      title=f"GWM hold-out forecast of the last {args.holdout} steps")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_plot_losses(args) -> int:
+    from .hub import plot_loss_curves
+
+    if not os.path.isfile(os.path.join(args.output_dir, "dag.json")):
+        raise FileNotFoundError(f"{args.output_dir} is not a GWM run folder (no dag.json)")
+    plot_loss_curves(args.output_dir, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push_curriculum
+
+    if not os.path.isfile(os.path.join(args.output_dir, "dag.json")):
+        raise FileNotFoundError(f"{args.output_dir} is not a GWM run folder (no dag.json)")
+    url = push_curriculum(args.output_dir, args.hub_model_id, token=args.token or os.environ.get("HF_TOKEN"),
+                          private=args.private or None)
+    print(url)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _steps(value: str) -> int:
+    """argparse type: a whole number (range checks come later, with one clear line each)."""
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {value!r}") from None
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter folder (a run's node or final/) or Hub id")
+    parser.add_argument("--base", default=None,
+                        help="CogVideoX checkpoint (Hub id or folder); default: the base the adapter was trained on")
+    parser.add_argument("--subfolder", default=None, help="the node's subfolder when --adapter is a Hub repo")
+    parser.add_argument("--data", required=True, help="CSV, Parquet or JSON(L) file: a time column and value columns")
+    parser.add_argument("--time_column", default="date", help="name of the time column (default: date)")
+    parser.add_argument("--columns", action="append", metavar="RAW=FIELD",
+                        help="map a raw column to a field of the adapter (repeatable, or comma-separated)")
+    parser.add_argument("--freq", default=None, help="pandas frequency of the series (default: inferred)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gwm", description="GWM: a world model for heterogeneous time series on a "
+                                     "frozen CogVideoX transformer.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("params", "Parameter budget: frozen base, adapter and trainable parts, in a table.")
+    p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
+    p.add_argument("--architecture", default=None, metavar="NAME",
+                   help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
+    p.add_argument("--d_model", type=int, default=256, help="canvas width (default: 256)")
+    p.add_argument("--n_loops", type=int, default=2, help="loops per block (default: 2)")
+    p.set_defaults(func=cmd_params)
+
+    p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")
+    p.add_argument("--config", required=True, help="curriculum YAML")
+    p.set_defaults(func=cmd_dag)
+
+    p = add("forecast", "Forecast the steps after a table's last row with a trained adapter, in the data's units.")
+    _model_arguments(p)
+    p.add_argument("--horizon", type=_steps, required=True, help="steps to predict (rolled out beyond the "
+                   "adapter's own horizon)")
+    p.add_argument("--out", required=True, help="CSV to write: the time column and one column per field")
+    p.add_argument("--plot", default=None, help="PNG of the forecast after the recent history, one panel per field")
+    p.set_defaults(func=cmd_forecast)
+
+    p = add("evaluate", "Hold out the last steps, forecast them, and score the model next to naive baselines.")
+    _model_arguments(p)
+    p.add_argument("--holdout", type=_steps, required=True, help="steps held out at the end")
+    p.add_argument("--season", type=_steps, default=None,
+                   help="seasonal period for seasonal-naive and MASE (default: from the frequency)")
+    p.add_argument("--json", default=None, help="write the scores as JSON here")
+    p.add_argument("--plot", default=None, help="PNG of forecast vs. actuals, one panel per field")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = add("plot-losses", "Plot every node's training and validation loss of a run on one axis.")
+    p.add_argument("output_dir", help="a run's --output_dir (with dag.json)")
+    p.add_argument("--out", default="losses.png", help="PNG to write (default: losses.png)")
+    p.set_defaults(func=cmd_plot_losses)
+
+    p = add("push", "Publish a whole run to one Hub repo: one subfolder per node, with model cards.")
+    p.add_argument("output_dir", help="a run's --output_dir (with dag.json)")
+    p.add_argument("--hub_model_id", required=True, help="user/repo")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .base import BaseLoadError
+    from .curriculum import CurriculumError
+    from .data import DataError
+    from .hub import HubOfflineError
+    from .loop import AdapterMismatchError
+    from .modeling_gwm import AdapterLoadError
+
+    return (DataError, AdapterLoadError, AdapterMismatchError, BaseLoadError, CurriculumError, HubOfflineError,
+            ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        if os.environ.get("GWM_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"gwm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""Forecast, impute and evaluate with a trained GWM adapter, in the data's own units; baselines; forecast plots.
+
+A history is a table of time steps by fields: a pandas DataFrame, a dict of arrays or a `datasets.Dataset`, with
+columns named by the adapter's dotted field names (any subset of them; a field that is not there is simply absent
+from the canvas). Values go through the adapter's own transform and normalisation (stored in its
+`adapter_config.json`), the model fills the hidden canvas positions, and the predictions come back through the
+inverse transform, so every number a user sees is in the units of their data.
+
+Forecasts longer than the adapter's horizon are rolled out autoregressively: each chunk of `horizon` predicted steps
+is fed back as observed input for the next chunk, on a window of the adapter's `context_len` steps.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import DataError, FieldStats, apply_transform, denormalize, invert_transform, normalize
+
+logger = logging.getLogger(__name__)
+
+CHANGE_TRANSFORMS = ("diff", "pct_change", "log_return")
+# Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
+_SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
+
+
+# ---------------------------------------------------------------------------------------------------- the adapter
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What forecasting needs to know about an adapter: its fields (codec-slot order) and its window."""
+
+    fields: dict[str, FieldStats]
+    context_len: int
+    horizon: int
+    adapter_name: str | None = None
+
+    @classmethod
+    def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
+        """From a `LoopConfig` (e.g. `load_adapter_config(folder)`), without loading any weights."""
+        gwm_config = loop_config.gwm_config or {}
+        fields = {f["name"]: FieldStats.from_dict(f) for f in loop_config.fields}
+        if not fields:
+            raise DataError(f"adapter {adapter_name or ''!s} declares no fields: it was not trained on data")
+        return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name)
+
+    @classmethod
+    def from_model(cls, model) -> AdapterSpec:
+        """From a loaded model: a `PeftModel` or the `GWMModel` inside it, with its active adapter."""
+        from .loop import LoopLayer
+
+        configs = getattr(model, "peft_config", None)
+        if not configs:
+            raise ValueError("this model has no GWM adapter: load one with GWMModel.from_pretrained(base, adapter)")
+        name = getattr(model, "active_adapter", None) if hasattr(model, "get_base_model") else None
+        if name is None:
+            layer = next((m for m in model.modules() if isinstance(m, LoopLayer)), None)
+            name = layer.active_adapters[0] if layer is not None and layer.active_adapters else next(iter(configs))
+        return cls.from_config(configs[name], adapter_name=name)
+
+    def slots(self, names: list[str]) -> list[int]:
+        order = list(self.fields)
+        return [order.index(n) for n in names]
+
+    def min_history(self) -> int:
+        """Rows a forecast needs: one window of context_len steps minus the horizon it predicts."""
+        return max(1, self.context_len - self.horizon)
+
+
+# ---------------------------------------------------------------------------------------------------- input tables
+def to_frame(data, time_column: str | None = None) -> pd.DataFrame:
+    """A DataFrame, a dict of arrays or a `datasets.Dataset` -> a DataFrame indexed by time (or by step)."""
+    if isinstance(data, pd.DataFrame):
+        frame = data.copy()
+    elif isinstance(data, dict):
+        lengths = {k: len(np.atleast_1d(v)) for k, v in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"the columns have different lengths: {lengths}")
+        frame = pd.DataFrame({k: np.atleast_1d(v) for k, v in data.items()})
+    elif hasattr(data, "to_pandas") and hasattr(data, "column_names"):  # datasets.Dataset
+        frame = data.to_pandas()
+    else:
+        raise DataError(f"expected a pandas DataFrame, a dict of arrays or a datasets.Dataset, got "
+                        f"{type(data).__name__}")
+    if time_column is None and not isinstance(frame.index, pd.DatetimeIndex):
+        time_column = next((c for c in ("date", "time", "timestamp") if c in frame.columns), None)
+    if time_column is not None:
+        if time_column not in frame.columns:
+            raise DataError(f"no time column {time_column!r}; columns are {list(frame.columns)}")
+        try:
+            times = pd.to_datetime(frame[time_column], format="mixed")
+        except (ValueError, TypeError) as err:
+            raise DataError(f"column {time_column!r}: time values are not dates ({str(err).splitlines()[0]})") \
+                from None
+        if times.isna().any():
+            raise DataError(f"column {time_column!r}: {int(times.isna().sum())} time value(s) are empty")
+        frame = frame.drop(columns=[time_column])
+        frame.index = pd.DatetimeIndex(times, name=time_column)
+    return frame
+
+
+def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every column as float64; NaN/inf/blank cells are missing; any other text is an error naming the column."""
+    out = {}
+    for column in frame.columns:
+        values = frame[column]
+        numeric = pd.to_numeric(values, errors="coerce")
+        blank = values.isna() | values.astype(str).str.strip().str.lower().isin(["", "nan", "na", "null", "none"])
+        bad = numeric.isna() & ~blank
+        if bad.any():
+            raise DataError(f"column {column!r} is not numeric (e.g. {values[bad].iloc[0]!r})")
+        array = numeric.to_numpy(dtype=np.float64)
+        out[column] = np.where(np.isfinite(array), array, np.nan)
+    return pd.DataFrame(out, index=frame.index)
+
+
+def _infer_freq(index: pd.DatetimeIndex) -> str | None:
+    """`pd.infer_freq` as a string, whether this pandas returns a string or (pandas 4) an offset."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        freq = pd.infer_freq(index)
+    return getattr(freq, "freqstr", freq)
+
+
+def infer_frequency(index: pd.DatetimeIndex) -> str | None:
+    """The grid's frequency; with gaps in the series, the most common frequency of three consecutive steps."""
+    if len(index) < 3:
+        return None
+    freq = _infer_freq(index)
+    if freq is not None:
+        return freq
+    votes = Counter(_infer_freq(index[i:i + 3]) for i in range(0, len(index) - 2, max(1, (len(index) - 2) // 200)))
+    votes.pop(None, None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def _on_grid(frame: pd.DataFrame, freq: str | None) -> tuple[pd.DataFrame, str | None]:
+    """Sort by time and put the rows on a regular grid (missing steps become NaN rows)."""
+    if not isinstance(frame.index, pd.DatetimeIndex):
+        return frame.reset_index(drop=True), None
+    frame = frame.sort_index()
+    if frame.index.has_duplicates:
+        frame = frame.groupby(level=0).mean()
+    freq = freq or infer_frequency(frame.index)
+    if freq is None:
+        raise DataError("cannot infer the frequency of the time column; pass freq (e.g. 'MS', 'QS', 'D')")
+    grid = pd.date_range(frame.index[0], frame.index[-1], freq=freq, name=frame.index.name)
+    off_grid = frame.index.difference(grid)
+    if len(off_grid):
+        raise DataError(f"time {off_grid[0].date()} is not on the {freq!r} grid starting {grid[0].date()}; "
+                        "pass the series' frequency (freq / --freq)")
+    return frame.reindex(grid), freq
+
+
+def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: str | None = None
+                 ) -> tuple[pd.DataFrame, str | None]:
+    """The user's table as (L, S) raw values of known fields on a regular grid, and the grid's frequency."""
+    frame = to_frame(data, time_column)
+    unknown = [str(c) for c in frame.columns if c not in spec.fields]
+    if unknown:
+        raise DataError(f"unknown field(s) {unknown}: this adapter knows {list(spec.fields)}")
+    if frame.shape[1] == 0:
+        raise DataError(f"no field columns: this adapter knows {list(spec.fields)}")
+    frame, freq = _on_grid(_numeric(frame), freq)
+    empty = [c for c in frame.columns if frame[c].isna().all()]
+    if empty:
+        raise DataError(f"field(s) {empty} have no value in the history")
+    return frame, freq
+
+
+def _future_index(index: pd.Index, freq: str | None, steps: int) -> pd.Index:
+    if isinstance(index, pd.DatetimeIndex) and freq is not None:
+        offset = pd.tseries.frequencies.to_offset(freq)
+        return pd.date_range(index[-1] + offset, periods=steps, freq=freq, name=index.name)
+    return pd.RangeIndex(len(index), len(index) + steps, name=index.name or "step")
+
+
+def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
+    """(L, S) raw -> (L, S) transformed and normalised, NaN where missing."""
+    columns = []
+    for name in frame.columns:
+        stats = spec.fields[name]
+        transformed = apply_transform(frame[name], stats.transform, f"field {name!r}")
+        columns.append(normalize(transformed.to_numpy(dtype=np.float64), stats))
+    return np.stack(columns, axis=1)
+
+
+@torch.no_grad()
+def _predict(model, values: np.ndarray, slots: list[int], target: np.ndarray) -> np.ndarray:
+    """values (B, T, S) normalised with NaN where missing, target (B, T, S) bool -> predictions (B, T, S)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    values_t = torch.as_tensor(np.nan_to_num(values), dtype=torch.float32, device=device)
+    presence = torch.as_tensor(~np.isnan(values), device=device)
+    target_t = torch.as_tensor(target, device=device)
+    field_ids = torch.as_tensor(slots, device=device)
+    out = model(values=values_t, presence=presence, field_ids=field_ids, target_mask=target_t).predictions
+    model.train(was_training)
+    return out.float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------- forecast
+def forecast(model, history, horizon: int, *, time_column: str | None = None, freq: str | None = None
+             ) -> pd.DataFrame:
+    """Predict the `horizon` steps after `history`, in the data's own units.
+
+    Args:
+        model: a `PeftModel` from `GWMModel.from_pretrained(base, adapter)` (or the `GWMModel` inside it).
+        history: DataFrame / dict of arrays / `datasets.Dataset`, columns named by field (any subset of the adapter's
+            fields), a time column (`time_column`, else a DatetimeIndex or a column named date/time) or none.
+        horizon: steps to predict; beyond the adapter's horizon the forecast is rolled out chunk by chunk.
+        freq: the series' pandas frequency when it cannot be inferred from the time column.
+
+    Returns:
+        a DataFrame (horizon, S) indexed by the future times (continuing the history's grid), one column per field
+        of the history; `.attrs["units"]` maps fields to units.
+    """
+    spec = AdapterSpec.from_model(model)
+    frame, freq = read_history(history, spec, time_column, freq)
+    check_forecast_request(len(frame), horizon, spec)
+    names = list(frame.columns)
+    normalised = _modelled(frame, spec)  # (L, S)
+    window = spec.context_len
+    chunk = spec.horizon
+    canvas = np.concatenate([normalised, np.full((horizon, len(names)), np.nan)])  # (L + horizon, S)
+    done = len(frame)
+    while done < len(frame) + horizon:
+        steps = min(chunk, len(frame) + horizon - done)
+        start = max(0, done + steps - window)
+        values = canvas[start:done + steps][None].copy()  # (1, T, S)
+        target = np.zeros(values.shape, dtype=bool)
+        target[:, done - start:] = True
+        predictions = _predict(model, values, spec.slots(names), target)  # (1, T, S)
+        canvas[done:done + steps] = predictions[0, done - start:]
+        done += steps
+    future = canvas[len(frame):]  # (horizon, S) normalised
+    out = {}
+    for j, name in enumerate(names):
+        stats = spec.fields[name]
+        observed = frame[name].dropna()
+        last_raw = float(observed.iloc[-1]) if stats.transform in CHANGE_TRANSFORMS else None
+        out[name] = invert_transform(denormalize(future[:, j], stats), stats.transform, last_raw)
+    result = pd.DataFrame(out, index=_future_index(frame.index, freq, horizon))
+    result.attrs["units"] = {name: spec.fields[name].unit for name in names}
+    return result
+
+
+def check_forecast_request(history_len: int, horizon, spec: AdapterSpec) -> None:
+    """The one-line errors for a horizon that is not a positive integer or a history too short for one window."""
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon <= 0:
+        raise ValueError(f"horizon must be a positive number of steps, got {horizon!r}")
+    if history_len < spec.min_history():
+        raise DataError(f"the history has {history_len} steps; this adapter needs at least {spec.min_history()} "
+                        f"(context_len {spec.context_len} - horizon {spec.horizon})")
+
+
+# ---------------------------------------------------------------------------------------------------- impute
+def impute(model, frame, *, time_column: str | None = None, freq: str | None = None) -> pd.DataFrame:
+    """Fill the missing values (NaN, or steps absent from a gappy time grid) of the known fields of `frame`.
+
+    Windows of the adapter's `context_len` tile the series; in each, the missing positions are hidden and predicted
+    from everything observed around them (past and future). Fields with a change transform (diff, pct_change,
+    log_return) are filled by accumulating predicted changes from the last observed value before each gap, and stay
+    NaN before their first observation. Returns the frame on its regular grid with observed values unchanged.
+    """
+    spec = AdapterSpec.from_model(model)
+    raw, freq = read_history(frame, spec, time_column, freq)
+    names = list(raw.columns)
+    normalised = _modelled(raw, spec)  # (L, S)
+    missing = raw.isna().to_numpy()  # (L, S)
+    if not missing.any():
+        return raw
+    length, window = len(raw), min(spec.context_len, len(raw))
+    starts = sorted({*range(0, length - window + 1, window), length - window})
+    starts = [s for s in starts if missing[s:s + window].any()]
+    values = np.stack([normalised[s:s + window] for s in starts])  # (B, T, S)
+    target = np.isnan(values)
+    predictions = _predict(model, values, spec.slots(names), target)  # (B, T, S)
+    filled = normalised.copy()
+    for b, s in enumerate(starts):
+        part = filled[s:s + window]
+        part[target[b]] = predictions[b][target[b]]
+    out = raw.copy()
+    for j, name in enumerate(names):
+        stats = spec.fields[name]
+        modelled = denormalize(filled[:, j], stats)
+        column = raw[name].to_numpy(dtype=np.float64).copy()
+        if stats.transform not in CHANGE_TRANSFORMS:
+            column[missing[:, j]] = invert_transform(modelled[missing[:, j]], stats.transform)
+        else:
+            for t in np.flatnonzero(missing[:, j]):
+                if t > 0 and not np.isnan(column[t - 1]):
+                    column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[t - 1])[0]
+        out[name] = column
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+def naive_forecast(train: np.ndarray, horizon: int) -> np.ndarray:
+    """The last observed value, repeated."""
+    observed = np.asarray(train, dtype=np.float64)
+    observed = observed[~np.isnan(observed)]
+    return np.full(horizon, observed[-1] if len(observed) else np.nan)
+
+
+def seasonal_naive_forecast(train: np.ndarray, horizon: int, season: int) -> np.ndarray:
+    """The value one season earlier: y_hat[T + h] = y[T + h - season * ceil(h / season)] (gaps forward-filled)."""
+    filled = pd.Series(np.asarray(train, dtype=np.float64)).ffill().to_numpy()
+    if len(filled) < season:
+        raise DataError(f"seasonal naive needs at least one season ({season} steps) of training data, "
+                        f"got {len(filled)}")
+    last_season = filled[-season:]
+    return np.array([last_season[h % season] for h in range(horizon)])
+
+
+def error_metrics(actual: np.ndarray, predicted: np.ndarray, train: np.ndarray, season: int = 1) -> dict[str, float]:
+    """MAE, RMSE and MASE over the steps where `actual` is observed.
+
+    MASE divides the MAE by the in-sample MAE of the seasonal-naive one-step forecast (lag `season`, 1 = naive) on
+    `train` (Hyndman & Koehler 2006), so < 1 beats that baseline on average; NaN when the training series is flat.
+    """
+    actual, predicted = np.asarray(actual, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    scored = ~np.isnan(actual)
+    errors = actual[scored] - predicted[scored]
+    if errors.size == 0:
+        return {"mae": math.nan, "rmse": math.nan, "mase": math.nan}
+    mae = float(np.mean(np.abs(errors)))
+    train = np.asarray(train, dtype=np.float64)
+    lagged = np.abs(train[season:] - train[:-season]) if len(train) > season else np.array([])
+    lagged = lagged[~np.isnan(lagged)]
+    scale = float(np.mean(lagged)) if lagged.size else math.nan
+    return {"mae": mae, "rmse": float(np.sqrt(np.mean(errors ** 2))),
+            "mase": mae / scale if scale and not math.isnan(scale) else math.nan}
+
+
+def default_season(freq: str | None) -> int | None:
+    """12 for monthly, 4 for quarterly, 52 weekly, 7 daily, 24 hourly grids; None otherwise."""
+    if not freq:
+        return None
+    base = pd.tseries.frequencies.to_offset(freq)
+    if getattr(base, "n", 1) != 1:
+        return None
+    name = (getattr(base, "rule_code", None) or base.name).split("-")[0]
+    return _SEASONS.get(name)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def evaluate(model, data, holdout: int, *, season: int | None = None, time_column: str | None = None,
+             freq: str | None = None) -> dict:
+    """Hold out the last `holdout` steps, forecast them from the rest, and score model and baselines per field.
+
+    Returns {"holdout", "season", "frequency", "fields": {field: {"unit", "model", "naive"[, "seasonal_naive"]}}},
+    each method a dict of mae/rmse/mase in the field's own units; `"predictions"` holds the model's forecast frame
+    and `"actuals"` / `"history"` the held-out and training frames (not JSON; `evaluation_json` drops them).
+    """
+    spec = AdapterSpec.from_model(model)
+    frame, freq = read_history(data, spec, time_column, freq)
+    check_evaluate_request(len(frame), holdout, spec)
+    train, actual = frame.iloc[:-holdout], frame.iloc[-holdout:]
+    season = default_season(freq) if season is None else season
+    if season is not None and season < 1:
+        raise ValueError(f"season must be a positive number of steps, got {season}")
+    predictions = forecast(model, train, holdout, freq=freq)
+    scale_lag = season if season and season > 1 and len(train) > season else 1
+    fields = {}
+    for name in frame.columns:
+        history, truth = train[name].to_numpy(), actual[name].to_numpy()
+        methods = {"model": predictions[name].to_numpy(), "naive": naive_forecast(history, holdout)}
+        if season and season > 1:
+            methods["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
+        fields[name] = {"unit": spec.fields[name].unit,
+                        **{m: error_metrics(truth, p, history, scale_lag) for m, p in methods.items()}}
+    return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq, "fields": fields,
+            "predictions": predictions, "actuals": actual, "history": train}
+
+
+def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or holdout <= 0:
+        raise ValueError(f"holdout must be a positive number of steps, got {holdout!r}")
+    if length - holdout < spec.min_history():
+        raise DataError(f"the data has {length} steps; holding out {holdout} leaves {length - holdout}, fewer than "
+                        f"the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "
+                        f"{spec.horizon})")
+
+
+def evaluation_json(result: dict) -> dict:
+    """The JSON-serialisable part of an `evaluate` result (NaN becomes null)."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return clean({k: v for k, v in result.items() if k not in ("predictions", "actuals", "history")})
+
+
+def format_evaluation(result: dict) -> str:
+    """A markdown table: one row per field and method, best MAE of each field in bold."""
+    lines = [f"Hold-out: last {result['holdout']} steps" + (f" ({result['frequency']})" if result.get("frequency")
+                                                           else "")
+             + f"; MASE scaled by the in-sample {'seasonal ' if result['mase_lag'] > 1 else ''}naive error"
+             + (f" (lag {result['mase_lag']})" if result["mase_lag"] > 1 else ""), "",
+             "| field | unit | method | MAE | RMSE | MASE |", "|---|---|---|---:|---:|---:|"]
+    for name, entry in result["fields"].items():
+        methods = {k: v for k, v in entry.items() if k != "unit"}
+        best = min(methods, key=lambda m: methods[m]["mae"] if not math.isnan(methods[m]["mae"]) else math.inf)
+        for method, scores in methods.items():
+            cells = [_fmt(scores[k]) for k in ("mae", "rmse", "mase")]
+            if method == best:
+                cells[0] = f"**{cells[0]}**"
+            lines.append(f"| {name} | {entry['unit'] or ''} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | os.PathLike | io.BytesIO,
+                  actuals: pd.DataFrame | None = None, units: dict[str, str | None] | None = None,
+                  title: str | None = None, context: int | None = None) -> None:
+    """One subplot per field: the recent history, the forecast and (when given) the held-out actuals, as a PNG."""
+    from matplotlib.figure import Figure
+
+    units = units or predictions.attrs.get("units") or {}
+    names = list(predictions.columns)
+    context = context or max(4 * len(predictions), 48)
+    recent = history.iloc[-context:]
+    fig = Figure(figsize=(9, 2.6 * len(names) + 0.6), dpi=110)
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        ax.plot(recent.index, recent[name], color="#444444", lw=1.3, label="history")
+        if len(recent[name].dropna()):
+            last = recent[name].dropna()
+            joined = pd.concat([last.iloc[-1:], predictions[name]])
+        else:
+            joined = predictions[name]
+        ax.plot(joined.index, joined.to_numpy(), color="#d62728", lw=1.8, marker="o", ms=3, label="GWM forecast")
+        if actuals is not None and name in actuals:
+            ax.plot(actuals.index, actuals[name], color="#1f77b4", lw=1.3, marker="s", ms=3, label="actual")
+        ax.axvline(predictions.index[0], color="grey", lw=0.7, ls=":")
+        ax.set_title(name, fontsize=10, loc="left")
+        ax.set_ylabel(units.get(name) or "value", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper left", fontsize=8, ncol=3, frameon=False)
+    fig.suptitle(title or f"GWM forecast, {len(predictions)} steps", fontsize=11)
+    fig.autofmt_xdate() if isinstance(predictions.index, pd.DatetimeIndex) else None
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+__all__ = ["AdapterSpec", "default_season", "error_metrics", "evaluate", "evaluation_json", "forecast",
+           "format_evaluation", "impute", "naive_forecast", "plot_forecast", "read_history",
+           "seasonal_naive_forecast"]

@@ -1,0 +1,173 @@
+"""Forecast, impute and evaluate in the data's own units, on the tiny CogVideoX base with a real loop adapter."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import peft
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
+from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
+from modeling_gwm.data import DataError  # noqa: E402
+from modeling_gwm.forecasting import (  # noqa: E402
+    AdapterSpec,
+    default_season,
+    error_metrics,
+    evaluate,
+    format_evaluation,
+    naive_forecast,
+    plot_forecast,
+    seasonal_naive_forecast,
+)
+
+FIELDS = [
+    {"name": "demo.level", "mean": 10.0, "std": 2.0, "transform": "none", "unit": "degC"},
+    {"name": "demo.price", "mean": 4.0, "std": 0.5, "transform": "log", "unit": "USD"},
+    {"name": "demo.gdp", "mean": 0.01, "std": 0.005, "transform": "log_return", "unit": "bn USD"},
+]
+CONTEXT, HORIZON = 12, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    base = GWMModel.from_pretrained(TINY_BASE_PATH, d_model=32, context_len=CONTEXT, horizon=HORIZON)
+    return peft.get_peft_model(base, LoopConfig(n_loops=2, fields=FIELDS), adapter_name="node")
+
+
+def _history(steps: int = 30) -> pd.DataFrame:
+    return pd.DataFrame({
+        "date": pd.date_range("2000-01-01", periods=steps, freq="MS"),
+        "demo.level": np.full(steps, 10.0),
+        "demo.price": np.exp(4.0 + 0.01 * np.arange(steps)),
+        "demo.gdp": 100.0 * np.exp(0.01 * np.arange(steps)),
+    })
+
+
+def test_adapter_spec_reads_fields_and_window_from_peft_and_bare_model(model):
+    for view in (model, model.get_base_model()):
+        spec = AdapterSpec.from_model(view)
+        assert list(spec.fields) == [f["name"] for f in FIELDS]
+        assert (spec.context_len, spec.horizon, spec.adapter_name) == (CONTEXT, HORIZON, "node")
+
+
+def test_forecast_rolls_out_beyond_the_horizon_in_raw_units(model):
+    history = _history()
+    out = model.forecast(history, 10)
+    assert out.shape == (10, 3)
+    assert list(out.columns) == ["demo.level", "demo.price", "demo.gdp"]
+    # the time index continues the monthly grid
+    assert list(out.index) == list(pd.date_range("2002-07-01", periods=10, freq="MS"))
+    assert np.isfinite(out.to_numpy()).all()
+    # a field at its mean comes back within a few stds of it, in degC, not in normalised units
+    assert np.all(np.abs(out["demo.level"] - 10.0) < 4 * 2.0)
+    # log fields come back positive; a log-return field continues from the last raw value
+    assert (out["demo.price"] > 0).all()
+    last = history["demo.gdp"].iloc[-1]
+    assert np.all(np.abs(np.log(out["demo.gdp"] / last)) < 10 * (0.01 + 4 * 0.005))
+    assert out.attrs["units"]["demo.level"] == "degC"
+
+
+def test_forecast_accepts_a_subset_of_fields_as_dict_or_dataset(model):
+    import datasets
+
+    history = _history()[["date", "demo.level"]]
+    from_dict = model.forecast({k: history[k].to_numpy() for k in history}, 4)
+    from_dataset = model.forecast(datasets.Dataset.from_pandas(history), 4)
+    assert list(from_dict.columns) == ["demo.level"]
+    pd.testing.assert_frame_equal(from_dict, from_dataset)
+
+
+def test_forecast_without_time_column_continues_the_step_index(model):
+    out = model.forecast({"demo.level": np.linspace(8.0, 12.0, 20)}, 5)
+    assert list(out.index) == [20, 21, 22, 23, 24]
+
+
+@pytest.mark.parametrize("history, horizon, message", [
+    (_history().assign(**{"demo.unknown": 1.0}), 3, "unknown field(s) ['demo.unknown']"),
+    (_history().assign(**{"demo.level": "warm"}), 3, "column 'demo.level' is not numeric"),
+    (_history(5), 3, "needs at least 9"),
+    (_history(), 0, "horizon must be a positive"),
+])
+def test_forecast_bad_input_is_one_clear_error(model, history, horizon, message):
+    with pytest.raises(ValueError) as info:
+        model.forecast(history, horizon)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_field_is_a_data_error(model):
+    with pytest.raises(DataError, match="this adapter knows"):
+        model.forecast({"sst": np.ones(20)}, 2)
+
+
+def test_impute_fills_only_missing_values(model):
+    history = _history()
+    gappy = history.copy()
+    gappy.loc[[3, 4, 20], "demo.level"] = np.nan
+    gappy.loc[10, "demo.price"] = np.nan
+    filled = model.impute(gappy)
+    assert filled.shape == (30, 3)
+    assert not filled[["demo.level", "demo.price"]].isna().any().any()
+    observed = ~gappy.set_index("date").isna()
+    np.testing.assert_allclose(filled[observed].to_numpy()[observed.to_numpy()],
+                               gappy.set_index("date")[observed].to_numpy()[observed.to_numpy()])
+    assert np.all(np.abs(filled["demo.level"].iloc[[3, 4, 20]] - 10.0) < 8.0)
+    assert filled["demo.price"].iloc[10] > 0
+
+
+def test_impute_places_gappy_dates_on_the_grid(model):
+    history = _history().drop(index=[5, 6])  # two months absent from the time column
+    filled = model.impute(history)
+    assert len(filled) == 30 and not filled["demo.level"].isna().any()
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+def test_naive_and_seasonal_naive_forecasts():
+    train = np.array([1.0, 2.0, 3.0, 4.0, np.nan])
+    np.testing.assert_array_equal(naive_forecast(train, 3), [4.0, 4.0, 4.0])
+    np.testing.assert_array_equal(seasonal_naive_forecast([1.0, 2.0, 3.0, 4.0], 3, 2), [3.0, 4.0, 3.0])
+
+
+def test_error_metrics_known_values():
+    train = np.array([1.0, 2.0, 3.0, 4.0])
+    actual = np.array([5.0, 7.0])
+    naive = error_metrics(actual, naive_forecast(train, 2), train, season=1)  # errors 1, 3; scale 1
+    assert naive == pytest.approx({"mae": 2.0, "rmse": math.sqrt(5.0), "mase": 2.0})
+    seasonal = error_metrics(actual, seasonal_naive_forecast(train, 2, 2), train, season=2)  # errors 2, 3; scale 2
+    assert seasonal == pytest.approx({"mae": 2.5, "rmse": math.sqrt(6.5), "mase": 1.25})
+    # missing actuals are not scored
+    assert error_metrics(np.array([5.0, np.nan]), np.array([4.0, 0.0]), train)["mae"] == 1.0
+
+
+def test_default_season_follows_the_frequency():
+    assert (default_season("MS"), default_season("QS-JAN"), default_season("YS"), default_season(None)) == \
+        (12, 4, None, None)
+
+
+def test_evaluate_scores_model_and_baselines_per_field(model, tmp_path):
+    history = _history(40)
+    result = evaluate(model, history, 6)
+    assert result["season"] == 12 and result["holdout"] == 6
+    assert set(result["fields"]) == {"demo.level", "demo.price", "demo.gdp"}
+    level = result["fields"]["demo.level"]
+    assert set(level) == {"unit", "model", "naive", "seasonal_naive"}
+    assert level["naive"]["mae"] == 0.0  # a constant series: the last value is exact
+    price = result["fields"]["demo.price"]
+    steps = np.arange(34, 40)
+    expected = np.mean(np.abs(np.exp(4.0 + 0.01 * steps) - np.exp(4.0 + 0.01 * 33)))
+    assert price["naive"]["mae"] == pytest.approx(expected)
+    table = format_evaluation(result)
+    assert "| demo.price | USD | seasonal_naive |" in table
+    plot_forecast(result["history"], result["predictions"], tmp_path / "eval.png", actuals=result["actuals"])
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_rejects_a_holdout_that_leaves_too_little_history(model):
+    with pytest.raises(DataError, match="holding out 25 leaves 5"):
+        evaluate(model, _history(30), 25)
