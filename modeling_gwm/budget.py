@@ -1,0 +1,128 @@
+"""Parameter budget of a GWM model with the loop adapter: what is frozen, what one adapter trains.
+
+Counted by walking the real modules of a `peft.PeftModel` (never from formulas), so the table is what a user gets.
+`budget_for_architecture` does it for the published CogVideoX bases without downloading them: the blocks are built
+on the meta device from their architecture settings.
+
+    python -m modeling_gwm.budget                         # tables for THUDM/CogVideoX-2b and -5b
+    python -m modeling_gwm.budget THUDM/CogVideoX-5b --d_model 256 --n_loops 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# modules_to_save of the loop adapter -> the row they are reported under
+_SAVED_MODULE_ROWS = {"encoder_token": "encoder token", "proj_in": "proj_in", "proj_out": "proj_out",
+                      "codec": "codec", "norm_out": "output norm"}
+
+
+def _numel(module_or_params) -> int:
+    params = module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params
+    return sum(p.numel() for p in params)
+
+
+def parameter_budget(model, adapter_name: str | None = None) -> list[dict]:
+    """Rows `{component, params, trainable}` for one adapter of a `PeftModel` holding the loop adapter.
+
+    Rows: frozen blocks, loop embeddings (canvas + encoder streams), loop gates, encoder token, proj_in, proj_out,
+    codec, output norm, trained block copies (adapters with `train_blocks`, i.e. the scratch backbone), then
+    "total trainable" and "trainable %" (params is then a float percentage of all parameters the adapter's forward
+    pass uses: frozen blocks + trainable). `adapter_name` defaults to the active adapter.
+    """
+    from peft import PeftModel
+    from peft.utils import ModulesToSaveWrapper
+
+    from .loop import LoopConfig, LoopLayer
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"parameter_budget expects a peft.PeftModel with the loop adapter, got {type(model).__name__}")
+    name = adapter_name or model.active_adapter
+    if name not in model.peft_config or not isinstance(model.peft_config[name], LoopConfig):
+        raise ValueError(f"parameter_budget: no loop adapter named {name!r} on this model "
+                         f"(adapters: {sorted(model.peft_config)})")
+    gwm = model.base_model.model
+    layers = [m for m in gwm.transformer_blocks if isinstance(m, LoopLayer)]
+    frozen = sum(_numel(m.base_layer if isinstance(m, LoopLayer) else m) for m in gwm.transformer_blocks)
+    counts = {
+        f"frozen blocks ({len(gwm.transformer_blocks)})": frozen,
+        "loop embeddings": sum(m.loop_emb[name].numel() + m.loop_emb_enc[name].numel() for m in layers),
+        "loop gates": sum(m.loop_gate[name].numel() for m in layers),
+    }
+    for attr, row in _SAVED_MODULE_ROWS.items():
+        module = getattr(gwm, attr)
+        if isinstance(module, ModulesToSaveWrapper):  # the adapter's own copy, not the untouched original
+            module = module.modules_to_save[name]
+        counts[row] = _numel(module)
+    if model.peft_config[name].train_blocks:
+        counts["trained block copies"] = sum(_numel(m.loop_block[name]) for m in layers if name in m.loop_block)
+    rows = [{"component": component, "params": params, "trainable": not component.startswith("frozen")}
+            for component, params in counts.items()]
+    trainable = sum(r["params"] for r in rows if r["trainable"])
+    rows.append({"component": "total trainable", "params": trainable, "trainable": True})
+    rows.append({"component": "trainable %", "params": 100.0 * trainable / max(frozen + trainable, 1),
+                 "trainable": True})
+    return rows
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def format_budget(rows: list[dict]) -> str:
+    """A markdown table: component, exact count (with a short human figure), trainable yes/no."""
+    lines = ["| Component | Params | Trainable? |", "|---|---:|---|"]
+    for row in rows:
+        if isinstance(row["params"], float):
+            params = f"{row['params']:.4f}%"
+        else:
+            params = f"{row['params']:,} ({_human(row['params'])})" if row["params"] >= 1000 else f"{row['params']:,}"
+        lines.append(f"| {row['component']} | {params} | {'yes' if row['trainable'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def budget_for_architecture(name_or_arch: str | dict, d_model: int = 128, n_loops: int = 3) -> list[dict]:
+    """The budget of a published CogVideoX base (a key of `COGVIDEOX_ARCHITECTURES`, or architecture keyword
+    arguments of `CogVideoXTransformer3DModel`), built on the meta device: no download, no memory for the blocks."""
+    import peft
+
+    from .base import COGVIDEOX_ARCHITECTURES, load_cogvideox_base
+    from .configuration_gwm import GWMConfig
+    from .loop import LoopConfig
+    from .modeling_gwm import GWMModel
+
+    if isinstance(name_or_arch, dict):
+        name, architecture = "custom architecture", name_or_arch
+    elif name_or_arch in COGVIDEOX_ARCHITECTURES:
+        name, architecture = name_or_arch, COGVIDEOX_ARCHITECTURES[name_or_arch]
+    else:
+        raise ValueError(f"budget_for_architecture: unknown base {name_or_arch!r}; known: "
+                         f"{sorted(COGVIDEOX_ARCHITECTURES)} (or pass the architecture as a dict)")
+    frozen_base = load_cogvideox_base(name, architecture=architecture)
+    config = GWMConfig(base_model_name_or_path=name, d_model=d_model, n_loops=n_loops)
+    model = GWMModel(config, frozen_base=frozen_base)
+    peft_model = peft.get_peft_model(model, LoopConfig(n_loops=n_loops))
+    return parameter_budget(peft_model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print the parameter budget of GWM on published CogVideoX bases.")
+    parser.add_argument("bases", nargs="*", default=["THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b"])
+    parser.add_argument("--d_model", type=int, default=128)
+    parser.add_argument("--n_loops", type=int, default=3)
+    args = parser.parse_args(argv)
+    for base in args.bases:
+        print(f"### {base} (d_model {args.d_model}, n_loops {args.n_loops})\n")
+        print(format_budget(budget_for_architecture(base, d_model=args.d_model, n_loops=args.n_loops)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
