@@ -115,10 +115,27 @@ def test_save_writes_only_the_adapter_and_reloading_reproduces_outputs_exactly(s
 
 
 def test_peft_model_from_pretrained_loads_the_same_adapter(saved_adapter):
-    folder, _, expected = saved_adapter
+    folder, trained, expected = saved_adapter
     peft_model = PeftModel.from_pretrained(_model(), str(folder), adapter_name="node")
     assert peft_model.active_adapter == "node"
     assert torch.equal(_predict(peft_model), expected)
+    assert not any(p.requires_grad for p in peft_model.parameters())  # inference by default
+    trainable = GWMModel.from_pretrained(TINY_BASE_PATH, folder, is_trainable=True)
+    assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == sum(
+        p.numel() for p in trained.parameters() if p.requires_grad)
+
+
+def test_scratch_adapter_carries_its_trained_blocks_and_reloads_exactly(tmp_path):
+    model = GWMModel.from_pretrained(backbone="scratch", d_model=16, scratch_num_layers=2, scratch_attention_head_dim=8)
+    peft_model = peft.get_peft_model(model, LoopConfig(n_loops=2, fields=FIELDS))
+    _train(peft_model, steps=2)
+    peft_model.save_pretrained(tmp_path)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert os.path.getsize(tmp_path / "adapter_model.safetensors") <= 1.01 * 4 * trainable + 16 * 1024
+    reloaded = GWMModel.from_pretrained(tmp_path)  # rebuilt from gwm_config: backbone "scratch", no base needed
+    assert reloaded.base_model.model.config.backbone == "scratch"
+    peft_model.eval()  # nn.MultiheadAttention takes its fused fast path in eval mode only; compare like with like
+    assert torch.equal(_predict(reloaded), _predict(peft_model))
 
 
 def test_two_named_adapters_give_different_outputs_and_switch_fast_without_touching_the_base():
