@@ -7,16 +7,18 @@ sees exactly the batches an uninterrupted single-process run sees.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -25,6 +27,7 @@ from .configuration_gwm import DEFAULT_BASE
 from .curriculum import Curriculum, CurriculumError, MergeSpec, TrainingNode
 from .data import CanvasDataset, DataSource, NodeData, build_node_data, collate_canvas
 from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, read_json
+from .locking import NodeBusyError, node_lock, output_lock
 from .loop import LoopConfig
 from .masking import sample_target_mask
 from .merging import align_fields, merge_adapters
@@ -40,6 +43,26 @@ class NodeNotReadyError(RuntimeError):
     """A node's parents have no complete adapter in the output directory yet."""
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or gradient under `nonfinite="stop"`: the node stops, its last good checkpoint is kept."""
+
+
+def _crash_point(phase: str, node: str, step: int | None = None) -> None:
+    """Test hook for the crash-safety tests: `GWM_CRASH_AT=<phase>:<node>[:<step>]` SIGKILLs this process here.
+
+    Phases: step, checkpoint_mid, checkpoint_written (with a step); merge_done, adapter_written, before_complete,
+    node_done (without).
+    """
+    spec = os.environ.get("GWM_CRASH_AT")
+    if spec and spec == (f"{phase}:{node}" if step is None else f"{phase}:{node}:{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _inject_nan(node: str, step: int) -> bool:
+    """Test hook: `GWM_INJECT_NAN=<node>:<step>` turns that step's loss into NaN (a real run, a real NaN)."""
+    return os.environ.get("GWM_INJECT_NAN") == f"{node}:{step}"
+
+
 @dataclass
 class NodeState:
     """What a node's training loop carries between steps (and across a resume)."""
@@ -47,6 +70,7 @@ class NodeState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)
+    skipped_nonfinite: int = 0
 
 
 def _step_seed(seed: int, node_index: int, step: int) -> int:
@@ -101,6 +125,7 @@ class DAGCurriculumTrainer:
         hub_model_id: str | None = None,
         hub_token: str | None = None,
         write_cards: bool = True,
+        nonfinite: str = "stop",
     ):
         if curriculum is None:
             if not nodes or data_sources is None:
@@ -121,6 +146,9 @@ class DAGCurriculumTrainer:
         self.gradient_checkpointing = gradient_checkpointing
         self.push_to_hub, self.hub_model_id, self.hub_token = push_to_hub, hub_model_id, hub_token
         self.write_cards = write_cards
+        if nonfinite not in ("stop", "skip"):
+            raise CurriculumError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         if push_to_hub and not hub_model_id:
             raise CurriculumError("--push_to_hub needs --hub_model_id (e.g. user/gwm-demo)")
         for name in only_nodes or []:
@@ -166,9 +194,12 @@ class DAGCurriculumTrainer:
                 raise CurriculumError(f"{self.output_dir} already holds trained node(s) {done}: pass --resume to keep "
                                       "and skip them, or choose a new --output_dir")
         os.makedirs(self.output_dir, exist_ok=True)
-        dag = self._load_dag()
         if acc.is_main_process:
-            atomic_write_json(self._dag_path, dag)
+            with output_lock(self.output_dir):
+                dag = self._load_dag()
+                atomic_write_json(self._dag_path, dag)
+        else:
+            dag = self._load_dag()
         if acc.log_with:
             acc.init_trackers("gwm", config={"seed": self.seed, **{k: str(v) for k, v in self.model_config.items()}})
         for name in selected:
@@ -176,7 +207,11 @@ class DAGCurriculumTrainer:
                 logger.info(f"node {name}: complete in {self.node_dir(name)}, skipped", main_process_only=True)
                 continue
             self._check_parents_ready(name)
-            self.train_node(name, dag)
+            with self._claim_node(name):
+                if self.is_complete(name):  # another job finished it meanwhile
+                    continue
+                self.train_node(name, dag)
+            _crash_point("node_done", name)
         self._write_final(dag)
         if acc.log_with:
             acc.end_training()
@@ -211,9 +246,27 @@ class DAGCurriculumTrainer:
     def _update_dag(self, dag: dict, name: str, **values) -> None:
         dag["nodes"][name].update(values)
         if self.accelerator.is_main_process:
-            current = self._load_dag()  # another job may have finished other nodes meanwhile
-            current["nodes"][name].update(dag["nodes"][name])
-            atomic_write_json(self._dag_path, current)
+            with output_lock(self.output_dir):  # another job may be updating other nodes right now
+                current = self._load_dag()
+                current["nodes"][name].update(dag["nodes"][name])
+                atomic_write_json(self._dag_path, current)
+
+    @contextlib.contextmanager
+    def _claim_node(self, name: str):
+        """Hold the node's lock (main process) for the `with` block; every process raises if another job holds it."""
+        acc = self.accelerator
+        with contextlib.ExitStack() as stack:
+            error = None
+            if acc.is_main_process:
+                try:
+                    stack.enter_context(node_lock(self.node_dir(name), name))
+                except NodeBusyError as err:
+                    error = str(err)
+            if acc.num_processes > 1:
+                error = broadcast_object_list([error])[0]
+            if error:
+                raise NodeBusyError(error)
+            yield
 
     def _check_parents_ready(self, name: str) -> None:
         missing = [p for p in self.curriculum.node(name).parents if not self.is_complete(p)]
@@ -355,6 +408,7 @@ class DAGCurriculumTrainer:
         init = self._attach_adapter(name, self._field_meta(name, data))
         self._update_dag(dag, name, status="running")
         start = self.start_state(name, init)
+        _crash_point("merge_done", name)
         set_peft_model_state_dict(self.peft_model, start, adapter_name=name)
         retention = self._retention(name, child_fields) if node.kind == "join" else None
 
@@ -371,6 +425,7 @@ class DAGCurriculumTrainer:
                         disable=not acc.is_local_main_process, dynamic_ncols=True)
         while state.step < steps:
             sse_step = torch.zeros((), device=acc.device)
+            finite = True
             for micro in self._batch(data, node, node_index, state.step):
                 with acc.accumulate(ddp_model):
                     with acc.autocast():
@@ -378,15 +433,35 @@ class DAGCurriculumTrainer:
                                                 target_mask=micro["target_mask"]).predictions
                     scored = micro["target_mask"] & micro["presence"]
                     sse = ((predictions.float() - micro["values"]) ** 2 * scored).sum()
+                    if _inject_nan(name, state.step + 1):
+                        sse = sse * float("nan")
                     scale = acc.num_processes * acc.gradient_accumulation_steps / micro["scored_total"]
                     acc.backward(sse * scale)
-                    optimizer.step()
+                    if acc.sync_gradients:
+                        finite = self._all_finite(sse_step + sse.detach(), params)
+                        _crash_point("step", name, state.step + 1)
+                        if finite:
+                            optimizer.step()
                     optimizer.zero_grad()
                 sse_step += sse.detach()
                 scored_total = micro["scored_total"]
             train_loss = float(acc.reduce(sse_step, reduction="sum")) / scored_total
+            if not finite:
+                where = (f"node {name!r}: non-finite loss or gradient at step {state.step + 1} "
+                         f"(train loss {train_loss})")
+                if self.nonfinite == "stop":
+                    progress.close()
+                    self._update_dag(dag, name, status="failed", error=f"non-finite at step {state.step + 1}")
+                    last = os.path.join(folder, "checkpoint", "trainer_state.json")
+                    kept = (f"its last good checkpoint (step {read_json(last)['step']}) is kept in {folder}/checkpoint"
+                            if os.path.isfile(last) else "it has no checkpoint yet and will restart from its start")
+                    raise NonFiniteError(f"{where}; stopped: {kept}; lower learning_rate and rerun with --resume, or "
+                                         "pass --nonfinite skip to skip such steps")
+                logger.warning(f"{where}: step skipped (--nonfinite skip)", main_process_only=True)
+                state.skipped_nonfinite += 1
             state.step += 1
-            state.history.append({"step": state.step, "train_loss": train_loss})
+            state.history.append({"step": state.step, "train_loss": train_loss} if finite else
+                                 {"step": state.step, "train_loss": None, "skipped": "non-finite"})
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.4f}")
             if acc.log_with:
@@ -404,7 +479,7 @@ class DAGCurriculumTrainer:
             "train_loss_start": state.history[0]["train_loss"] if state.history else None,
             "train_loss_end": state.history[-1]["train_loss"] if state.history else None,
             "val_loss_start": val_start, "val_loss_end": val_end,
-            "wall_time_s": round(time.time() - started, 2),
+            "wall_time_s": round(time.time() - started, 2), "skipped_nonfinite_steps": state.skipped_nonfinite,
             "trainable_params": sum(p.numel() for p in params), "n_loops": node.n_loops,
             "fields": data.field_names, "adapter_fields": child_fields, "sources": node.sources,
             "date_range": {"start": min(a for a, _ in data.date_range.values()),
@@ -413,18 +488,21 @@ class DAGCurriculumTrainer:
                          "context_len": node.context_len, "horizon": node.horizon,
                          "random_fraction": node.random_fraction, "forecast_probability": node.forecast_probability,
                          "processes": acc.num_processes, "gradient_accumulation": acc.gradient_accumulation_steps,
-                         "mixed_precision": str(acc.mixed_precision), "seed": self.seed},
+                         "mixed_precision": str(acc.mixed_precision), "seed": self.seed,
+                         "nonfinite": self.nonfinite},
             "history": state.history, "val_history": state.val_history,
         }
         self.peft_model = acc.unwrap_model(ddp_model)
         acc.free_memory()
         self._write_outputs(name, metrics)
         self._update_dag(dag, name, status="done", val_loss_start=val_start, val_loss_end=val_end,
-                         retention=retention)
+                         retention=retention, error=None)
         if self.write_cards and acc.is_main_process:
             from .hub import write_node_card
 
-            write_node_card(self.output_dir, name)
+            with output_lock(self.output_dir):  # it also rewrites the run's index card and plot
+                write_node_card(self.output_dir, name)
+        _crash_point("before_complete", name)
         if acc.is_main_process:
             atomic_write_bytes(os.path.join(folder, COMPLETE_MARKER), b"complete\n")
             shutil.rmtree(os.path.join(folder, "checkpoint"), ignore_errors=True)
@@ -445,6 +523,7 @@ class DAGCurriculumTrainer:
             for filename in ADAPTER_FILES:
                 os.replace(os.path.join(saved, filename), os.path.join(folder, filename))
             shutil.rmtree(staging, ignore_errors=True)
+            _crash_point("adapter_written", name)
             atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
         acc.wait_for_everyone()
 
@@ -457,12 +536,14 @@ class DAGCurriculumTrainer:
             os.makedirs(staging)
             adapter = get_peft_model_state_dict(acc.unwrap_model(self.peft_model), adapter_name=name)
             atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
+            _crash_point("checkpoint_mid", name, state.step)
             tensors, meta = _optimizer_tensors(optimizer)
             atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
             atomic_write_json(os.path.join(staging, "trainer_state.json"),
                               {"step": state.step, "history": state.history, "val_history": state.val_history,
-                               "optimizer": meta})
+                               "skipped_nonfinite": state.skipped_nonfinite, "optimizer": meta})
             atomic_replace_dir(staging, os.path.join(folder, "checkpoint"))
+            _crash_point("checkpoint_written", name, state.step)
         acc.wait_for_everyone()
 
     def _load_checkpoint(self, name: str, optimizer) -> NodeState:
@@ -475,16 +556,26 @@ class DAGCurriculumTrainer:
         optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors")),
                                                    saved["optimizer"]))
         logger.info(f"node {name}: resuming from step {saved['step']}", main_process_only=True)
-        return NodeState(step=saved["step"], history=saved["history"], val_history=saved["val_history"])
+        return NodeState(step=saved["step"], history=saved["history"], val_history=saved["val_history"],
+                         skipped_nonfinite=saved.get("skipped_nonfinite", 0))
+
+    def _all_finite(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> bool:
+        """Whether this step's loss and every gradient are finite, agreed by all processes."""
+        bad = not bool(torch.isfinite(loss).all()) or any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+        if self.accelerator.num_processes > 1:
+            bad = float(self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device))) > 0
+        return not bad
 
     def _write_final(self, dag: dict) -> None:
         sink = self.curriculum.sink()
         if not self.accelerator.is_main_process or not self.is_complete(sink):
             return
-        staging = os.path.join(self.output_dir, ".final.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(self.node_dir(sink), staging, ignore=shutil.ignore_patterns("checkpoint", ".*"))
-        atomic_replace_dir(staging, os.path.join(self.output_dir, "final"))
+        with output_lock(self.output_dir):  # two jobs finishing at once must not share the staging folder
+            staging = os.path.join(self.output_dir, ".final.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(self.node_dir(sink), staging, ignore=shutil.ignore_patterns("checkpoint", ".*"))
+            atomic_replace_dir(staging, os.path.join(self.output_dir, "final"))
 
 
 def summary(dag: dict, output_dir: str) -> str:

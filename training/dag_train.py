@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true", help="publish every node (one subfolder each)")
     parser.add_argument("--hub_model_id", default=None, help="user/repo for --push_to_hub")
     parser.add_argument("--hub_token", default=None, help="default: HF_TOKEN / the cached login")
+    parser.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
+                        help="on a NaN/inf loss or gradient: stop the node (its last checkpoint kept) or skip the step")
     parser.add_argument("--dry_run", action="store_true", help="validate and print the plan, train nothing")
     return parser.parse_args(argv)
 
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
             gradient_accumulation_steps=args.gradient_accumulation_steps, report_to=args.report_to,
             gradient_checkpointing=args.gradient_checkpointing, push_to_hub=args.push_to_hub,
             hub_model_id=args.hub_model_id, hub_token=args.hub_token or os.environ.get("HF_TOKEN"),
+            nonfinite=args.nonfinite,
         )
         dag = trainer.run()
         if trainer.accelerator.is_main_process:
