@@ -120,6 +120,8 @@ def cmd_params(args) -> int:
         raise CommandError(f"the parameter budget needs modeling_gwm.budget, which cannot be imported ({err})") \
             from None
 
+    if bool(args.architecture) == bool(args.base):
+        raise CommandError("give exactly one of --base (a checkpoint to load) or --architecture (a known name)")
     if args.architecture:
         rows = budget.budget_for_architecture(args.architecture, args.d_model, args.n_loops)
     else:
@@ -248,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
     p.add_argument("--architecture", default=None, metavar="NAME",
                    help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
-    p.add_argument("--d_model", type=int, default=256, help="canvas width (default: 256)")
-    p.add_argument("--n_loops", type=int, default=2, help="loops per block (default: 2)")
+    p.add_argument("--d_model", type=int, default=128, help="canvas width (default: 128, GWMConfig's)")
+    p.add_argument("--n_loops", type=int, default=3, help="loops per block (default: 3, GWMConfig's)")
     p.set_defaults(func=cmd_params)
 
     p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")
