@@ -84,6 +84,11 @@ def load_cogvideox_base(
         temb = torch.zeros(1, transformer.config.time_embed_dim, device="meta")
         source = f"{name_or_path} (architecture only, meta device)"
     else:
+        looks_local = os.path.isabs(str(name_or_path)) or str(name_or_path).startswith(".")
+        if looks_local and not os.path.isdir(name_or_path):  # a path, not a Hub id: no network round trip
+            raise BaseLoadError(f"No CogVideoX base folder at {name_or_path}: pass a folder holding a diffusers "
+                                f"checkpoint with a '{subfolder}/' subfolder (e.g. {TINY_BASE_PATH}), a Hub id, or "
+                                "use backbone='scratch'.")
         try:
             transformer = CogVideoXTransformer3DModel.from_pretrained(
                 name_or_path, subfolder=subfolder, revision=revision, token=token, torch_dtype=torch.float32

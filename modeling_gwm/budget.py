@@ -1,6 +1,7 @@
 """Parameter budget of a GWM model with the loop adapter: what is frozen, what one adapter trains.
 
-Counted by walking the real modules of a `peft.PeftModel` (never from formulas), so the table is what a user gets.
+Counted by walking the real modules of a `peft.PeftModel` (or a bare `GWMModel`), never from formulas, so the table
+is what a user gets.
 `budget_for_architecture` does it for the published CogVideoX bases without downloading them: the blocks are built
 on the meta device from their architecture settings.
 
@@ -11,42 +12,49 @@ on the meta device from their architecture settings.
 from __future__ import annotations
 
 import argparse
-import logging
 
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 # modules_to_save of the loop adapter -> the row they are reported under
 _SAVED_MODULE_ROWS = {"encoder_token": "encoder token", "proj_in": "proj_in", "proj_out": "proj_out",
                       "codec": "codec", "norm_out": "output norm"}
 
 
-def _numel(module_or_params) -> int:
-    params = module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params
-    return sum(p.numel() for p in params)
+_SUMMARY_ROWS = ("total trainable", "trainable %")
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def parameter_budget(model, adapter_name: str | None = None) -> list[dict]:
-    """Rows `{component, params, trainable}` for one adapter of a `PeftModel` holding the loop adapter.
+    """Rows `{component, params, trainable}` for one loop adapter of a `PeftModel`, or for a bare `GWMModel`.
 
     Rows: frozen blocks, loop embeddings (canvas + encoder streams), loop gates, encoder token, proj_in, proj_out,
     codec, output norm, trained block copies (adapters with `train_blocks`, i.e. the scratch backbone), then
-    "total trainable" and "trainable %" (params is then a float percentage of all parameters the adapter's forward
-    pass uses: frozen blocks + trainable). `adapter_name` defaults to the active adapter.
+    "total trainable" and "trainable %" (params is then a float percentage of all parameters the forward pass uses:
+    frozen blocks + trainable). `adapter_name` defaults to the active adapter. A bare `GWMModel` (no adapter: every
+    block runs once) has no loop parameters, so its loop rows are 0 and the rest count the model's own modules.
     """
     from peft import PeftModel
     from peft.utils import ModulesToSaveWrapper
 
     from .loop import LoopConfig, LoopLayer
+    from .modeling_gwm import GWMModel
 
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"parameter_budget expects a peft.PeftModel with the loop adapter, got {type(model).__name__}")
-    name = adapter_name or model.active_adapter
-    if name not in model.peft_config or not isinstance(model.peft_config[name], LoopConfig):
-        raise ValueError(f"parameter_budget: no loop adapter named {name!r} on this model "
-                         f"(adapters: {sorted(model.peft_config)})")
-    gwm = model.base_model.model
+    if isinstance(model, PeftModel):
+        name = adapter_name or model.active_adapter
+        if name not in model.peft_config or not isinstance(model.peft_config[name], LoopConfig):
+            raise ValueError(f"parameter_budget: no loop adapter named {name!r} on this model "
+                             f"(adapters: {sorted(model.peft_config)})")
+        gwm, train_blocks = model.base_model.model, model.peft_config[name].train_blocks
+    elif isinstance(model, GWMModel):
+        if any(isinstance(m, LoopLayer) for m in model.transformer_blocks):
+            raise TypeError("parameter_budget: this GWMModel carries loop adapters; pass the PeftModel around it")
+        name, gwm, train_blocks = None, model, False
+    else:
+        raise TypeError(f"parameter_budget expects a GWMModel or a peft.PeftModel around one, "
+                        f"got {type(model).__name__}")
     layers = [m for m in gwm.transformer_blocks if isinstance(m, LoopLayer)]
     frozen = sum(_numel(m.base_layer if isinstance(m, LoopLayer) else m) for m in gwm.transformer_blocks)
     counts = {
@@ -59,13 +67,13 @@ def parameter_budget(model, adapter_name: str | None = None) -> list[dict]:
         if isinstance(module, ModulesToSaveWrapper):  # the adapter's own copy, not the untouched original
             module = module.modules_to_save[name]
         counts[row] = _numel(module)
-    if model.peft_config[name].train_blocks:
+    if train_blocks:
         counts["trained block copies"] = sum(_numel(m.loop_block[name]) for m in layers if name in m.loop_block)
     rows = [{"component": component, "params": params, "trainable": not component.startswith("frozen")}
             for component, params in counts.items()]
     trainable = sum(r["params"] for r in rows if r["trainable"])
-    rows.append({"component": "total trainable", "params": trainable, "trainable": True})
-    rows.append({"component": "trainable %", "params": 100.0 * trainable / max(frozen + trainable, 1),
+    rows.append({"component": _SUMMARY_ROWS[0], "params": trainable, "trainable": True})
+    rows.append({"component": _SUMMARY_ROWS[1], "params": 100.0 * trainable / max(frozen + trainable, 1),
                  "trainable": True})
     return rows
 
@@ -85,7 +93,8 @@ def format_budget(rows: list[dict]) -> str:
             params = f"{row['params']:.4f}%"
         else:
             params = f"{row['params']:,} ({_human(row['params'])})" if row["params"] >= 1000 else f"{row['params']:,}"
-        lines.append(f"| {row['component']} | {params} | {'yes' if row['trainable'] else 'no'} |")
+        trainable = "" if row["component"] in _SUMMARY_ROWS else ("yes" if row["trainable"] else "no")
+        lines.append(f"| {row['component']} | {params} | {trainable} |")
     return "\n".join(lines)
 
 

@@ -185,6 +185,13 @@ class GWMModel(PreTrainedModel):
             if isinstance(module, LoopLayer):
                 module.gradient_checkpointing = enabled
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Always False for PEFT's sake: PEFT reads this (deprecated) flag to hook the input embeddings so that
+        checkpointed inputs require grad. GWM has no input embeddings and needs no hook (its checkpointing is
+        non-reentrant, per block application); `is_activation_checkpointing` tells whether it is on."""
+        return False
+
     # ------------------------------------------------------------------ forward
     def backbone(self, canvas: torch.Tensor, time_index: torch.Tensor) -> torch.Tensor:
         """The seed's pipeline: canvas (B, N, d_model) -> (B, N, d_model)."""

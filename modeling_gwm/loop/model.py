@@ -47,6 +47,14 @@ class LoopModel(BaseTuner):
                              "field slots (GWMConfig.max_fields).")
         return config
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # PEFT strips the adapter name only where it is last or next to last (`lora_A.default.weight`); a trained
+        # block copy nests deeper (`loop_block.default.ff.net.0.proj.weight`). Saving and loading both go through this
+        # mapping, so the file never holds the adapter's name and loads under any name.
+        key = key.replace(f".loop_block.{adapter_name}.", ".loop_block.")
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, LoopLayer):
             target.update_layer(adapter_name, peft_config)
