@@ -284,3 +284,19 @@ def test_adapter_config_without_weights_is_named(saved_adapter, tiny_base):
     os.remove(folder / "adapter_model.safetensors")
     with pytest.raises(AdapterLoadError, match=r"No adapter_model\.safetensors in .*adapter"):
         GWMModel.from_pretrained(tiny_base, folder)
+
+
+def test_copying_an_adapter_under_a_new_name_carries_everything_it_trained(tiny_base):
+    """A DAG fork: the parent's state dict set into a child adapter of another name gives the parent's function,
+    trained scratch block copies included."""
+    peft_model = _peft_model(tiny_base, adapter_name="parent", backbone="scratch", **SCRATCH)
+    _train(peft_model)
+    peft_model.eval()
+    expected = _predict(peft_model)
+    state = peft.get_peft_model_state_dict(peft_model, adapter_name="parent")
+    assert any(".loop_block." in k for k in state) and not [k for k in state if "parent" in k]
+    peft_model.add_adapter("child", LoopConfig(n_loops=2, fields=FIELDS))
+    result = peft.set_peft_model_state_dict(peft_model, state, adapter_name="child")
+    assert not [k for k in result.missing_keys if "child" in k] and not result.unexpected_keys
+    peft_model.set_adapter("child")
+    assert torch.equal(_predict(peft_model.eval()), expected)
