@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -56,6 +57,15 @@ def _crash_point(phase: str, node: str, step: int | None = None) -> None:
     spec = os.environ.get("GWM_CRASH_AT")
     if spec and spec == (f"{phase}:{node}" if step is None else f"{phase}:{node}:{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _writing(what: str):
+    """safetensors reports I/O failures (disk full, EFBIG) as its own error type: make them one-line OSErrors."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise OSError(f"could not write {what}: {str(err).splitlines()[0]}") from None
 
 
 def _inject_nan(node: str, step: int) -> bool:
@@ -518,7 +528,8 @@ class DAGCurriculumTrainer:
         if acc.is_main_process:
             staging = os.path.join(folder, ".staging")
             shutil.rmtree(staging, ignore_errors=True)
-            self.peft_model.save_pretrained(staging, selected_adapters=[name], save_embedding_layers=False)
+            with _writing(f"the adapter of node {name!r} to {folder}"):
+                self.peft_model.save_pretrained(staging, selected_adapters=[name], save_embedding_layers=False)
             saved = os.path.join(staging, name) if os.path.isdir(os.path.join(staging, name)) else staging
             for filename in ADAPTER_FILES:
                 os.replace(os.path.join(saved, filename), os.path.join(folder, filename))
@@ -535,10 +546,11 @@ class DAGCurriculumTrainer:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
             adapter = get_peft_model_state_dict(acc.unwrap_model(self.peft_model), adapter_name=name)
-            atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
-            _crash_point("checkpoint_mid", name, state.step)
-            tensors, meta = _optimizer_tensors(optimizer)
-            atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
+            with _writing(f"the step-{state.step} checkpoint of node {name!r} to {staging}"):
+                atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
+                _crash_point("checkpoint_mid", name, state.step)
+                tensors, meta = _optimizer_tensors(optimizer)
+                atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
             atomic_write_json(os.path.join(staging, "trainer_state.json"),
                               {"step": state.step, "history": state.history, "val_history": state.val_history,
                                "skipped_nonfinite": state.skipped_nonfinite, "optimizer": meta})

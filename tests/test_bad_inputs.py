@@ -1,0 +1,307 @@
+"""The bad-input matrix: every case is a user mistake that must end in one clear line naming the culprit.
+
+Each case runs against a fresh copy of a small trained output directory (nodes a and b, adapter folders included)
+and asserts: the documented exception type (Python API cases) or exit code 2 from `training/dag_train.py`'s
+`main()` (CLI cases; two of them in a real subprocess with a resource limit or another user), a one-line message
+that names the file, node, field or flag at fault, no traceback, and no earlier output changed (every file that
+existed before has the same bytes; dag.json still parses and still marks a and b done).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
+from modeling_gwm.configuration_gwm import GWMConfig
+from modeling_gwm.curriculum import CurriculumError, load_curriculum
+from modeling_gwm.data import DataError, DataSource, build_node_data
+from modeling_gwm.loop import AdapterMismatchError
+from modeling_gwm.modeling_gwm import AdapterLoadError, GWMModel
+from modeling_gwm.trainer import DAGCurriculumTrainer
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "configuration" / "data"
+TINY_BASE = REPO / "configuration" / "tiny-cogvideox"
+DAG_TRAIN = REPO / "training" / "dag_train.py"
+sys.path.insert(0, str(REPO / "training"))
+import dag_train  # noqa: E402
+
+SOURCES = {
+    "us_macro": {"path": str(DATA / "us_macro_quarterly.csv"), "frequency": "QS",
+                 "fields": {"macro.us.unemployment": "unemp", "macro.us.inflation": "infl"}},
+    "co2": {"path": str(DATA / "co2_mauna_loa_monthly.csv"), "frequency": "MS",
+            "fields": {"climate.co2.mauna_loa": "co2"}},
+}
+
+
+def spec() -> dict:
+    return {
+        "model": {"base": str(TINY_BASE), "d_model": 16, "seed": 0},
+        "defaults": {"steps": 2, "batch_size": 4, "context_len": 12, "horizon": 2, "n_loops": 2,
+                     "learning_rate": 0.005, "eval_windows": 4, "checkpoint_every": 1},
+        "sources": json.loads(json.dumps(SOURCES)),
+        "nodes": [{"name": "a", "sources": ["us_macro"]}, {"name": "b", "sources": ["co2"]},
+                  {"name": "j", "parents": ["a", "b"], "sources": ["us_macro", "co2"]}],
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """An output directory where nodes a and b are complete (j is not): what a user's earlier run left."""
+    root = tmp_path_factory.mktemp("trained")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(spec(), sort_keys=False))
+    DAGCurriculumTrainer(curriculum=load_curriculum(config), output_dir=str(root / "out"), only_nodes=["a", "b"],
+                         write_cards=False).run()
+    return root
+
+
+class Env:
+    """What a case works with: a copy of the trained run, its curriculum, and a scratch folder."""
+
+    def __init__(self, tmp: Path, trained: Path):
+        self.tmp = tmp
+        self.out = tmp / "out"
+        shutil.copytree(trained / "out", self.out)
+        self.config = tmp / "tiny.yaml"
+        self.config.write_text(yaml.safe_dump(spec(), sort_keys=False))
+
+    def yaml(self, text_or_spec, name: str = "bad.yaml") -> Path:
+        path = self.tmp / name
+        path.write_text(text_or_spec if isinstance(text_or_spec, str) else yaml.safe_dump(text_or_spec))
+        return path
+
+    def spec_with(self, edit) -> Path:
+        s = spec()
+        edit(s)
+        return self.yaml(s)
+
+    def adapter(self, edit=None) -> Path:
+        """A copy of node a's adapter folder, optionally damaged by `edit(folder)`."""
+        folder = self.tmp / "adapter"
+        shutil.copytree(self.out / "a", folder)
+        if edit:
+            edit(folder)
+        return folder
+
+    def csv(self, text: str, name: str = "bad.csv") -> Path:
+        path = self.tmp / name
+        path.write_text(text)
+        return path
+
+    def cli(self, *args: str) -> list[str]:
+        return ["--output_dir", str(self.out), *args]
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _source(path: Path, **fields) -> DataSource:
+    return DataSource.from_dict("src", {"path": str(path), "fields": fields or {"x.value": "value"}})
+
+
+def _train_node_j(env: Env, *extra: str) -> list[str]:
+    return env.cli("--config", str(env.config), "--resume", "--nodes", "j", "--max_steps", "1", *extra)
+
+
+def _wide_base(env: Env) -> Path:
+    return Path(make_tiny_cogvideox(env.tmp / "wide", num_attention_heads=2, attention_head_dim=48))
+
+
+# (id, what to run, expected: an exception type or 2 = exit code of dag_train.main, text the message must contain)
+# "what to run" gets an Env and returns a zero-argument callable (API) or an argv list (CLI).
+CASES = [
+    # --------------------------------------------------------------------------------------- curriculum YAML
+    ("yaml-malformed", lambda e: lambda: load_curriculum(e.yaml("nodes: [a, b\n")), CurriculumError, "bad.yaml"),
+    ("yaml-empty-file", lambda e: lambda: load_curriculum(e.yaml("")), CurriculumError, "bad.yaml"),
+    ("yaml-top-level-list", lambda e: lambda: load_curriculum(e.yaml("- a\n- b\n")), CurriculumError, "bad.yaml"),
+    ("yaml-unknown-top-key", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s.update(nodez=[]))),
+     CurriculumError, "nodez"),
+    ("yaml-no-nodes", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s.pop("nodes"))),
+     CurriculumError, "no nodes"),
+    ("yaml-cycle", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][0].update(parents=["j"]))),
+     CurriculumError, "cycle"),
+    ("yaml-dotdot-node-name", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][0].update(name="../x"))), CurriculumError, "'../x'"),
+    ("yaml-absolute-node-name", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][0].update(name="/etc/x"))), CurriculumError, "'/etc/x'"),
+    ("yaml-unknown-node-key", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][1].update(stepz=3))),
+     CurriculumError, "stepz"),
+    ("yaml-wrong-type-steps", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][1].update(steps="ten"))), CurriculumError, "steps"),
+    ("yaml-negative-learning-rate", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["defaults"].update(learning_rate=-1.0))), CurriculumError, "learning_rate"),
+    ("yaml-unknown-parent", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][2].update(parents=["a", "ghost"]))), CurriculumError, "ghost"),
+    ("yaml-unknown-source", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][0].update(sources=["nowhere"]))), CurriculumError, "nowhere"),
+    ("yaml-unknown-model-key", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["model"].update(width=3))),
+     CurriculumError, "width"),
+    ("yaml-merge-weights-count", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][2].update(merge={"method": "linear", "weights": [1.0]}))), CurriculumError, "'j'"),
+    ("yaml-duplicate-node", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"].append({"name": "a", "sources": ["co2"]}))), CurriculumError, "'a'"),
+    ("yaml-source-extra-key", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["sources"]["co2"].update(colour="red"))), CurriculumError, "colour"),
+    # --------------------------------------------------------------------------------------- data files
+    ("data-missing-file", lambda e: lambda: _source(e.tmp / "nope.csv").read(), DataError, "nope.csv"),
+    ("data-empty-file", lambda e: lambda: _source(e.csv("")).read(), DataError, "bad.csv"),
+    ("data-missing-column", lambda e: lambda: _source(e.csv("date,v\n2000-01-01,1\n")).read(), DataError, "value"),
+    ("data-non-numeric", lambda e: lambda: _source(e.csv("date,value\n2000-01-01,abc\n2000-02-01,x\n")).read(),
+     DataError, "value"),
+    ("data-bad-dates", lambda e: lambda: _source(e.csv("date,value\nsoon,1\nlater,2\n")).read(), DataError, "date"),
+    ("data-unknown-transform", lambda e: lambda: _source(e.csv("date,value\n2000-01-01,1\n"),
+                                                         **{"x.value": {"column": "value", "transform": "cube"}}),
+     DataError, "cube"),
+    ("data-too-short", lambda e: lambda: build_node_data(
+        [_source(e.csv("date,value\n2000-01-01,1\n2000-02-01,2\n2000-03-01,3\n"))], None, context_len=12),
+     DataError, "src"),
+    # --------------------------------------------------------------------------------------- adapter folders
+    ("adapter-no-config", lambda e: lambda: GWMModel.from_pretrained(
+        TINY_BASE, adapter=e.adapter(lambda f: (f / "adapter_config.json").unlink())), AdapterLoadError,
+     "adapter_config.json"),
+    ("adapter-config-not-json", lambda e: lambda: GWMModel.from_pretrained(
+        TINY_BASE, adapter=e.adapter(lambda f: (f / "adapter_config.json").write_text("{oops"))), AdapterLoadError,
+     "adapter_config.json"),
+    ("adapter-other-peft-method", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: (f / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 8, "target_modules": ["to_q"], "base_model_name_or_path": "x"})))),
+     AdapterLoadError, "LORA"),
+    ("adapter-truncated-safetensors", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:300]))),
+     AdapterLoadError, "adapter_model.safetensors"),
+    ("adapter-foreign-safetensors", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: save_file({"encoder.weight": torch.ones(3, 3)}, str(f / "adapter_model.safetensors")))),
+     (AdapterLoadError, AdapterMismatchError), "adapter"),
+    ("adapter-pickle-only", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: (f / "adapter_model.safetensors").rename(f / "adapter_model.bin"))), AdapterLoadError,
+     "adapter_model.safetensors"),
+    ("adapter-base-of-another-width", lambda e: lambda: GWMModel.from_pretrained(_wide_base(e), adapter=e.adapter()),
+     AdapterMismatchError, "inner_dim"),
+    ("adapter-config-wrong-type", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c.update(n_loops="two")))), AdapterLoadError,
+     "n_loops"),
+    # --------------------------------------------------------------------------------------- model configs
+    ("config-unknown-backbone", lambda e: lambda: GWMConfig(backbone="vit"), ValueError, "backbone"),
+    ("config-bad-d-model", lambda e: lambda: GWMConfig(d_model=0), ValueError, "d_model"),
+    ("base-missing-folder", lambda e: lambda: GWMModel.from_pretrained(e.tmp / "no-base", d_model=16),
+     BaseLoadError, "no-base"),
+    # --------------------------------------------------------------------------------------- CLI flags (main())
+    ("cli-missing-config", lambda e: e.cli("--config", str(e.tmp / "gone.yaml")), 2, "gone.yaml"),
+    ("cli-unknown-node", lambda e: e.cli("--config", str(e.config), "--resume", "--nodes", "zzz"), 2, "zzz"),
+    ("cli-trained-dir-without-resume", lambda e: e.cli("--config", str(e.config)), 2, "--resume"),
+    ("cli-push-without-repo", lambda e: e.cli("--config", str(e.config), "--resume", "--push_to_hub"), 2,
+     "--hub_model_id"),
+    ("cli-bad-mixed-precision", lambda e: e.cli("--mixed_precision", "fp8"), 2, "--mixed_precision"),
+    ("cli-bad-nonfinite", lambda e: e.cli("--nonfinite", "ignore"), 2, "--nonfinite"),
+    ("cli-indivisible-accumulation", lambda e: _train_node_j(e, "--gradient_accumulation_steps", "3"), 2,
+     "batch_size"),
+    ("cli-missing-base", lambda e: _train_node_j(e, "--base", str(e.tmp / "no-base")), 2, "no-base"),
+    ("cli-bad-data-file", lambda e: e.cli("--config", str(e.spec_with(
+        lambda s: s["sources"]["co2"].update(path=str(e.csv("date,co2\n"))))), "--resume", "--nodes", "j",
+        "--no_deps"), 2, "bad.csv"),
+]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("dag.json", ".lock")}  # .lock: a lock file, holds the last pid
+
+
+def _assert_unchanged(env: Env, before: dict[str, bytes]) -> None:
+    after = _snapshot(env.out)
+    assert {k: v for k, v in after.items() if k in before} == before, "an earlier output was changed or removed"
+    dag = json.loads((env.out / "dag.json").read_text())
+    assert dag["nodes"]["a"]["status"] == dag["nodes"]["b"]["status"] == "done"
+
+
+def _one_line(message: str, culprit: str) -> None:
+    assert "\n" not in message.strip(), message
+    assert "Traceback" not in message
+    assert culprit in message, f"{culprit!r} not named in: {message}"
+
+
+@pytest.mark.parametrize(("build", "expected", "culprit"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, trained, capsys, build, expected, culprit):
+    env = Env(tmp_path, trained)
+    before = _snapshot(env.out)
+    action = build(env)
+    if expected == 2:
+        try:
+            rc = dag_train.main(action)
+        except SystemExit as exit_:  # argparse's own usage errors
+            rc = exit_.code
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert "Traceback" not in err
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1, err
+        _one_line(lines[0], culprit)
+    else:
+        with pytest.raises(expected) as caught:
+            action()
+        _one_line(str(caught.value), culprit)
+    _assert_unchanged(env, before)
+
+
+# ---------------------------------------------------------------------------------------------------- real processes
+def _subprocess(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    return subprocess.run([sys.executable, str(DAG_TRAIN), *argv], env=env, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # any file past 8 KiB fails with EFBIG (disk full)
+
+
+def test_full_disk_is_one_clean_line_and_keeps_earlier_outputs(tmp_path, trained):
+    env = Env(tmp_path, trained)
+    before = _snapshot(env.out)
+    proc = _subprocess(_train_node_j(env), preexec_fn=_limit_file_size)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "File too large" in lines[0] and "j" in lines[0], proc.stderr[-3000:]
+    assert not (env.out / "j" / "COMPLETE").exists()
+    _assert_unchanged(env, before)
+
+
+def test_read_only_output_directory_is_one_clean_line(tmp_path, trained):
+    """Root ignores file modes, so as root the run's files are made immutable (chattr +i) instead of chmod 555."""
+    env = Env(tmp_path, trained)
+    before = _snapshot(env.out)
+    paths = [env.out, *env.out.rglob("*")]
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "-R", "+i", str(env.out)], capture_output=True).returncode != 0:
+            pytest.skip("running as root on a file system without chattr +i: cannot make a directory read-only")
+    else:
+        for path in paths:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        proc = _subprocess(_train_node_j(env))
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-R", "-i", str(env.out)], check=True)
+        for path in paths:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and str(env.out) in lines[0], proc.stderr[-3000:]
+    assert "Permission denied" in lines[0] or "Operation not permitted" in lines[0], lines[0]
+    _assert_unchanged(env, before)
