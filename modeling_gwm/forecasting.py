@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import os
+import textwrap
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -439,27 +440,33 @@ def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | 
     names = list(predictions.columns)
     context = context or max(4 * len(predictions), 48)
     recent = history.iloc[-context:]
-    fig = Figure(figsize=(9, 2.6 * len(names) + 0.6), dpi=110)
+    fig = Figure(figsize=(9, 2.4 * len(names) + 0.8), dpi=110)
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     for ax, name in zip(axes, names):
+        observed = recent[name].dropna()
         ax.plot(recent.index, recent[name], color="#444444", lw=1.3, label="history")
-        if len(recent[name].dropna()):
-            last = recent[name].dropna()
-            joined = pd.concat([last.iloc[-1:], predictions[name]])
-        else:
-            joined = predictions[name]
-        ax.plot(joined.index, joined.to_numpy(), color="#d62728", lw=1.8, marker="o", ms=3, label="GWM forecast")
+        # start the forecast and the actuals at the last observed point, so the lines read as continuations
+        anchor = observed.iloc[-1:]
         if actuals is not None and name in actuals:
-            ax.plot(actuals.index, actuals[name], color="#1f77b4", lw=1.3, marker="s", ms=3, label="actual")
-        ax.axvline(predictions.index[0], color="grey", lw=0.7, ls=":")
+            ax.plot(*_joined(anchor, actuals[name]), color="#1f77b4", lw=1.4, marker="s", ms=3, label="actual")
+        ax.plot(*_joined(anchor, predictions[name]), color="#d62728", lw=1.8, marker="o", ms=3,
+                label="GWM forecast")
+        ax.axvspan(predictions.index[0], predictions.index[-1], color="#d62728", alpha=0.05, lw=0)
         ax.set_title(name, fontsize=10, loc="left")
-        ax.set_ylabel(units.get(name) or "value", fontsize=9)
+        ax.set_ylabel(textwrap.fill(units.get(name) or "value", 28), fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper left", fontsize=8, ncol=3, frameon=False)
-    fig.suptitle(title or f"GWM forecast, {len(predictions)} steps", fontsize=11)
-    fig.autofmt_xdate() if isinstance(predictions.index, pd.DatetimeIndex) else None
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(title or f"GWM forecast, {len(predictions)} steps", fontsize=11, x=0.01, ha="left")
+    if isinstance(predictions.index, pd.DatetimeIndex):
+        fig.autofmt_xdate()
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if len(names) > 1 else 0.93))
     fig.savefig(path, format="png")
+
+
+def _joined(anchor: pd.Series, series: pd.Series) -> tuple[pd.Index, np.ndarray]:
+    joined = pd.concat([anchor, series]) if len(anchor) and anchor.index[-1] < series.index[0] else series
+    return joined.index, joined.to_numpy(dtype=np.float64)
 
 
 __all__ = ["AdapterSpec", "default_season", "error_metrics", "evaluate", "evaluation_json", "forecast",

@@ -93,9 +93,10 @@ def test_plot_losses(run, tmp_path):
     assert (tmp_path / "losses.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_help_has_an_example():
-    done = gwm("evaluate", "--help")
-    assert done.returncode == 0 and "example:\n  gwm evaluate --adapter" in done.stdout
+def test_help_has_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])
+    assert exit_info.value.code == 0 and "example:\n  gwm evaluate --adapter" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -127,6 +128,9 @@ BAD = {
     "bad columns syntax": (lambda t, r: ["forecast", "--data", ENSO, "--columns", "sst", "--horizon", 3],
                            "--columns expects RAW=FIELD"),
     "missing data file": (lambda t, r: ["forecast", "--data", t / "nope.csv", "--horizon", 3], "data file not found"),
+    "missing curriculum": (lambda t, r: ["dag", "--config", t / "missing.yaml"], "missing.yaml"),
+    "not a run folder": (lambda t, r: ["plot-losses", t], "no dag.json"),
+    "params without a base": (lambda t, r: ["params"], "exactly one of --base"),
 }
 
 
@@ -134,7 +138,8 @@ BAD = {
 def test_bad_input_exits_2_with_one_line(run, tmp_path, capsys, case):
     make, message = BAD[case]
     argv = [str(a) for a in make(tmp_path, run)]
-    argv[1:1] = ["--adapter", str(run / "final")]
+    if argv[0] in ("forecast", "evaluate"):
+        argv[1:1] = ["--adapter", str(run / "final")]
     if argv[0] == "forecast":
         argv += ["--out", str(tmp_path / "p.csv")]
     assert main(argv) == 2
@@ -145,8 +150,6 @@ def test_bad_input_exits_2_with_one_line(run, tmp_path, capsys, case):
 @pytest.mark.parametrize("argv, message", [
     (["forecast", "--adapter", "{tmp}/not_an_adapter", "--data", str(ENSO), "--horizon", "3", "--out", "x.csv"],
      "not_an_adapter"),
-    (["dag", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
-    (["plot-losses", "{tmp}"], "no dag.json"),
     (["push", "{run}", "--hub_model_id", "someone/gwm-demo"], "gwm push {run} --hub_model_id someone/gwm-demo"),
 ])
 def test_bad_input_in_a_subprocess_has_no_traceback(run, tmp_path, argv, message):
