@@ -1,0 +1,95 @@
+"""The benchmark scripts run at their smallest settings and write the figures they promise (no timing assertions)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_step_bench_reports_step_floor_ratio(bench, tmp_path):
+    out = tmp_path / "step.json"
+    result = bench("bench_step").main(["--context_len", "3", "--fields", "2", "--rows", "40", "--horizon", "1",
+                                       "--batch_size", "1", "--num_layers", "1", "--n_loops", "2", "--repeats", "1",
+                                       "--warmup", "0", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["step_over_floor"] == pytest.approx(result["step_over_floor"])
+    assert written["step_over_floor"] > 0 and written["floor_gflop"] > 0
+    assert written["settings"]["block_applications"] == 2
+    assert {"date", "cpu", "torch", "torch_threads", "command"} <= set(written["machine"])
+
+
+def test_memory_child_measures_the_step_peak(bench):
+    memory = bench("bench_memory")
+    block = torch.empty(0)
+
+    def allocate_4mib():
+        nonlocal block
+        block = torch.ones(2**20)  # 4 MiB of float32, alive after the call
+    assert memory.torch_peak_bytes(allocate_4mib) >= 4 * 2**20
+    measured = memory.child({"context_len": 3, "fields": 2, "rows": 40, "batch_size": 1, "n_loops": 2,
+                             "num_layers": 1, "gradient_checkpointing": True, "threads": torch.get_num_threads()})
+    assert measured["torch_peak_bytes"] > 0
+    assert set(measured) == {"torch_peak_bytes", "rss_peak_bytes", "rss_model_bytes"}
+
+
+def test_adapter_ops_at_2b_width_file_is_four_bytes_per_trainable_parameter(bench, tmp_path):
+    out = tmp_path / "ops.json"
+    bench("bench_adapter_ops").main(["--models", "2b", "--repeats", "1", "--switches", "2", "--parents", "2",
+                                     "--methods", "linear", "--out", str(out)])
+    written = json.loads(out.read_text())
+    (row,) = written["models"]
+    assert (row["blocks"], row["inner_dim"]) == (30, 1920)
+    assert row["trainable_parameters"] == row["adapter_state_parameters"]
+    assert 1.0 < row["file_over_4x_trainable"] < 1.01  # fp32 tensors plus the safetensors header
+    assert {"save", "load", "attach", "switch"} <= set(row)
+    assert [(m["parents"], m["method"]) for m in written["merges"]] == [(2, "linear")]
+
+
+def test_dag_scaling_curricula_are_valid_and_compare_like_with_like(bench, tmp_path):
+    import yaml
+
+    from modeling_gwm.curriculum import load_curriculum
+
+    scaling = bench("bench_dag_scaling")
+    args = argparse.Namespace(steps=1, batch_size=4, context_len=12, n_loops=1, d_model=16)
+    loaded = {}
+    for label, nodes in (("two", scaling.two_nodes()), ("twelve", scaling.twelve_nodes())):
+        path = tmp_path / f"{label}.yaml"
+        path.write_text(yaml.safe_dump(scaling.curriculum(nodes, args, str(scaling.TINY_BASE))))
+        loaded[label] = load_curriculum(path)
+    two, twelve = loaded["two"], loaded["twelve"]
+    assert (len(two.nodes), len(twelve.nodes)) == (2, 12)
+    assert {n.kind for n in twelve.nodes} == {"root", "fork", "join"}
+    widest = max(len(twelve.node_fields(n.name)) for n in twelve.nodes)
+    assert all(len(two.node_fields(n.name)) == widest for n in two.nodes)
+
+
+def test_gpu_width_bench_refuses_without_cuda_and_runs_narrow_on_cpu(bench, tmp_path):
+    gpu = bench("bench_gpu_width")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            gpu.main([])
+        assert exit_info.value.code == 2
+    out = tmp_path / "gpu.json"
+    gpu.main(["--device", "cpu", "--num_layers", "1", "--num_attention_heads", "1", "--positions", "16", "--fields",
+              "2", "--n_loops", "1", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["positions"], r["gradient_checkpointing"]) for r in rows] == [(16, False), (16, True)]
+    assert all(r["positions_per_s"] > 0 and r["floor_tflop"] > 0 for r in rows)
