@@ -44,7 +44,8 @@ def _broken(mutate) -> dict:
 
 CASES = {
     "cycle": (lambda s: s["nodes"][0].update(parents=["ocean"]), r"cycle"),
-    "unknown parent": (lambda s: s["nodes"][3].update(parents=["atlantis"]), r"node 'ocean': unknown parent 'atlantis'"),
+    "unknown parent": (lambda s: s["nodes"][3].update(parents=["atlantis"]),
+                       r"node 'ocean': unknown parent 'atlantis'"),
     "duplicate name": (lambda s: s["nodes"][1].update(name="macro"), r"node 'macro' is declared twice"),
     "unknown source": (lambda s: s["nodes"][1].update(sources=["moon"]), r"node 'climate': unknown data source 'moon'"),
     "empty dag": (lambda s: s.update(nodes=[]), r"no nodes"),
