@@ -167,9 +167,10 @@ def cmd_forecast(args) -> int:
     predictions = forecast(model, history, args.horizon, freq=freq)
     predictions.to_csv(args.out, index_label=args.time_column)
     print(predictions.to_string(float_format=lambda v: f"{v:.4g}"))
-    print(f"\nwrote {args.out} ({len(predictions)} steps × {predictions.shape[1]} fields)")
+    n_fields = predictions.shape[1]
+    print(f"\nwrote {args.out} ({len(predictions)} steps × {n_fields} field{'s' if n_fields > 1 else ''})")
     if args.plot:
-        plot_forecast(history, predictions, args.plot, title=f"GWM forecast ({os.path.basename(args.adapter)})")
+        plot_forecast(history, predictions, args.plot, title=f"GWM forecast of {args.horizon} steps ({args.adapter})")
         print(f"wrote {args.plot}")
     return 0
 
@@ -238,8 +239,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gwm", description="GWM: a world model for heterogeneous time series on a "
-                                     "frozen CogVideoX transformer.")
+    parser = argparse.ArgumentParser(
+        prog="gwm", description="GWM: a world model for heterogeneous time series on a frozen CogVideoX transformer.",
+        epilog="example (after `python training/dag_train.py --output_dir outputs/gwm-demo`):\n"
+               "  gwm evaluate --adapter outputs/gwm-demo/final \\\n"
+               "      --data configuration/data/elnino_nino12_monthly.csv --columns sst=climate.enso.nino12_sst \\\n"
+               "      --holdout 12\n\n"
+               "`gwm COMMAND --help` shows each command's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:

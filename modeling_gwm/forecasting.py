@@ -460,7 +460,7 @@ def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | 
     fig.suptitle(title or f"GWM forecast, {len(predictions)} steps", fontsize=11, x=0.01, ha="left")
     if isinstance(predictions.index, pd.DatetimeIndex):
         fig.autofmt_xdate()
-    fig.tight_layout(rect=(0, 0, 1, 0.97 if len(names) > 1 else 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if len(names) > 1 else 0.95))
     fig.savefig(path, format="png")
 
 
