@@ -2,8 +2,8 @@
 
 `fcntl.flock` locks belong to an open file description, so the operating system drops them when the process exits
 for any reason, SIGKILL included: a crashed job never leaves a stale lock behind, and no lock file needs cleaning.
-The lock files themselves (`.lock`, hidden) stay; deleting a lock file while another process holds it open would
-let two processes "hold" the same lock.
+The lock files live in `<output_dir>/.locks/` (never inside a node's folder, which holds only its outputs) and stay
+there: deleting a lock file while another process holds it open would let two processes "hold" the same lock.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 
-LOCK_NAME = ".lock"
+LOCK_DIR = ".locks"
 
 
 class NodeBusyError(RuntimeError):
@@ -50,17 +50,18 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def node_lock(node_dir: str | os.PathLike, node: str) -> Iterator[None]:
-    """Claim `<node_dir>/.lock` for training `node`; refuse with `NodeBusyError` if a live process holds it."""
-    path = os.path.join(os.fspath(node_dir), LOCK_NAME)
+def node_lock(output_dir: str | os.PathLike, node: str) -> Iterator[None]:
+    """Claim `<output_dir>/.locks/<node>.lock` for training `node`; `NodeBusyError` if a live process holds it."""
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    path = os.path.join(output_dir, LOCK_DIR, f"{node}.lock")
     lock = file_lock(path, blocking=False)
     try:
         lock.__enter__()
     except BlockingIOError as err:
         if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
             raise
-        raise NodeBusyError(f"node {node!r} is already being trained into {os.path.dirname(os.path.abspath(path))} by "
-                            f"{_holder(path)} (lock {path}); wait for that job or use another --output_dir") from None
+        raise NodeBusyError(f"node {node!r} is already being trained into {output_dir} by {_holder(path)} "
+                            f"(lock {path}); wait for that job or use another --output_dir") from None
     try:
         yield
     finally:
@@ -69,4 +70,4 @@ def node_lock(node_dir: str | os.PathLike, node: str) -> Iterator[None]:
 
 def output_lock(output_dir: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
     """Serialise short read-modify-write sections on run-level files (dag.json, final/, the index card)."""
-    return file_lock(os.path.join(os.fspath(output_dir), LOCK_NAME), blocking=True)
+    return file_lock(os.path.join(os.fspath(output_dir), LOCK_DIR, "output.lock"), blocking=True)

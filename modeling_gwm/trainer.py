@@ -269,7 +269,7 @@ class DAGCurriculumTrainer:
             error = None
             if acc.is_main_process:
                 try:
-                    stack.enter_context(node_lock(self.node_dir(name), name))
+                    stack.enter_context(node_lock(self.output_dir, name))
                 except NodeBusyError as err:
                     error = str(err)
             if acc.num_processes > 1:

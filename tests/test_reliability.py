@@ -76,7 +76,8 @@ def test_sigkill_at_named_moments_then_resume_matches_uninterrupted(tmp_path):
     crashed, reference = tmp_path / "w" / "crashed", tmp_path / "w" / "reference"
     for node in ("a", "b", "j"):
         assert (crashed / node / "COMPLETE").exists() and not (crashed / node / "checkpoint").exists()
-        assert (crashed / node / ".lock").exists()  # held by SIGKILLed runs, yet the resumes took it: never stale
+        assert (crashed / ".locks" / f"{node}.lock").exists()  # held by SIGKILLed runs, then taken by the resumes
+        assert sorted(os.listdir(crashed / node)) == sorted(os.listdir(reference / node))  # no leftovers
         ours, theirs = (json.loads((d / node / "metrics.json").read_text()) for d in (crashed, reference))
         assert ours["history"] == theirs["history"] and ours["val_loss_end"] == theirs["val_loss_end"]
     dag = json.loads((crashed / "dag.json").read_text())
@@ -86,29 +87,29 @@ def test_sigkill_at_named_moments_then_resume_matches_uninterrupted(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- locks
 def test_node_lock_refuses_a_second_job_and_dies_with_its_holder(tmp_path):
-    node_dir = tmp_path / "out" / "a"
-    with node_lock(node_dir, "a"):
+    out = tmp_path / "out"
+    with node_lock(out, "a"):
         with pytest.raises(NodeBusyError, match=rf"node 'a' is already being trained .* process {os.getpid()}"):
-            with node_lock(node_dir, "a"):
+            with node_lock(out, "a"):
                 pass
     pid = os.fork()
     if pid == 0:  # a job that takes the lock and is SIGKILLed while holding it
-        with node_lock(node_dir, "a"):
+        with node_lock(out, "a"):
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
-    with node_lock(node_dir, "a"):  # the OS released it: no stale lock
+    with node_lock(out, "a"):  # the OS released it: no stale lock
         pass
 
 
 def test_second_job_for_the_same_node_refuses_with_one_line(tmp_path, capsys):
     config, out = _curriculum(tmp_path), tmp_path / "out"
-    with node_lock(out / "a", "a"):  # another live job is training node a
+    with node_lock(out, "a"):  # another live job is training node a
         rc = dag_train.main(["--config", str(config), "--output_dir", str(out), "--nodes", "a", "--max_steps", "1"])
     err = _errors(capsys.readouterr().err)
     assert rc == 2
-    assert len(err) == 1 and "node 'a' is already being trained" in err[0] and str(out / "a") in err[0], err
+    assert len(err) == 1 and "node 'a' is already being trained" in err[0] and str(out) in err[0], err
     assert not (out / "a" / "adapter_model.safetensors").exists()
 
 
