@@ -276,7 +276,7 @@ def test_full_disk_is_one_clean_line_and_keeps_earlier_outputs(tmp_path, trained
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "File too large" in lines[0] and "j" in lines[0], proc.stderr[-3000:]
+    assert len(lines) == 1 and "File too large" in lines[0] and "node 'j'" in lines[0], proc.stderr[-3000:]
     assert not (env.out / "j" / "COMPLETE").exists()
     _assert_unchanged(env, before)
 
