@@ -165,8 +165,13 @@ class DAGCurriculumTrainer:
             if name not in {n.name for n in curriculum.nodes}:
                 raise CurriculumError(f"{curriculum.where}: --nodes names unknown node {name!r}")
         log_with = None if report_to in (None, "none") else report_to
+        # `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA starts N torchrun processes;
+        # accelerate only joins them into one gloo (MULTI_CPU) group when told to use the CPU, else each process
+        # would silently train alone on the full batch.
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        use_cpu = device == "cpu" or (device is None and launched and not torch.cuda.is_available())
         self.accelerator = Accelerator(
-            cpu=device == "cpu", mixed_precision=mixed_precision, log_with=log_with,
+            cpu=use_cpu, mixed_precision=mixed_precision, log_with=log_with,
             gradient_accumulation_steps=gradient_accumulation_steps,
             project_dir=os.path.join(self.output_dir, "runs"),
         )
