@@ -189,11 +189,14 @@ def random_kills(config: str, workdir: str, kills: int, seed: int = 0, rng_seed:
         first = True
         while True:
             at = rng.uniform(0.0, full)
+            began = time.time()
             rc = run_forked(base + ["--output_dir", out] + ([] if first else ["--resume"]),
                             kill_after=at if done < kills else None, log=log)
-            first = False
             if rc == 0:
+                if first:  # an uninterrupted run: kill within the time a whole run takes now (the load varies)
+                    full = time.time() - began
                 break
+            first = False
             if rc != -signal.SIGKILL:
                 report["problems"].append(f"{out}: run exited {rc} (see {log})")
                 break
