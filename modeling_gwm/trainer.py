@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import (
+    broadcast_object_list,
+    is_tensorboard_available,
+    is_trackio_available,
+    is_wandb_available,
+    set_seed,
+)
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -26,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .configuration_gwm import DEFAULT_BASE
 from .curriculum import Curriculum, CurriculumError, MergeSpec, TrainingNode
-from .data import CanvasDataset, DataSource, NodeData, build_node_data, collate_canvas
+from .data import CanvasDataset, DataError, DataSource, NodeData, build_node_data, collate_canvas
 from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, read_json
 from .locking import NodeBusyError, node_lock, output_lock
 from .loop import LoopConfig
@@ -38,6 +44,9 @@ logger = get_logger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 COMPLETE_MARKER = "COMPLETE"
+
+
+_TRACKERS = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available, "wandb": is_wandb_available}
 
 
 class NodeNotReadyError(RuntimeError):
@@ -165,6 +174,8 @@ class DAGCurriculumTrainer:
             if name not in {n.name for n in curriculum.nodes}:
                 raise CurriculumError(f"{curriculum.where}: --nodes names unknown node {name!r}")
         log_with = None if report_to in (None, "none") else report_to
+        if log_with and not _TRACKERS.get(log_with, lambda: True)():
+            raise CurriculumError(f"--report_to {log_with} needs the {log_with} package: pip install {log_with}")
         # `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA starts N torchrun processes;
         # accelerate only joins them into one gloo (MULTI_CPU) group when told to use the CPU, else each process
         # would silently train alone on the full batch.
@@ -208,6 +219,7 @@ class DAGCurriculumTrainer:
             if done:
                 raise CurriculumError(f"{self.output_dir} already holds trained node(s) {done}: pass --resume to keep "
                                       "and skip them, or choose a new --output_dir")
+        self.preflight([n for n in selected if not self.is_complete(n)])
         os.makedirs(self.output_dir, exist_ok=True)
         if acc.is_main_process:
             with output_lock(self.output_dir):
@@ -237,6 +249,24 @@ class DAGCurriculumTrainer:
             logger.info(f"pushed the curriculum to {url}", main_process_only=True)
         acc.wait_for_everyone()
         return self._load_dag()
+
+    def preflight(self, names: list[str]) -> None:
+        """Fail before any node trains on what would otherwise only show at a node's first step.
+
+        The YAML checks ran at load time; what needs the launch or the data is checked here: the global batch must
+        split over processes × accumulation steps, and every node's sources must give train and validation windows.
+        """
+        acc = self.accelerator
+        for name in names:
+            node = self.curriculum.node(name)
+            if node.batch_size % (acc.num_processes * acc.gradient_accumulation_steps):
+                raise CurriculumError(f"{self.curriculum.where}: node {name!r}: batch_size {node.batch_size} is not "
+                                      f"divisible by {acc.num_processes} processes × {acc.gradient_accumulation_steps} "
+                                      "accumulation steps")
+            try:
+                self._node_data(name)  # built again when the node trains: memory stays one node's data
+            except DataError as err:
+                raise DataError(f"{self.curriculum.where}: node {name!r}: {err}") from None
 
     @property
     def _dag_path(self) -> str:
