@@ -12,6 +12,24 @@ import torch
 from safetensors.torch import save_file
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide outputs from a shared group
+
+
+def _temp_file(path: str) -> tuple[int, str]:
+    """A temporary file next to `path` (same file system, so the final rename is atomic), with ordinary permissions."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -28,8 +46,7 @@ def _fsync_dir(path: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -51,11 +68,11 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
                             metadata: dict[str, str] | None = None) -> None:
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)  # safetensors writes a new 0600 file in place of ours
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -64,6 +81,16 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def atomic_move_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Publish a file another library wrote (e.g. PEFT's save_pretrained into a staging folder): flushed to disk,
+    ordinary permissions, then renamed over `target` in one step."""
+    with open(source, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(source, _FILE_MODE)
+    os.replace(source, target)
+    _fsync_dir(os.path.dirname(os.path.abspath(target)))
 
 
 def atomic_replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:

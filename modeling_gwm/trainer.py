@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from .configuration_gwm import DEFAULT_BASE
 from .curriculum import Curriculum, CurriculumError, MergeSpec, TrainingNode
 from .data import CanvasDataset, DataError, DataSource, NodeData, build_node_data, collate_canvas
-from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, read_json
+from .io_utils import (
+    atomic_move_file,
+    atomic_replace_dir,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
 from .locking import NodeBusyError, node_lock, output_lock
 from .loop import LoopConfig
 from .masking import sample_target_mask
@@ -567,7 +574,7 @@ class DAGCurriculumTrainer:
                 self.peft_model.save_pretrained(staging, selected_adapters=[name], save_embedding_layers=False)
             saved = os.path.join(staging, name) if os.path.isdir(os.path.join(staging, name)) else staging
             for filename in ADAPTER_FILES:
-                os.replace(os.path.join(saved, filename), os.path.join(folder, filename))
+                atomic_move_file(os.path.join(saved, filename), os.path.join(folder, filename))
             shutil.rmtree(staging, ignore_errors=True)
             _crash_point("adapter_written", name)
             atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
