@@ -1,0 +1,109 @@
+"""Launch-level behaviours: a curriculum spread over jobs, gradient accumulation, trackers, checks before training.
+
+Every run here is the tiny curriculum in-process (a few steps per node, no model cards), so the file costs seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from _tiny import tiny_curriculum, write_curriculum
+from accelerate.utils import is_trackio_available
+from safetensors.torch import load_file
+
+from modeling_gwm.curriculum import CurriculumError, load_curriculum
+from modeling_gwm.data import DataError
+from modeling_gwm.trainer import DAGCurriculumTrainer
+
+NODES = ["macro", "climate", "world", "ocean"]
+STEPS = 3
+
+
+def _train(config, out, **kwargs) -> dict:
+    trainer = DAGCurriculumTrainer(curriculum=load_curriculum(config), output_dir=str(out), device="cpu",
+                                   write_cards=False, **kwargs)
+    return trainer.run()
+
+
+def _adapters(out) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: load_file(os.path.join(out, n, "adapter_model.safetensors")) for n in NODES}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return write_curriculum(tmp_path_factory.mktemp("curriculum"), tiny_curriculum(steps=STEPS, checkpoint_every=2))
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory):
+    """The whole curriculum as one job."""
+    out = tmp_path_factory.mktemp("one-job") / "out"
+    _train(config, out)
+    return out
+
+
+def test_independent_nodes_as_separate_jobs_on_one_output_dir_give_the_one_job_adapters(config, reference, tmp_path):
+    out = tmp_path / "shared"
+    _train(config, out, only_nodes=["macro"])  # machine A
+    _train(config, out, only_nodes=["climate"])  # machine B
+    dag = _train(config, out, only_nodes=["ocean"])  # then the join and the node after it, parents found done
+    assert [dag["nodes"][n]["status"] for n in NODES] == ["done"] * 4
+    expected, got = _adapters(reference), _adapters(out)
+    for node in NODES:
+        for key, tensor in expected[node].items():
+            assert torch.equal(got[node][key], tensor), (node, key)
+
+
+def test_gradient_accumulation_gives_the_adapters_of_one_big_batch(config, reference, tmp_path):
+    _train(config, tmp_path / "out", gradient_accumulation_steps=2)
+    expected, got = _adapters(reference), _adapters(tmp_path / "out")
+    # measured: at most ~1e-6 apart (float summation order of the two micro-batches)
+    worst = max(float((got[n][k] - expected[n][k]).abs().max()) for n in NODES for k in expected[n])
+    assert worst <= 1e-5
+
+
+def test_outputs_have_ordinary_permissions_for_jobs_sharing_the_folder(reference):
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (reference / "dag.json", reference / "world" / "adapter_model.safetensors",
+                 reference / "world" / "adapter_config.json", reference / "world" / "metrics.json"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
+
+
+def test_a_data_problem_in_a_late_node_stops_the_run_before_any_node_trains(tmp_path):
+    spec = tiny_curriculum(steps=STEPS)
+    spec["nodes"][3]["context_len"] = 5000  # longer than the El Nino series: no window fits
+    config = write_curriculum(tmp_path, spec)
+    with pytest.raises(DataError, match=r"tiny.yaml: node 'ocean': .*context_len=5000"):
+        _train(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_that_does_not_split_over_accumulation_steps_stops_the_run_before_training(config, tmp_path):
+    with pytest.raises(CurriculumError, match=r"node 'macro': batch_size 4 is not divisible by 1 processes × 3"):
+        _train(config, tmp_path / "out", gradient_accumulation_steps=3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_to_tensorboard_logs_every_step_of_the_node(config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    _train(config, out, only_nodes=["macro"], report_to="tensorboard")
+    runs = [root for root, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
+    scalars = []
+    for folder in runs:
+        events = EventAccumulator(folder)
+        events.Reload()
+        if "macro/train_loss" in events.Tags()["scalars"]:
+            scalars = events.Scalars("macro/train_loss")
+    assert len(scalars) == STEPS
+
+
+@pytest.mark.skipif(bool(is_trackio_available()), reason="needs an environment without trackio")
+def test_report_to_a_tracker_that_is_not_installed_is_refused(config, tmp_path):
+    with pytest.raises(CurriculumError, match=r"--report_to trackio needs the trackio package"):
+        _train(config, tmp_path / "out", report_to="trackio")
