@@ -132,11 +132,16 @@ class Curriculum:
 
     def adapter_fields(self, name: str) -> list[str]:
         """The node adapter's field list (codec-slot order): the parents' fields first, then its own new ones."""
-        out: list[str] = []
-        for parent in self.node(name).parents:
-            out += [f for f in self.adapter_fields(parent) if f not in out]
-        out += [f for f in self.node_fields(name) if f not in out]
-        return out
+        fields_of: dict[str, list[str]] = {}  # one pass in order: a recursion would revisit shared ancestors
+        for current in self.order():
+            out: list[str] = []
+            for parent in self.node(current).parents:
+                out += [f for f in fields_of[parent] if f not in out]
+            out += [f for f in self.node_fields(current) if f not in out]
+            fields_of[current] = out
+            if current == name:
+                return out
+        raise KeyError(name)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
