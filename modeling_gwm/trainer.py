@@ -274,6 +274,20 @@ class DAGCurriculumTrainer:
                 self._node_data(name)  # built again when the node trains: memory stays one node's data
             except DataError as err:
                 raise DataError(f"{self.curriculum.where}: node {name!r}: {err}") from None
+            for parent in node.parents:
+                if self.is_complete(parent):  # trained by an earlier job, maybe elsewhere
+                    self._check_same_origin(name, parent)
+
+    def _check_same_origin(self, name: str, parent: str) -> None:
+        """Forks and joins need parents grown from this job's seeded init (a join averages their task vectors)."""
+        recorded = read_json(os.path.join(self.node_dir(parent), "adapter_config.json")).get("gwm_config") or {}
+        ours = {"seed": self.model_config.get("seed", self.seed),
+                "backbone": self.model_config.get("backbone", "cogvideox")}
+        for key, value in ours.items():
+            if key in recorded and recorded[key] != value:
+                raise CurriculumError(f"node {name!r}: parent {parent!r} in {self.node_dir(parent)} was trained with "
+                                      f"model {key} {recorded[key]!r}, this job uses {value!r}; give every job of a "
+                                      "curriculum the same model settings (set model.seed in the curriculum)")
 
     @property
     def _dag_path(self) -> str:
@@ -370,7 +384,8 @@ class DAGCurriculumTrainer:
 
     def _parent_state(self, parent: str) -> tuple[dict[str, torch.Tensor], list[str]]:
         folder = self.node_dir(parent)
-        fields = [f["name"] for f in read_json(os.path.join(folder, "adapter_config.json"))["fields"]]
+        config = read_json(os.path.join(folder, "adapter_config.json"))
+        fields = [f["name"] for f in config["fields"]]
         return load_file(os.path.join(folder, "adapter_model.safetensors")), fields
 
     def start_state(self, name: str, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
