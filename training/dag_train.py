@@ -6,8 +6,9 @@
     accelerate launch --multi_gpu --num_processes 2 training/dag_train.py   # DDP (gloo on CPU)
 
 Spread one curriculum over several machines by running independent nodes as separate jobs that share --output_dir
-(e.g. `--nodes macro` on one machine, `--nodes climate` on another, then `--nodes world --no_deps`): a join waits for
-nothing and refuses to start, with a clear message, until its parents' adapters are complete there.
+(a shared file system; e.g. `--nodes macro` on one machine, `--nodes climate` on another, then `--nodes world
+--no_deps`): a join waits for nothing and refuses to start, with a clear message, until its parents' adapters are
+complete there. Give every job the same curriculum and --seed: the split run then gives the one-job adapters exactly.
 """
 
 from __future__ import annotations
