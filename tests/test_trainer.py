@@ -104,7 +104,7 @@ def _run(args, cwd, **kwargs):
 @pytest.mark.slow
 def test_sigkill_mid_node_then_resume_matches_an_uninterrupted_run(tmp_path):
     spec = tiny_curriculum(steps=8, checkpoint_every=5)
-    spec["nodes"][2]["steps"] = 150  # the join trains long enough to be killed in the middle
+    spec["nodes"][2]["steps"] = 60  # the join trains long enough to be killed in the middle
     config = write_curriculum(tmp_path, spec)
     reference = _run([sys.executable, str(DAG_TRAIN), "--config", str(config), "--output_dir", "ref"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -137,8 +137,11 @@ def test_two_processes_give_the_adapters_of_one_at_the_same_global_batch(tmp_pat
     two = _run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", str(DAG_TRAIN), "--config",
                 str(config), "--output_dir", "two"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    # measured: at most ~2e-7 apart (float summation order across processes)
-    assert _max_difference(_adapters(tmp_path / "one"), _adapters(tmp_path / "two")) <= 1e-5
+    for name in NODES:  # one DDP group of two, not two processes each training alone on the full batch
+        assert json.loads((tmp_path / "two" / name / "metrics.json").read_text())["settings"]["processes"] == 2
+    # measured with real DDP (gloo): at most 8e-6 apart here and on the demo's 120 steps per node (gradient
+    # summation order across processes, amplified by Adam); adapter weights are of order 1
+    assert _max_difference(_adapters(tmp_path / "one"), _adapters(tmp_path / "two")) <= 1e-4
 
 
 @pytest.mark.slow
