@@ -40,6 +40,7 @@ class LoopModel(BaseTuner):
             config.gwm_config = self.model.config.to_diff_dict()
             for key in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype"):
                 config.gwm_config.pop(key, None)
+            config.gwm_config["n_loops"] = config.n_loops  # the adapter's own loop count, not the model default
         if self.model.config.backbone == "scratch":
             config.train_blocks = True  # random blocks carry no prior: they are trained with the adapter
         if len(config.fields) > self.model.config.max_fields:
