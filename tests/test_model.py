@@ -194,7 +194,8 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_loss_and_gr
     loss_plain, grads_plain, calls_plain = loss_and_grads()
     peft_model.set_gradient_checkpointing(True)
     loss_ckpt, grads_ckpt, calls_ckpt = loss_and_grads()
-    assert calls_plain == 2 and calls_ckpt == 4  # n_loops applications, each recomputed in the backward pass
+    # n_loops applications; checkpointed, the whole loop is recomputed once and each application once more inside it
+    assert calls_plain == 2 and calls_ckpt == 6
     torch.testing.assert_close(loss_ckpt, loss_plain, atol=1e-6, rtol=0)
     assert grads_ckpt.keys() == grads_plain.keys()
     for name, grad in grads_plain.items():
