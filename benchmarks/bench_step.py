@@ -119,13 +119,18 @@ class StepBench:
             self.optimizer.zero_grad()
         self.step_index += 1
 
-    def floor(self) -> None:
-        """The frozen blocks alone: blocks x n_loops applications forward, input gradients backward."""
+    def floor_forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The floor's forward half: blocks x n_loops applications (what a checkpointing recompute repeats)."""
         temb = self.gwm.block_temb.expand(self.args.batch_size, -1).to(self.floor_hidden.dtype)  # (B, time_embed_dim)
         hidden, encoder = self.floor_hidden, self.floor_encoder  # (B, N, inner), (B, 1, inner)
         for block in self.frozen_blocks:
             for _ in range(self.args.n_loops):
                 hidden, encoder = block(hidden, encoder, temb, None, None)
+        return hidden, encoder
+
+    def floor(self) -> None:
+        """The frozen blocks alone: blocks x n_loops applications forward, input gradients backward."""
+        hidden, encoder = self.floor_forward()
         torch.autograd.backward([hidden, encoder], [torch.ones_like(hidden), torch.ones_like(encoder)])
         self.floor_hidden.grad = self.floor_encoder.grad = None
 
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gwm-bench-step-") as workdir:
         bench = StepBench(args, Path(workdir))
         # interleave step and floor repeats so a change of machine load hits both alike
-        step_times, floor_times, step_cpu, floor_cpu = [], [], [], []
+        step_times, floor_times, forward_times, step_cpu, floor_cpu = [], [], [], [], []
         timed(bench.step, repeats=0, warmup=args.warmup)
         timed(bench.floor, repeats=0, warmup=args.warmup)
         for _ in range(args.repeats):
@@ -198,11 +203,21 @@ def main(argv: list[str] | None = None) -> dict:
                 cpu_start = time.process_time()
                 wall += timed(fn, repeats=1, warmup=0)
                 cpu.append(time.process_time() - cpu_start)
+            if args.gradient_checkpointing:
+                forward_times += timed(bench.floor_forward, repeats=1, warmup=0)
         flops = bench.floor_flops()
         gap = profile_gap(bench, args.profile) if args.profile else None
 
     step, floor = summary(step_times), summary(floor_times)
     ratio = step["median_s"] / floor["median_s"]
+    recompute = None
+    if args.gradient_checkpointing:
+        # the loop layer's two-level checkpointing runs each application's forward twice more (once for n_loops=1)
+        recomputes = 2 if args.n_loops > 1 else 1
+        forward = summary(forward_times)
+        recompute = {"floor_forward": forward, "recomputed_forwards": recomputes,
+                     "floor_with_recompute_s": floor["median_s"] + recomputes * forward["median_s"]}
+        recompute["step_over_floor_with_recompute"] = step["median_s"] / recompute["floor_with_recompute_s"]
     cpu_ratio = statistics.median(step_cpu) / statistics.median(floor_cpu)
     positions = args.context_len * args.fields
     result = {
@@ -222,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": args.batch_size * positions / step["median_s"],
         "target": "step/floor <= 1.10",
         "target_met": ratio <= 1.10,
+        "checkpointing": recompute,
         "profile_gap": gap,
     }
     print_table(f"step vs frozen-compute floor (B={args.batch_size}, N={positions}, inner={bench.gwm.inner_dim}, "
@@ -234,6 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'met' if ratio <= 1.10 else 'NOT met'}); floor "
           f"{flops / 1e9:.1f} GFLOP at {result['floor_gflops_per_s']:.1f} GFLOP/s; "
           f"{result['tokens_per_s']:.0f} canvas positions/s")
+    if recompute:
+        print(f"with checkpointing: floor + {recompute['recomputed_forwards']} recomputed forwards of the blocks "
+              f"({recompute['floor_forward']['median_s']:.3f} s each) = {recompute['floor_with_recompute_s']:.3f} s; "
+              f"step / that = {recompute['step_over_floor_with_recompute']:.3f}")
     if gap:
         print_table("ops the step adds over the floor (one profiled call each, self CPU ms)", gap,
                     ["op", "extra_ms", "step_ms", "floor_ms", "step_calls", "floor_calls"])
