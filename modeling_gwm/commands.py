@@ -90,6 +90,20 @@ def _read_table(path: str, time_column: str, columns: dict[str, str]):
     return table
 
 
+def _check_outputs(*paths: str | None) -> None:
+    """Every file we will write: its folder exists and is writable, so a long run cannot fail at its last step."""
+    for path in paths:
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise CommandError(f"cannot write {path}: it is a folder")
+        if not os.path.isdir(folder):
+            raise CommandError(f"cannot write {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise CommandError(f"cannot write {path}: folder {folder} is not writable")
+
+
 def _spec(adapter: str, subfolder: str | None):
     """The adapter's fields and window from its adapter_config.json alone (fast: no weights, no base)."""
     from .forecasting import AdapterSpec
@@ -160,6 +174,7 @@ def _history(args, spec):
 def cmd_forecast(args) -> int:
     from .forecasting import check_forecast_request, forecast, plot_forecast
 
+    _check_outputs(args.out, args.plot)
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
@@ -178,6 +193,7 @@ def cmd_forecast(args) -> int:
 def cmd_evaluate(args) -> int:
     from .forecasting import check_evaluate_request, evaluate, evaluation_json, format_evaluation, plot_forecast
 
+    _check_outputs(args.json, args.plot)
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
     check_evaluate_request(len(history), args.holdout, spec)
@@ -201,6 +217,7 @@ def cmd_plot_losses(args) -> int:
 
     if not os.path.isfile(os.path.join(args.output_dir, "dag.json")):
         raise FileNotFoundError(f"{args.output_dir} is not a GWM run folder (no dag.json)")
+    _check_outputs(args.out)
     plot_loss_curves(args.output_dir, args.out)
     print(f"wrote {args.out}")
     return 0

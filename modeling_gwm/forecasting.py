@@ -6,8 +6,11 @@ from the canvas). Values go through the adapter's own transform and normalisatio
 `adapter_config.json`), the model fills the hidden canvas positions, and the predictions come back through the
 inverse transform, so every number a user sees is in the units of their data.
 
-Forecasts longer than the adapter's horizon are rolled out autoregressively: each chunk of `horizon` predicted steps
-is fed back as observed input for the next chunk, on a window of the adapter's `context_len` steps.
+The history is put on the grid the adapter was trained on (the `frequency` recorded in its fields; inferred from the
+dates for adapters without one). Each field keeps its own spacing on that grid (a quarterly field on a monthly grid
+every 3 steps): it is predicted only at the steps continuing that spacing from its last observation. Forecasts longer
+than the adapter's horizon are rolled out autoregressively: each chunk of `horizon` grid steps is fed back as observed
+input for the next chunk, on a window of the adapter's `context_len` steps.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import DataError, FieldStats, apply_transform, denormalize, invert_transform, normalize
+from .data import (
+    DataError,
+    FieldStats,
+    apply_transform,
+    denormalize,
+    invert_transform,
+    normalize,
+    regular_grid,
+    snap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +55,7 @@ class AdapterSpec:
     context_len: int
     horizon: int
     adapter_name: str | None = None
+    frequency: str | None = None  # the pandas alias of the grid it was trained on; None for older adapters
 
     @classmethod
     def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
@@ -51,7 +64,9 @@ class AdapterSpec:
         fields = {f["name"]: FieldStats.from_dict(f) for f in loop_config.fields}
         if not fields:
             raise DataError(f"adapter {adapter_name or ''!s} declares no fields: it was not trained on data")
-        return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name)
+        frequency = next((f["frequency"] for f in loop_config.fields if f.get("frequency")), None)
+        return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
+                   frequency)
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
@@ -143,38 +158,58 @@ def infer_frequency(index: pd.DatetimeIndex) -> str | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
-def _on_grid(frame: pd.DataFrame, freq: str | None) -> tuple[pd.DataFrame, str | None]:
-    """Sort by time and put the rows on a regular grid (missing steps become NaN rows)."""
+def _on_grid(frame: pd.DataFrame, freq: str | None, spec: AdapterSpec) -> tuple[pd.DataFrame, str | None]:
+    """Sort by time and snap the rows onto a regular grid, as training did (missing steps become NaN rows)."""
     if not isinstance(frame.index, pd.DatetimeIndex):
         return frame.reset_index(drop=True), None
     frame = frame.sort_index()
-    if frame.index.has_duplicates:
-        frame = frame.groupby(level=0).mean()
-    freq = freq or infer_frequency(frame.index)
     if freq is None:
+        freq = infer_frequency(frame.index.unique())
+    if freq is None:
+        if len(frame) < spec.min_history():  # too short to say anything else about it
+            raise DataError(f"the history has {len(frame)} steps; this adapter needs at least {spec.min_history()} "
+                            f"(context_len {spec.context_len} - horizon {spec.horizon})")
         raise DataError("cannot infer the frequency of the time column; pass freq (e.g. 'MS', 'QS', 'D')")
-    grid = pd.date_range(frame.index[0], frame.index[-1], freq=freq, name=frame.index.name)
-    off_grid = frame.index.difference(grid)
-    if len(off_grid):
-        raise DataError(f"time {off_grid[0].date()} is not on the {freq!r} grid starting {grid[0].date()}; "
-                        "pass the series' frequency (freq / --freq)")
-    return frame.reindex(grid), freq
+    grid = regular_grid(frame.index[0], frame.index[-1], freq).rename(frame.index.name)
+    steps = snap(frame.index, grid)  # (rows,) grid positions: each row to the start of its period
+    if len(np.unique(steps)) < len(frame):
+        logger.warning("%d rows averaged into %d periods of the %r grid", len(frame), len(np.unique(steps)), freq)
+    placed = frame.groupby(steps).mean().reindex(range(len(grid)))
+    placed.index = grid
+    return placed, freq
 
 
 def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: str | None = None
                  ) -> tuple[pd.DataFrame, str | None]:
-    """The user's table as (L, S) raw values of known fields on a regular grid, and the grid's frequency."""
+    """The user's table as (L, S) raw values of known fields on the adapter's grid, and the grid's frequency.
+
+    The grid is the adapter's recorded training frequency (`freq`, if given, must agree with it), else `freq`, else
+    inferred from the dates. A column with no value at all is an absent field, like a column that is not there.
+    """
     frame = to_frame(data, time_column)
     unknown = [str(c) for c in frame.columns if c not in spec.fields]
     if unknown:
         raise DataError(f"unknown field(s) {unknown}: this adapter knows {list(spec.fields)}")
     if frame.shape[1] == 0:
         raise DataError(f"no field columns: this adapter knows {list(spec.fields)}")
-    frame, freq = _on_grid(_numeric(frame), freq)
-    empty = [c for c in frame.columns if frame[c].isna().all()]
-    if empty:
+    if spec.frequency and freq and _offset(freq) != _offset(spec.frequency):
+        raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on; leave "
+                        "freq out (coarser series are placed on that grid at their own spacing)")
+    frame = _numeric(frame)
+    empty = [str(c) for c in frame.columns if frame[c].isna().all()]
+    if len(empty) == frame.shape[1]:
         raise DataError(f"field(s) {empty} have no value in the history")
-    return frame, freq
+    if empty:
+        logger.warning("field(s) %s have no value in the history: treated as absent", empty)
+        frame = frame.drop(columns=empty)
+    return _on_grid(frame, spec.frequency or freq, spec)
+
+
+def _offset(freq: str):
+    try:
+        return pd.tseries.frequencies.to_offset(freq)
+    except ValueError:
+        raise DataError(f"unknown frequency {freq!r} (a pandas offset alias such as 'D', 'W', 'MS', 'QS')") from None
 
 
 def _future_index(index: pd.Index, freq: str | None, steps: int) -> pd.Index:
@@ -212,47 +247,89 @@ def _predict(model, values: np.ndarray, slots: list[int], target: np.ndarray) ->
 # ---------------------------------------------------------------------------------------------------- forecast
 def forecast(model, history, horizon: int, *, time_column: str | None = None, freq: str | None = None
              ) -> pd.DataFrame:
-    """Predict the `horizon` steps after `history`, in the data's own units.
+    """Predict the `horizon` grid steps after `history`, in the data's own units.
 
     Args:
         model: a `PeftModel` from `GWMModel.from_pretrained(base, adapter)` (or the `GWMModel` inside it).
         history: DataFrame / dict of arrays / `datasets.Dataset`, columns named by field (any subset of the adapter's
             fields), a time column (`time_column`, else a DatetimeIndex or a column named date/time) or none.
-        horizon: steps to predict; beyond the adapter's horizon the forecast is rolled out chunk by chunk.
-        freq: the series' pandas frequency when it cannot be inferred from the time column.
+        horizon: grid steps to predict; beyond the adapter's horizon the forecast is rolled out chunk by chunk.
+        freq: the series' pandas frequency when the adapter records none and it cannot be inferred from the dates.
 
     Returns:
-        a DataFrame (horizon, S) indexed by the future times (continuing the history's grid), one column per field
-        of the history; `.attrs["units"]` maps fields to units.
+        a DataFrame (horizon, S) indexed by the future times (continuing the grid), one column per field of the
+        history; NaN at the steps where a field has no observation by its own spacing (a quarterly field on a monthly
+        grid: two steps in three), and everywhere for a field not observed in the last `context_len` steps (logged).
+        `.attrs["units"]` maps fields to units.
     """
     spec = AdapterSpec.from_model(model)
     frame, freq = read_history(history, spec, time_column, freq)
-    check_forecast_request(len(frame), horizon, spec)
-    names = list(frame.columns)
-    normalised = _modelled(frame, spec)  # (L, S)
-    window = spec.context_len
-    chunk = spec.horizon
-    canvas = np.concatenate([normalised, np.full((horizon, len(names)), np.nan)])  # (L + horizon, S)
-    done = len(frame)
-    while done < len(frame) + horizon:
-        steps = min(chunk, len(frame) + horizon - done)
-        start = max(0, done + steps - window)
-        values = canvas[start:done + steps][None].copy()  # (1, T, S)
-        target = np.zeros(values.shape, dtype=bool)
-        target[:, done - start:] = True
-        predictions = _predict(model, values, spec.slots(names), target)  # (1, T, S)
-        canvas[done:done + steps] = predictions[0, done - start:]
-        done += steps
-    future = canvas[len(frame):]  # (horizon, S) normalised
-    out = {}
+    return _forecast_frame(model, spec, frame, freq, horizon)[0]
+
+
+def _spacing(rows: np.ndarray) -> int:
+    """A field's own step on the grid: the median gap between its observed rows (1 with fewer than two)."""
+    return max(1, round(float(np.median(np.diff(rows))))) if len(rows) > 1 else 1
+
+
+def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarray:
+    """(L + horizon, S) bool: where each field is predicted, its own spacing continued from its last observation.
+
+    A field with no observation in the last `context_len` rows has nothing to forecast from: it gets no step.
+    """
+    length, names = len(frame), list(frame.columns)
+    schedule = np.zeros((length + horizon, len(names)), dtype=bool)
+    stale = []
     for j, name in enumerate(names):
-        stats = spec.fields[name]
+        rows = np.flatnonzero(frame[name].notna().to_numpy())
+        if len(rows) == 0 or rows[-1] < length - spec.context_len:
+            stale.append(name)
+            continue
+        schedule[rows[-1] + _spacing(rows)::_spacing(rows), j] = True
+    if len(stale) == len(names):
+        raise DataError(f"no field is observed in the last {spec.context_len} steps of the history (the adapter's "
+                        f"context_len): nothing to forecast from")
+    if stale:
+        logger.warning("field(s) %s have no observation in the last %d steps of the history: not forecast (NaN)",
+                       stale, spec.context_len)
+    return schedule
+
+
+def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int
+                    ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The forecast of a gridded (L, S) history and its (horizon, S) bool schedule (True where predicted)."""
+    check_forecast_request(len(frame), horizon, spec)
+    names, length = list(frame.columns), len(frame)
+    schedule = _schedule(frame, spec, horizon)  # (L + horizon, S)
+    canvas = np.concatenate([_modelled(frame, spec), np.full((horizon, len(names)), np.nan)])  # (L + horizon, S)
+    # a field whose next observation is due inside the history (e.g. the last quarter not yet published) is
+    # predicted there first, so its forecast continues from it
+    first = int(np.flatnonzero(schedule.any(axis=1))[0])
+    for done in range(first, length + horizon, spec.horizon):
+        end = min(done + spec.horizon, length + horizon)
+        due = schedule[done:end]  # (steps, S)
+        if not due.any():
+            continue
+        start = max(0, end - spec.context_len)
+        values = canvas[start:end][None].copy()  # (1, T, S)
+        target = np.zeros(values.shape, dtype=bool)
+        target[0, done - start:] = due
+        predictions = _predict(model, values, spec.slots(names), target)[0, done - start:]  # (steps, S)
+        canvas[done:end][due] = predictions[due]  # fed back only where the field is due
+    future = np.full((horizon, len(names)), np.nan)
+    for j, name in enumerate(names):
+        stats, due = spec.fields[name], schedule[:, j]
+        if not due.any():
+            continue
         observed = frame[name].dropna()
         last_raw = float(observed.iloc[-1]) if stats.transform in CHANGE_TRANSFORMS else None
-        out[name] = invert_transform(denormalize(future[:, j], stats), stats.transform, last_raw)
-    result = pd.DataFrame(out, index=_future_index(frame.index, freq, horizon))
+        raw = np.full(length + horizon, np.nan)
+        # change transforms accumulate over the field's own consecutive observations, from its last raw value
+        raw[due] = invert_transform(denormalize(canvas[due, j], stats), stats.transform, last_raw)
+        future[:, j] = raw[length:]
+    result = pd.DataFrame(future, columns=names, index=_future_index(frame.index, freq, horizon))
     result.attrs["units"] = {name: spec.fields[name].unit for name in names}
-    return result
+    return result, schedule[length:]
 
 
 def check_forecast_request(history_len: int, horizon, spec: AdapterSpec) -> None:
@@ -370,16 +447,24 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, time_colum
     season = default_season(freq) if season is None else season
     if season is not None and season < 1:
         raise ValueError(f"season must be a positive number of steps, got {season}")
-    predictions = forecast(model, train, holdout, freq=freq)
+    predictions, schedule = _forecast_frame(model, spec, train, freq, holdout)
     scale_lag = season if season and season > 1 and len(train) > season else 1
     fields = {}
-    for name in frame.columns:
-        history, truth = train[name].to_numpy(), actual[name].to_numpy()
+    for j, name in enumerate(frame.columns):
+        history = train[name].to_numpy()
+        # each field is scored at its own steps only (a quarterly field: the quarters), every method alike
+        truth = np.where(schedule[:, j], actual[name].to_numpy(), np.nan)
         methods = {"model": predictions[name].to_numpy(), "naive": naive_forecast(history, holdout)}
         if season and season > 1:
             methods["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
+        rows = np.flatnonzero(~np.isnan(history))
+        spacing = _spacing(rows)
+        if spacing > 1:  # MASE's naive scale over the field's own consecutive observations, the lag in them
+            history, lag = history[rows], max(1, round(scale_lag / spacing))
+        else:
+            lag = scale_lag
         fields[name] = {"unit": spec.fields[name].unit,
-                        **{m: error_metrics(truth, p, history, scale_lag) for m, p in methods.items()}}
+                        **{m: error_metrics(truth, p, history, lag) for m, p in methods.items()}}
     return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq, "fields": fields,
             "predictions": predictions, "actuals": actual, "history": train}
 

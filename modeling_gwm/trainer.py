@@ -363,7 +363,8 @@ class DAGCurriculumTrainer:
         for parent in self.curriculum.node(name).parents:
             for entry in read_json(os.path.join(self.node_dir(parent), "adapter_config.json"))["fields"]:
                 inherited.setdefault(entry["name"], entry)
-        return [data.stats[f].to_dict() if f in data.stats else inherited[f]
+        # "frequency": the grid this node trained on, so forecasting puts a history on the same grid
+        return [{**(data.stats[f].to_dict() if f in data.stats else inherited[f]), "frequency": data.frequency}
                 for f in self.curriculum.adapter_fields(name)]
 
     def _attach_adapter(self, name: str, fields_meta: list[dict]) -> dict[str, torch.Tensor]:

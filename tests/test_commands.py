@@ -47,6 +47,8 @@ def run(tmp_path_factory) -> Path:
                            "--output_dir", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "final" / "adapter_model.safetensors").is_file()
+    # the node's grid travels with each field: forecasting puts a history on the grid it was trained on
+    assert {f["frequency"] for f in json.loads((out / "final" / "adapter_config.json").read_text())["fields"]} == {"MS"}
     return out
 
 
@@ -127,6 +129,8 @@ BAD = {
                                        "--holdout", 15], "leaves 5"),
     "bad columns syntax": (lambda t, r: ["forecast", "--data", ENSO, "--columns", "sst", "--horizon", 3],
                            "--columns expects RAW=FIELD"),
+    "output folder missing": (lambda t, r: ["forecast", "--data", ENSO, "--columns", MAP, "--horizon", 3,
+                                            "--out", t / "nope" / "p.csv"], "does not exist"),
     "missing data file": (lambda t, r: ["forecast", "--data", t / "nope.csv", "--horizon", 3], "data file not found"),
     "missing curriculum": (lambda t, r: ["dag", "--config", t / "missing.yaml"], "missing.yaml"),
     "not a run folder": (lambda t, r: ["plot-losses", t], "no dag.json"),
@@ -140,7 +144,7 @@ def test_bad_input_exits_2_with_one_line(run, tmp_path, capsys, case):
     argv = [str(a) for a in make(tmp_path, run)]
     if argv[0] in ("forecast", "evaluate"):
         argv[1:1] = ["--adapter", str(run / "final")]
-    if argv[0] == "forecast":
+    if argv[0] == "forecast" and "--out" not in argv:
         argv += ["--out", str(tmp_path / "p.csv")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -23,6 +23,7 @@ from modeling_gwm.forecasting import (  # noqa: E402
     format_evaluation,
     naive_forecast,
     plot_forecast,
+    read_history,
     seasonal_naive_forecast,
 )
 
@@ -92,6 +93,7 @@ def test_forecast_without_time_column_continues_the_step_index(model):
     (_history().assign(**{"demo.unknown": 1.0}), 3, "unknown field(s) ['demo.unknown']"),
     (_history().assign(**{"demo.level": "warm"}), 3, "column 'demo.level' is not numeric"),
     (_history(5), 3, "needs at least 9"),
+    (_history(1), 3, "the history has 1 steps; this adapter needs at least 9"),  # not "cannot infer the frequency"
     (_history(), 0, "horizon must be a positive"),
 ])
 def test_forecast_bad_input_is_one_clear_error(model, history, horizon, message):
@@ -99,6 +101,58 @@ def test_forecast_bad_input_is_one_clear_error(model, history, horizon, message)
         model.forecast(history, horizon)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def _quarterly_gdp(steps: int, phase: int = 0) -> pd.DataFrame:
+    """A monthly level and a GDP observed every third month (rows phase, phase + 3, ...)."""
+    history = _history(steps)
+    history.loc[(history.index - phase) % 3 != 0, "demo.gdp"] = np.nan
+    return history
+
+
+def test_forecast_keeps_a_coarser_field_at_its_own_spacing(model):
+    out = model.forecast(_quarterly_gdp(36), 12)  # GDP last observed at row 33: next due at rows 36, 39, 42, 45
+    assert out["demo.level"].notna().all()
+    assert list(np.flatnonzero(out["demo.gdp"].notna())) == [0, 3, 6, 9]
+    # the next quarter (row 35) is due inside the history: predicted there, so the forecast continues from it
+    out = model.forecast(_quarterly_gdp(36, phase=2), 9)
+    assert list(np.flatnonzero(out["demo.gdp"].notna())) == [2, 5, 8]
+
+
+def test_evaluate_scores_a_coarser_field_at_its_own_steps(model):
+    history = _quarterly_gdp(40, phase=1)  # GDP at rows 1, 4, ..., 37; held out: rows 34..39 -> quarters 34, 37
+    result = evaluate(model, history, 6)
+    gdp = result["fields"]["demo.gdp"]
+    actual = history["demo.gdp"].to_numpy()
+    assert gdp["naive"]["mae"] == pytest.approx(np.mean(np.abs(actual[[34, 37]] - actual[31])))
+    assert math.isfinite(gdp["model"]["mae"]) and math.isfinite(gdp["model"]["mase"])
+
+
+def test_a_field_not_observed_in_the_last_window_is_not_forecast(model, caplog):
+    history = _history(30)
+    history.loc[12:, "demo.gdp"] = np.nan  # last seen 18 rows before the end; context_len is 12
+    with caplog.at_level("WARNING", logger="modeling_gwm.forecasting"):
+        out = model.forecast(history, 4)
+    assert out["demo.gdp"].isna().all() and out["demo.level"].notna().all()
+    assert "['demo.gdp']" in caplog.text
+    history.loc[12:, ["demo.level", "demo.price"]] = np.nan
+    with pytest.raises(DataError, match="no field is observed in the last 12 steps"):
+        model.forecast(history, 4)
+
+
+def test_a_field_with_no_value_is_absent(model):
+    out = model.forecast(_history().assign(**{"demo.gdp": np.nan}), 3)
+    assert list(out.columns) == ["demo.level", "demo.price"]
+
+
+def test_history_goes_on_the_recorded_training_grid():
+    spec = AdapterSpec.from_config(LoopConfig(fields=[{**f, "frequency": "MS"} for f in FIELDS]))
+    assert spec.frequency == "MS"
+    quarterly = {"date": pd.date_range("2000-01-01", periods=8, freq="QS"), "demo.gdp": np.arange(1.0, 9.0)}
+    frame, freq = read_history(quarterly, spec)
+    assert freq == "MS" and len(frame) == 22 and frame["demo.gdp"].notna().sum() == 8
+    with pytest.raises(DataError, match="differs from the 'MS' grid"):
+        read_history(quarterly, spec, freq="QS")
 
 
 def test_unknown_field_is_a_data_error(model):
