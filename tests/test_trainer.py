@@ -16,6 +16,7 @@ from modeling_gwm.curriculum import load_curriculum
 from modeling_gwm.trainer import DAGCurriculumTrainer, NodeNotReadyError
 
 NODES = ["macro", "climate", "world", "ocean"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]  # the `accelerate` CLI of this interpreter
 
 
 def _adapters(out) -> dict[str, dict[str, torch.Tensor]]:
@@ -104,7 +105,7 @@ def test_two_processes_give_the_adapters_of_one_at_the_same_global_batch(tmp_pat
     config = write_curriculum(tmp_path)
     one = _run([sys.executable, str(DAG_TRAIN), "--config", str(config), "--output_dir", "one"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", str(DAG_TRAIN), "--config",
+    two = _run([*ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", str(DAG_TRAIN), "--config",
                 str(config), "--output_dir", "two"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     for name in NODES:  # one DDP group of two, not two processes each training alone on the full batch
@@ -116,7 +117,7 @@ def test_two_processes_give_the_adapters_of_one_at_the_same_global_batch(tmp_pat
 
 @pytest.mark.slow
 def test_no_argument_demo_trains_every_node_with_falling_validation_loss(tmp_path):
-    result = _run(["accelerate", "launch", str(REPO / "training" / "dag_train.py")], tmp_path)
+    result = _run([*ACCELERATE, "launch", str(REPO / "training" / "dag_train.py")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "outputs" / "gwm-demo"
     assert "adapters and model cards:" in result.stdout and str(out) in result.stdout
