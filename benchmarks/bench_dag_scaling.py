@@ -34,7 +34,7 @@ def shipped_sources() -> dict:
 
 
 def twelve_nodes() -> list[dict]:
-    """Four roots, three joins, five forks: every node kind, every shipped source."""
+    """Four roots, four forks, four joins: every node kind, every shipped source."""
     return [
         {"name": "macro", "sources": ["us_macro"]},
         {"name": "co2", "sources": ["co2"]},

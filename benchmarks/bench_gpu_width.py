@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bench = StepBench(step_args, Path(workdir), peft_model=peft_model, accelerator=accelerator)
                 step_times = timed(bench.step, args.repeats, args.warmup, sync=sync)
                 floor_times = timed(bench.floor, args.repeats, args.warmup, sync=sync)
+                forward = summary(timed(bench.floor_forward, args.repeats, args.warmup, sync=sync))
                 flops = bench.floor_flops()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens = args.batch_size * positions
                 rows.append({
                     "positions": positions, "gradient_checkpointing": checkpointing, "step": step, "floor": floor,
-                    "step_over_floor": step["median_s"] / floor["median_s"],
+                    "step_over_floor": step["median_s"] / floor["median_s"], "floor_forward": forward,
+                    # with checkpointing the loop layer recomputes each application's forward twice (n_loops > 1)
+                    "step_over_floor_with_recompute": step["median_s"] / (
+                        floor["median_s"] + checkpointing * (2 if args.n_loops > 1 else 1) * forward["median_s"]),
                     "positions_per_s": tokens / step["median_s"],
                     "floor_tflop": flops / 1e12,
                     "mfu_step": flops / step["median_s"] / peak if peak else None,
@@ -154,11 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "peak_bf16_flops": peak},
         "rows": rows,
     }
-    print_table(f"{args.model} architecture (random weights), B={args.batch_size}, n_loops={args.n_loops}, bf16 "
-                f"frozen blocks, {frozen_params / 1e6:.0f}M frozen parameters", [{
+    frozen_dtype = next(model.transformer_blocks.parameters()).dtype
+    print_table(f"{args.model} architecture (random weights), B={args.batch_size}, n_loops={args.n_loops}, "
+                f"{frozen_dtype} frozen blocks, {frozen_params / 1e6:.0f}M frozen parameters", [{
                     "positions": r["positions"], "checkpointing": r["gradient_checkpointing"],
                     "step ms": r["step"]["median_s"] * 1e3, "floor ms": r["floor"]["median_s"] * 1e3,
-                    "step/floor": r["step_over_floor"], "positions/s": r["positions_per_s"],
+                    "step/floor": r["step_over_floor"], "step/(floor+recompute)": r["step_over_floor_with_recompute"],
+                    "positions/s": r["positions_per_s"],
                     "MFU step": r["mfu_step"], "MFU floor": r["mfu_floor"],
                     "peak MiB": None if r["peak_above_resident_bytes"] is None else mib(r["peak_above_resident_bytes"]),
                 } for r in rows])

@@ -79,7 +79,11 @@ class StepBench:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=1e-3)
-        self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        if getattr(peft_model, "_bench_prepared", False):  # a model reused across canvases is prepared (wrapped) once
+            self.ddp_model, self.optimizer = peft_model, self.accelerator.prepare(optimizer)
+        else:
+            self.ddp_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+            peft_model._bench_prepared = True
         self.ddp_model.train()
         self.step_index = 0
         self.frozen_blocks = [layer.base_layer if isinstance(layer, LoopLayer) else layer
