@@ -1,23 +1,44 @@
-"""GWM: a world model for heterogeneous time series grafted onto a frozen CogVideoX video transformer."""
+"""GWM: a world model for heterogeneous time series grafted onto a frozen CogVideoX video transformer.
 
-from transformers import AutoConfig, AutoModel
+The public names are imported on first use (PEP 562 module `__getattr__`), so `gwm --help` and `import modeling_gwm`
+do not pay for torch, transformers, diffusers and peft. `GWMConfig` registers itself with `AutoConfig` and
+`GWMModel` with `AutoModel` when their modules are imported, and the loop method registers with PEFT the same way:
+touching `modeling_gwm.GWMModel` (or importing `modeling_gwm.modeling_gwm`) is enough for `AutoModel.from_pretrained`.
+"""
 
-from .configuration_gwm import GWMConfig
-from .loop import AdapterMismatchError, LoopConfig, LoopLayer, LoopModel
-from .modeling_gwm import AdapterLoadError, GWMModel, GWMOutput
+from __future__ import annotations
 
-AutoConfig.register("gwm", GWMConfig, exist_ok=True)
-AutoModel.register(GWMConfig, GWMModel, exist_ok=True)
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterLoadError",
-    "AdapterMismatchError",
-    "GWMConfig",
-    "GWMModel",
-    "GWMOutput",
-    "LoopConfig",
-    "LoopLayer",
-    "LoopModel",
-]
+# public name -> submodule that defines it
+_LAZY = {
+    "AdapterLoadError": "modeling_gwm",
+    "GWMModel": "modeling_gwm",
+    "GWMOutput": "modeling_gwm",
+    "GWMConfig": "configuration_gwm",
+    "AdapterMismatchError": "loop",
+    "LoopConfig": "loop",
+    "LoopLayer": "loop",
+    "LoopModel": "loop",
+    "DAGCurriculumTrainer": "trainer",
+    "Curriculum": "curriculum",
+    "MergeSpec": "curriculum",
+    "TrainingNode": "curriculum",
+    "load_curriculum": "curriculum",
+}
+
+__all__ = sorted(_LAZY)
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

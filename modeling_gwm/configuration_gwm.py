@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 DEFAULT_BASE = "THUDM/CogVideoX-2b"
 BACKBONES = ("cogvideox", "scratch")
@@ -97,3 +97,6 @@ class GWMConfig(PretrainedConfig):
         self.scratch_time_embed_dim = scratch_time_embed_dim
         self.seed = seed
         super().__init__(**kwargs)
+
+
+AutoConfig.register("gwm", GWMConfig, exist_ok=True)  # here, not in __init__: the package itself imports lazily

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .base import FrozenBase, build_scratch_base, load_cogvideox_base, resolve_frozen_dtype
@@ -319,6 +319,9 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
             "not a GWM loop adapter (peft_type GWM_LOOP)."
         )
     return peft_config
+
+
+AutoModel.register(GWMConfig, GWMModel, exist_ok=True)  # here, not in __init__: the package imports lazily
 
 
 __all__ = ["AdapterLoadError", "AdapterMismatchError", "GWMModel", "GWMOutput", "build_frozen_base"]
