@@ -28,8 +28,17 @@ COGVIDEOX_ARCHITECTURES: dict[str, dict] = {
 TINY_ARCHITECTURE = dict(num_attention_heads=4, attention_head_dim=16, num_layers=2, time_embed_dim=32,
                          text_embed_dim=32, in_channels=4, out_channels=4, sample_width=8, sample_height=8,
                          sample_frames=5, max_text_seq_length=8)
+# It lives in the source repository, next to the package: an installed wheel does not carry it (see `tiny_base_hint`).
 TINY_BASE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configuration",
                               "tiny-cogvideox")
+
+
+def tiny_base_hint() -> str:
+    """Where the tiny base is, or (installed from a wheel, without the repository) how to get it, in one sentence."""
+    if os.path.isdir(TINY_BASE_PATH):
+        return TINY_BASE_PATH
+    return ("configuration/tiny-cogvideox of the GWM source repository, or the same seeded checkpoint written by "
+            "`python -c \"from modeling_gwm.base import make_tiny_cogvideox; make_tiny_cogvideox('tiny-cogvideox')\"`")
 
 
 class BaseLoadError(OSError):
@@ -87,7 +96,7 @@ def load_cogvideox_base(
         looks_local = os.path.isabs(str(name_or_path)) or str(name_or_path).startswith(".")
         if looks_local and not os.path.isdir(name_or_path):  # a path, not a Hub id: no network round trip
             raise BaseLoadError(f"No CogVideoX base folder at {name_or_path}: pass a folder holding a diffusers "
-                                f"checkpoint with a '{subfolder}/' subfolder (e.g. {TINY_BASE_PATH}), a Hub id, or "
+                                f"checkpoint with a '{subfolder}/' subfolder (e.g. {tiny_base_hint()}), a Hub id, or "
                                 "use backbone='scratch'.")
         try:
             transformer = CogVideoXTransformer3DModel.from_pretrained(
@@ -99,7 +108,7 @@ def load_cogvideox_base(
             raise BaseLoadError(
                 f"Could not load the CogVideoX base {name_or_path!r}{hint}: {str(err).splitlines()[0]} "
                 f"-- pass a local folder holding a diffusers checkpoint with a '{subfolder}/' subfolder "
-                f"(e.g. {TINY_BASE_PATH}), or use backbone='scratch'."
+                f"(e.g. {tiny_base_hint()}), or use backbone='scratch'."
             ) from None
         temb = _time_embedding(transformer, timestep)
         source = str(name_or_path)

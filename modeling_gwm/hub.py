@@ -22,6 +22,7 @@ written, and a push refuses to upload a file that contains it.
 
 from __future__ import annotations
 
+import importlib.resources
 import io
 import json
 import logging
@@ -38,9 +39,8 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
-ADAPTER_CARD_TEMPLATE = TEMPLATE_DIR / "adapter_card.md"
-CURRICULUM_CARD_TEMPLATE = TEMPLATE_DIR / "curriculum_card.md"
+ADAPTER_CARD_TEMPLATE = "adapter_card.md"  # package data in modeling_gwm/templates/, shipped in the wheel
+CURRICULUM_CARD_TEMPLATE = "curriculum_card.md"
 
 NODE_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "loss_curve.png", "metrics.json")
 RUN_FILES = ("README.md", "dag.json", "loss_curves.png")
@@ -463,6 +463,11 @@ def node_card_context(output_dir: str | os.PathLike, node: str, repo_id: str | N
     }
 
 
+def _template(name: str) -> str:
+    """A card template, read as package data (works from a wheel, a zip or a source checkout alike)."""
+    return importlib.resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+
+
 def _tidy(card: ModelCard) -> ModelCard:
     """Collapse the blank lines that optional template sections leave behind."""
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n")
@@ -470,10 +475,10 @@ def _tidy(card: ModelCard) -> ModelCard:
 
 def render_node_card(output_dir: str | os.PathLike, node: str, repo_id: str | None = None,
                      subfolder: str | None = None, revision: str | None = None) -> ModelCard:
-    """The model card of one node, from `hub_cards/adapter_card.md` (see `node_card_context` for the arguments)."""
+    """The model card of one node, from the package template `templates/adapter_card.md` (see `node_card_context`)."""
     context = node_card_context(output_dir, node, repo_id=repo_id, subfolder=subfolder, revision=revision)
     card_data = context.pop("card_data")
-    return _tidy(ModelCard.from_template(card_data, template_path=str(ADAPTER_CARD_TEMPLATE), **context))
+    return _tidy(ModelCard.from_template(card_data, template_str=_template(ADAPTER_CARD_TEMPLATE), **context))
 
 
 def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = None,
@@ -510,7 +515,7 @@ def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = 
     published = [r for r in rows if r["published"]]
     example = FINAL_NODE if has_final else (published[-1]["name"] if published else "<node>")
     return _tidy(ModelCard.from_template(
-        card_data, template_path=str(CURRICULUM_CARD_TEMPLATE), repo_id=repo_id, nodes=rows,
+        card_data, template_str=_template(CURRICULUM_CARD_TEMPLATE), repo_id=repo_id, nodes=rows,
         lineage=lineage_mermaid(dag), has_final=has_final, example_node=example, base_expr=base_expr,
         base_is_tiny=base_expr == "TINY_BASE_PATH", seed=dag.get("seed"),
         has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url("loss_curves.png", repo_id, revision, None),

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +55,20 @@ COMPLETE_MARKER = "COMPLETE"
 
 
 _TRACKERS = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available, "wandb": is_wandb_available}
+
+
+def show_progress() -> bool:
+    """Progress bars only on a terminal, or when GWM_PROGRESS=1 asks (GWM_PROGRESS=0: never).
+
+    Under a launcher, a scheduler or `> log`, tqdm's carriage-return redraws would fill the log; a log line per node
+    (start; end with losses and time) is written instead.
+    """
+    choice = os.environ.get("GWM_PROGRESS", "").strip()
+    return choice == "1" if choice in ("0", "1") else sys.stderr.isatty()
+
+
+def _fmt_loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 class NodeNotReadyError(RuntimeError):
@@ -219,6 +234,10 @@ class DAGCurriculumTrainer:
     def run(self) -> dict:
         acc = self.accelerator
         set_seed(self.seed)
+        if not show_progress():
+            import datasets
+
+            datasets.disable_progress_bars()  # its "Generating train split" bars too
         selected = self.selected_nodes()
         requested = set(self.only_nodes or selected)
         if not self.resume:
@@ -490,7 +509,9 @@ class DAGCurriculumTrainer:
         ddp_model, optimizer = acc.prepare(self.peft_model, optimizer)
         ddp_model.train()
         progress = tqdm(total=steps, initial=state.step, desc=f"{name} [{node.kind}]",
-                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+                        disable=not (acc.is_local_main_process and show_progress()), dynamic_ncols=True)
+        logger.info(f"node {name} [{node.kind}]: training steps {state.step + 1}-{steps}, "
+                    f"val loss {state.val_history[0]['val_loss']:.4f}", main_process_only=True)
         while state.step < steps:
             sse_step = torch.zeros((), device=acc.device)
             finite = True
@@ -575,8 +596,9 @@ class DAGCurriculumTrainer:
             atomic_write_bytes(os.path.join(folder, COMPLETE_MARKER), b"complete\n")
             shutil.rmtree(os.path.join(folder, "checkpoint"), ignore_errors=True)
         acc.wait_for_everyone()
-        logger.info(f"node {name}: val loss {val_start:.4f} -> {val_end:.4f} in {metrics['wall_time_s']} s",
-                    main_process_only=True)
+        logger.info(f"node {name}: done, train loss {_fmt_loss(metrics['train_loss_start'])} -> "
+                    f"{_fmt_loss(metrics['train_loss_end'])}, val loss {val_start:.4f} -> {val_end:.4f} "
+                    f"in {metrics['wall_time_s']} s", main_process_only=True)
         return metrics
 
     # ------------------------------------------------------------------ files

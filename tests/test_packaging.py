@@ -1,0 +1,118 @@
+"""The package as users get it: a built wheel installed without `-e`, and a `gwm` CLI that starts fast.
+
+The wheel test builds `modeling_gwm` with `pip wheel`, installs it in a fresh virtualenv that sees this environment's
+dependencies (torch & co. through a `.pth` line, never this checkout or its editable install) and writes a model card
+from there: the card templates must travel as package data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without PYTHONPATH (which may point at the checkout) and offline for the Hub."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return env | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A one-node run folder as the trainer leaves it: a real loop adapter on the tiny base, metrics, dag.json."""
+    from peft import get_peft_model
+
+    from modeling_gwm import GWMModel, LoopConfig
+    from modeling_gwm.base import TINY_BASE_PATH
+
+    out = tmp_path_factory.mktemp("run")
+    fields = [dict(name="climate.enso.nino12_sst", mean=23.0, std=2.0, transform="none", unit="degC")]
+    model = get_peft_model(GWMModel.from_pretrained(TINY_BASE_PATH, d_model=32), LoopConfig(n_loops=2, fields=fields),
+                           adapter_name="climate")
+    model.save_pretrained(str(out), selected_adapters=["climate"])  # -> out/climate/adapter_*
+    history = [{"step": s, "train_loss": 1.0 / s} for s in range(1, 11)]
+    (out / "climate" / "metrics.json").write_text(json.dumps(dict(
+        node="climate", steps=10, train_loss_start=1.0, train_loss_end=0.1, val_loss_start=1.2, val_loss_end=0.3,
+        wall_time_s=1.0, n_loops=2, fields=[fields[0]["name"]], history=history,
+        val_history=[{"step": 0, "val_loss": 1.2}, {"step": 10, "val_loss": 0.3}])))
+    (out / "dag.json").write_text(json.dumps({
+        "curriculum": "demo.yaml", "order": ["climate"], "base": "THUDM/CogVideoX-2b", "seed": 0,
+        "nodes": {"climate": {"status": "done", "parents": [], "merge": None, "output": "climate"}}}))
+    return out
+
+
+@pytest.mark.slow
+def test_installed_wheel_writes_a_card(tmp_path, run_dir):
+    # Build from a copy of the sources, so setuptools' build/ and egg-info never land in the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "modeling_gwm", src / "modeling_gwm", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    # setuptools already here: build without downloading it (else pip fetches it from PyPI into an isolated env)
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", *isolation, "-w", str(tmp_path / "dist")],
+         cwd=src)
+    (wheel,) = (tmp_path / "dist").glob("modeling_gwm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"modeling_gwm/templates/adapter_card.md", "modeling_gwm/templates/curriculum_card.md"} <= set(names)
+    assert not [n for n in names if n.startswith(("configuration/", "tests/", "hub_cards/"))]
+
+    # A fresh venv that borrows this environment's dependencies: a .pth *line* adds the folder to sys.path without
+    # running the .pth files in it, so the editable install of the checkout stays invisible.
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path)
+                .strip())
+    outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (site / "_outer_deps.pth").write_text("\n".join(sorted(outer)) + "\n")
+    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], cwd=tmp_path)
+
+    script = f"""
+import modeling_gwm, modeling_gwm.base as base
+from modeling_gwm.hub import write_node_card
+print(modeling_gwm.__file__)
+write_node_card({str(run_dir)!r}, "climate")
+try:
+    base.load_cogvideox_base(base.TINY_BASE_PATH)
+except base.BaseLoadError as err:
+    print(err)
+"""
+    out = _run([str(python), "-I", "-c", script], cwd=tmp_path).splitlines()
+    assert Path(out[0]).is_relative_to(site), f"modeling_gwm imported from {out[0]}, not from the installed wheel"
+    card = (run_dir / "climate" / "README.md").read_text()
+    assert "# GWM adapter `climate`" in card and "climate.enso.nino12_sst" in card
+    assert "make_tiny_cogvideox" in out[-1]  # no tiny base next to an installed package: one sentence says where
+    assert "usage: gwm" in _run([str(env_dir / "bin" / "gwm"), "--help"], cwd=tmp_path)
+
+
+def test_cli_help_imports_no_heavy_library():
+    """`gwm --help` and `gwm dag --help` parse arguments before torch & co. are imported (they took ~7 s before)."""
+    heavy = ("torch", "transformers", "diffusers", "peft", "datasets", "matplotlib", "pandas", "accelerate")
+    for argv in (["--help"], ["dag", "--help"]):
+        script = ("import sys, contextlib, io\nfrom modeling_gwm.commands import main\n"
+                  f"with contextlib.redirect_stdout(io.StringIO()):\n"
+                  f"    try:\n        main({argv!r})\n    except SystemExit:\n        pass\n"
+                  f"print([m for m in {heavy!r} if m in sys.modules])")
+        out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env=os.environ | {"PYTHONPATH": str(REPO)})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]", f"gwm {' '.join(argv)} imported {out.stdout.strip()}"
