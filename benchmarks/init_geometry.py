@@ -74,22 +74,25 @@ def main(argv: list[str] | None = None) -> dict:
         model.transformer_blocks = blocks
 
     peft_model = peft.get_peft_model(model, LoopConfig(n_loops=args.n_loops))
-    updates, steps = [], []
+    assert all(not layer.loop_gate["default"].any() for layer in model.transformer_blocks)  # gates zero at init
+    seen = []  # (block, h_in, h_out) of every raw block application, in order
 
     def record(block_index: int):
         def hook(module, inputs, output):  # inputs: (h_in, e_in, temb, ...); output: (h_out, e_out)
-            h_in, h_out = inputs[0].float(), output[0].float()
-            updates.append({"block": block_index, "update": _rel(h_out, h_in)})
-            gate = 0.5  # sigmoid(0): every gate is zero at init
-            steps.append({"block": block_index, "step": float((gate * (h_out - h_in)).norm() / h_in.norm())})
+            seen.append((block_index, inputs[0].float(), output[0].float()))
         return hook
 
     handles = [layer.base_layer.register_forward_hook(record(i)) for i, layer in enumerate(model.transformer_blocks)]
-    assert all(not layer.loop_gate["default"].any() for layer in model.transformer_blocks)  # gates zero at init
+    final = []
+    handles.append(model.transformer_blocks[-1].register_forward_hook(lambda m, i, o: final.append(o[0].float())))
     with torch.no_grad():
         looped = peft_model.backbone(canvas, time_index)
     for handle in handles:
         handle.remove()
+    # the stream after each loop step is what the next application receives (loop embeddings are zero at init)
+    nexts = [h_in for _, h_in, _ in seen[1:]] + final
+    updates = [{"block": b, "update": _rel(h_out, h_in)} for b, h_in, h_out in seen]
+    steps = [{"step": _rel(h_next, h_in)} for (_, h_in, _), h_next in zip(seen, nexts)]
 
     result = {
         "base": _shown(args.base), "d_model": args.d_model, "n_loops": args.n_loops,

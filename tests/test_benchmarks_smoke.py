@@ -93,3 +93,14 @@ def test_gpu_width_bench_refuses_without_cuda_and_runs_narrow_on_cpu(bench, tmp_
     rows = json.loads(out.read_text())["rows"]
     assert [(r["positions"], r["gradient_checkpointing"]) for r in rows] == [(16, False), (16, True)]
     assert all(r["positions_per_s"] > 0 and r["floor_tflop"] > 0 for r in rows)
+
+
+def test_init_geometry_reports_half_updates_at_init(bench, tmp_path):
+    out = tmp_path / "init.json"
+    result = bench("init_geometry").main(["--d_model", "16", "--n_loops", "2", "--steps", "4", "--fields", "2",
+                                          "--out", str(out)])
+    assert json.loads(out.read_text())["vs_bare_model"] == pytest.approx(result["vs_bare_model"])
+    assert len(result["applications"]) == 2 * result["blocks"]  # n_loops applications of every block
+    for row in result["applications"]:  # gates sigmoid(0) = 1/2: each loop step is half the block's update
+        assert row["step"] == pytest.approx(row["update"] / 2) and row["update"] > 0
+    assert result["vs_identity_backbone"] > 0 and result["vs_bare_model"] > 0
