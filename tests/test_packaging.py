@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -116,3 +117,23 @@ def test_cli_help_imports_no_heavy_library():
                              env=os.environ | {"PYTHONPATH": str(REPO)})
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "[]", f"gwm {' '.join(argv)} imported {out.stdout.strip()}"
+
+
+def test_training_off_a_terminal_logs_a_line_per_node_and_draws_no_bar(tmp_path, capfd, caplog, monkeypatch):
+    """Under a launcher or `> log`, tqdm's redraws would fill the log: one start and one end line per node instead."""
+    from _tiny import tiny_curriculum, write_curriculum
+
+    from modeling_gwm.curriculum import load_curriculum
+    from modeling_gwm.trainer import DAGCurriculumTrainer
+
+    monkeypatch.delenv("GWM_PROGRESS", raising=False)
+    spec = tiny_curriculum(steps=2, checkpoint_every=5)
+    spec["nodes"] = spec["nodes"][:1]  # one root is enough
+    caplog.set_level(logging.INFO, logger="modeling_gwm.trainer")
+    DAGCurriculumTrainer(curriculum=load_curriculum(write_curriculum(tmp_path, spec)), output_dir=str(tmp_path / "out"),
+                         device="cpu", write_cards=False).run()
+    err = capfd.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "examples/s" not in err  # no tqdm, no datasets bar
+    lines = [r.getMessage() for r in caplog.records if "node macro" in r.getMessage()]
+    assert any("node macro [root]: training steps 1-2" in line for line in lines), lines
+    assert any("node macro: done, train loss" in line and "val loss" in line for line in lines), lines
