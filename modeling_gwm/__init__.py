@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_gwm import GWMConfig
-from .loop import AdapterMismatchError, LoopConfig, LoopLayer, LoopModel
+from .loop import AdapterMismatchError, LoopConfig, LoopLayer, LoopMergeError, LoopModel
 from .modeling_gwm import AdapterLoadError, GWMModel, GWMOutput
 
 AutoConfig.register("gwm", GWMConfig, exist_ok=True)
@@ -38,5 +38,6 @@ __all__ = [
     "GWMOutput",
     "LoopConfig",
     "LoopLayer",
+    "LoopMergeError",
     "LoopModel",
 ]
