@@ -21,15 +21,30 @@ FIELD_EMBEDDING_KEY = "codec.field_embedding.weight"
 def _merge_tensors(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
     if spec.method in ("linear", "task_arithmetic"):  # the same sum; only the weights' normalisation differs
         return merge_utils.task_arithmetic(deltas, weights)
-    if spec.method == "ties":
-        return merge_utils.ties(deltas, weights, spec.density, spec.majority_sign_method)
+    if spec.method in ("ties", "dare_ties"):
+        return _ties(deltas, weights, spec)
     if spec.method == "dare_linear":
         return merge_utils.dare_linear(deltas, weights, spec.density)
-    if spec.method == "dare_ties":
-        return merge_utils.dare_ties(deltas, weights, spec.density, spec.majority_sign_method)
     if spec.method == "magnitude_prune":
         return merge_utils.magnitude_prune(deltas, weights, spec.density)
     raise ValueError(f"unknown merge method {spec.method!r}; valid: {', '.join(MERGE_METHODS)}")
+
+
+def _ties(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+    """TIES / DARE-TIES with shares: where the parents' trimmed deltas agree with the elected sign, their weighted
+    *average* (Σ w_i Δ_i / Σ w_i over those parents). PEFT's versions divide Σ w_i Δ_i by the count instead, which
+    with shares summing to 1 would shrink the merge by the number of parents; with equal shares both agree exactly
+    with the paper's disjoint mean. Trimming and sign election are PEFT's own functions."""
+    if spec.density >= 1:  # nothing to trim (PEFT would warn once per tensor)
+        pruned = deltas
+    elif spec.method == "ties":
+        pruned = [merge_utils.prune(d, spec.density, method="magnitude") for d in deltas]
+    else:
+        pruned = [merge_utils.prune(d, spec.density, method="random", rescale=True) for d in deltas]
+    stacked = torch.stack(pruned)  # (P, *shape)
+    mask = merge_utils.calculate_majority_sign_mask(stacked, method=spec.majority_sign_method)
+    shares = merge_utils.reshape_weight_task_tensors(stacked, weights) * mask  # (P, 1...) * (P, *shape)
+    return (stacked * shares).sum(0) / shares.sum(0).clamp_min(torch.finfo(stacked.dtype).tiny)
 
 
 def align_fields(state: dict[str, torch.Tensor], fields: list[str], target_fields: list[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft.utils import merge_utils
 
 from modeling_gwm.curriculum import MergeSpec
 from modeling_gwm.merging import FIELD_EMBEDDING_KEY, merge_adapters
@@ -50,6 +51,26 @@ def test_task_arithmetic_adds_the_unnormalised_weighted_deltas():
     torch.testing.assert_close(table[0], start[0] + (a[KEY_EMB][0] - start[0]) - 0.5 * (b[KEY_EMB][1] - start[0]),
                                atol=1e-5, rtol=0)  # x: in both
     torch.testing.assert_close(table[2], start[2] - 0.5 * (b[KEY_EMB][0] - start[2]), atol=1e-5, rtol=0)  # z: only b
+
+
+def test_ties_with_equal_shares_is_the_papers_disjoint_mean():
+    """Equal shares give PEFT's TIES with weights 1 (the paper's disjoint mean), not half of it."""
+    init, a, b = _state(0), _state(1), _state(2)
+    fields = ["x", "y"]
+    merged = merge_adapters([a, b], [fields, fields], fields, init, MergeSpec("ties", density=0.5))
+    for key in (KEY_LOOP, "base_model.model.proj_in.weight"):
+        expected = init[key] + merge_utils.ties([a[key] - init[key], b[key] - init[key]], torch.ones(2), 0.5)
+        torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=0)
+
+
+def test_ties_shares_weigh_the_agreeing_parents():
+    init, a, b = _state(0), _state(1), _state(2)
+    init[KEY_LOOP] = torch.zeros(1, 4)
+    a[KEY_LOOP] = torch.tensor([[1.0, 2.0, -3.0, 2.0]])
+    b[KEY_LOOP] = torch.tensor([[3.0, -1.0, 1.0, 4.0]])
+    merged = merge_adapters([a, b], [["x"], ["x"]], ["x"], init, MergeSpec("ties", weights=[3, 1], density=1.0))
+    # agree: 0.75·1 + 0.25·3 = 1.5, 0.75·2 + 0.25·4 = 2.5; disagree: only the elected sign's (larger sum's) parent
+    torch.testing.assert_close(merged[KEY_LOOP], torch.tensor([[1.5, 2.0, -3.0, 2.5]]), atol=1e-6, rtol=0)
 
 
 def test_field_whose_only_owners_weigh_zero_is_copied_not_nan():
