@@ -217,6 +217,19 @@ def test_fp16_nonfinite_loss_is_counted_and_the_scale_still_backs_off(tmp_path, 
     assert scaler.get_scale() == 2.0**15  # scaler.update() ran on the skipped step
 
 
+@pytest.mark.parametrize("scale, verdict", [(2.0**16, True), (1.0, False)])
+def test_fp16_guard_leaves_overflow_to_gradscaler_only_while_the_scale_amplifies(tmp_path, fresh_accelerator_state,
+                                                                                  scale, verdict):
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    trainer = _fp16_trainer(tmp_path, scaler)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = trainer.accelerator.prepare(torch.optim.SGD([param], lr=0.1))
+    trainer.accelerator.backward(param.sum())  # scaled backward: grad = scale
+    param.grad[1] = float("inf")
+    assert trainer._all_finite(torch.tensor(1.0), [param], optimizer) is verdict
+    assert param.grad[0] == 1.0  # the guard saw (and left) the unscaled gradient
+
+
 def test_huge_learning_rate_is_caught_as_nonfinite(tmp_path):
     """No hook: a learning rate of 1e30 really overflows the adapter within a few steps."""
     spec = crash_stress.tiny_dag(steps=6, checkpoint_every=2)
