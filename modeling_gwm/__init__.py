@@ -22,6 +22,7 @@ _LAZY = {
     "AdapterMismatchError": "loop",
     "LoopConfig": "loop",
     "LoopLayer": "loop",
+    "LoopMergeError": "loop",
     "LoopModel": "loop",
     "DAGCurriculumTrainer": "trainer",
     "Curriculum": "curriculum",

@@ -6,6 +6,7 @@ from a weighted merge of its parents), a node without parents is a *root* (start
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -14,7 +15,7 @@ import yaml
 
 from .data import DataError, DataSource
 
-MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = {"final", "checkpoint", "runs", "logs"}
 
@@ -23,12 +24,27 @@ class CurriculumError(ValueError):
     """A broken curriculum; the message names the file and the node."""
 
 
+def normalised_merge_weights(method: str, weights: list[float] | None, count: int) -> list[float]:
+    """The weights a merge really applies: shares summing to 1, except `task_arithmetic`, which sums raw deltas.
+
+    So `linear` with weights [1, 1] is the average of the parents, and `task_arithmetic` with [1, 1] is
+    init + Δa + Δb. Callers validate first (a positive sum where weights are shares).
+    """
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if method == "task_arithmetic":
+        return weights
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 @dataclass
 class MergeSpec:
     """How a join combines its parents' adapters (task vectors from the shared init, merged with PEFT's merge_utils)."""
 
     method: str = "linear"
-    weights: list[float] | None = None  # one per parent, in parent order; default equal weights summing to 1
+    # One per parent, in parent order (default: equal). Shares, normalised to sum 1, for every method but
+    # `task_arithmetic`, which applies them as given: init + Σ w_i Δ_i.
+    weights: list[float] | None = None
     density: float = 0.5  # kept fraction for ties / dare_* / magnitude_prune
     majority_sign_method: str = "total"  # ties / dare_ties: "total" or "frequency"
 
@@ -61,9 +77,9 @@ class TrainingNode:
         return "root" if not self.parents else ("fork" if len(self.parents) == 1 else "join")
 
     def merge_weights(self) -> list[float]:
-        if self.merge and self.merge.weights is not None:
-            return list(self.merge.weights)
-        return [1.0 / len(self.parents)] * len(self.parents)
+        """The weights the join applies (normalised unless `task_arithmetic`): what dag.json and the cards record."""
+        merge = self.merge or MergeSpec()
+        return normalised_merge_weights(merge.method, merge.weights, len(self.parents))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,10 +257,7 @@ def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
             raise CurriculumError(f"{here}: unknown merge method {node.merge.method!r}; "
                                   f"valid: {', '.join(MERGE_METHODS)}")
         if node.merge.weights is not None:
-            w = node.merge.weights
-            if len(w) != len(node.parents) or not all(isinstance(x, (int, float)) and x >= 0 for x in w) or sum(w) <= 0:
-                raise CurriculumError(f"{here}: merge weights {w} must be {len(node.parents)} non-negative numbers "
-                                      "(one per parent) with a positive sum")
+            _check_merge_weights(node.merge.method, node.merge.weights, len(node.parents), here)
         if not 0 < node.merge.density <= 1:
             raise CurriculumError(f"{here}: merge density must be in (0, 1], got {node.merge.density}")
         if node.merge.majority_sign_method not in ("total", "frequency"):
@@ -255,6 +268,21 @@ def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
                               f"{sorted(loops)}")
     if node.kind == "fork" and loops != {node.n_loops}:
         raise CurriculumError(f"{here}: a fork needs its parent's n_loops ({loops.pop()}), got {node.n_loops}")
+
+
+def _check_merge_weights(method: str, weights, count: int, here: str) -> None:
+    """Shares (every method but task_arithmetic) must be non-negative with a positive sum; all must be finite."""
+    numbers = isinstance(weights, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in weights)
+    if not numbers or len(weights) != count:
+        raise CurriculumError(f"{here}: merge weights {weights!r} must be a list of {count} finite numbers "
+                              "(one per parent)")
+    if method == "task_arithmetic":
+        if not any(weights):
+            raise CurriculumError(f"{here}: task_arithmetic merge weights {weights} are all zero")
+    elif min(weights) < 0 or sum(weights) <= 0:
+        raise CurriculumError(f"{here}: {method} merge weights {weights} must be non-negative with a positive sum "
+                              "(they are shares, normalised to sum 1; use method task_arithmetic for signed weights)")
 
 
 def _node_from_dict(raw: dict, defaults: dict, where: str, index: int) -> TrainingNode:

@@ -1,9 +1,11 @@
 """Join merges: parents' adapters combined as task vectors from their shared seeded init (a model soup).
 
-merged = init + merge_method([parent_i - init], weights). With `linear` and weights summing to 1 this is exactly the
-weighted average of the parents. The sparsifying methods come from PEFT's `peft.utils.merge_utils`. Field
-embeddings are aligned by field *name* first: a field the child shares with several parents gets their weighted
-average (weights renormalised over the parents that have it); a field only one parent has is copied from it.
+merged = init + merge_method([parent_i - init], weights). Weights are shares, normalised to sum 1, so `linear` is
+exactly the weighted average of the parents (whatever the init); `task_arithmetic` takes them as given,
+init + Σ w_i Δ_i, for those who want to add (or, with a negative weight, subtract) skills. The sparsifying methods
+come from PEFT's `peft.utils.merge_utils`. Field embeddings are aligned by field *name* first: a field the child
+shares with several parents gets their weighted average (shares renormalised over the parents that have it); a
+field only one parent has is copied from it (under task_arithmetic: init + that parent's weighted delta).
 """
 
 from __future__ import annotations
@@ -11,23 +13,38 @@ from __future__ import annotations
 import torch
 from peft.utils import merge_utils
 
-from .curriculum import MERGE_METHODS, MergeSpec
+from .curriculum import MERGE_METHODS, MergeSpec, normalised_merge_weights
 
 FIELD_EMBEDDING_KEY = "codec.field_embedding.weight"
 
 
 def _merge_tensors(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
-    if spec.method == "linear":
+    if spec.method in ("linear", "task_arithmetic"):  # the same sum; only the weights' normalisation differs
         return merge_utils.task_arithmetic(deltas, weights)
-    if spec.method == "ties":
-        return merge_utils.ties(deltas, weights, spec.density, spec.majority_sign_method)
+    if spec.method in ("ties", "dare_ties"):
+        return _ties(deltas, weights, spec)
     if spec.method == "dare_linear":
         return merge_utils.dare_linear(deltas, weights, spec.density)
-    if spec.method == "dare_ties":
-        return merge_utils.dare_ties(deltas, weights, spec.density, spec.majority_sign_method)
     if spec.method == "magnitude_prune":
         return merge_utils.magnitude_prune(deltas, weights, spec.density)
     raise ValueError(f"unknown merge method {spec.method!r}; valid: {', '.join(MERGE_METHODS)}")
+
+
+def _ties(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+    """TIES / DARE-TIES with shares: where the parents' trimmed deltas agree with the elected sign, their weighted
+    *average* (Σ w_i Δ_i / Σ w_i over those parents). PEFT's versions divide Σ w_i Δ_i by the count instead, which
+    with shares summing to 1 would shrink the merge by the number of parents; with equal shares both agree exactly
+    with the paper's disjoint mean. Trimming and sign election are PEFT's own functions."""
+    if spec.density >= 1:  # nothing to trim (PEFT would warn once per tensor)
+        pruned = deltas
+    elif spec.method == "ties":
+        pruned = [merge_utils.prune(d, spec.density, method="magnitude") for d in deltas]
+    else:
+        pruned = [merge_utils.prune(d, spec.density, method="random", rescale=True) for d in deltas]
+    stacked = torch.stack(pruned)  # (P, *shape)
+    mask = merge_utils.calculate_majority_sign_mask(stacked, method=spec.majority_sign_method)
+    shares = merge_utils.reshape_weight_task_tensors(stacked, weights) * mask  # (P, 1...) * (P, *shape)
+    return (stacked * shares).sum(0) / shares.sum(0).clamp_min(torch.finfo(stacked.dtype).tiny)
 
 
 def align_fields(state: dict[str, torch.Tensor], fields: list[str], target_fields: list[str],
@@ -54,12 +71,16 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
     """Merge parents' adapter state dicts (PEFT keys, no adapter name) into the child's starting state.
 
     `init` is the shared seeded initialisation the parents started from (a fresh adapter's state); DARE's random
-    drop is seeded with `seed`, so a merge is reproducible.
+    drop is seeded with `seed`, so a merge is reproducible. `weights` (default `spec.weights`, else equal) are
+    normalised to sum 1 unless the method is `task_arithmetic`.
     """
     spec = spec or MergeSpec()
-    weights = weights if weights is not None else [1.0 / len(parents)] * len(parents)
-    if len(weights) != len(parents):
+    weights = spec.weights if weights is None else weights
+    if weights is not None and len(weights) != len(parents):
         raise ValueError(f"{len(weights)} merge weights for {len(parents)} parents")
+    if weights is not None and spec.method != "task_arithmetic" and (min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"{spec.method} merge weights {list(weights)} must be non-negative with a positive sum")
+    weights = normalised_merge_weights(spec.method, weights, len(parents))
     for i, state in enumerate(parents):
         if set(state) != set(init):
             missing = sorted(set(init) ^ set(state))[:3]
@@ -83,8 +104,10 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
                 if not owners:
                     continue
                 row_weights = weight_tensor[owners]
-                if len(owners) < len(parents):
-                    row_weights = row_weights / row_weights.sum() * weight_tensor.sum()
+                if len(owners) < len(parents) and spec.method != "task_arithmetic":
+                    # shares over the parents that have the field; if those all weigh 0, an even split among them
+                    total = row_weights.sum()
+                    row_weights = row_weights / total if total > 0 else torch.full_like(row_weights, 1 / len(owners))
                 table[row] = start[row] + _merge_tensors([deltas[i][row] for i in owners], row_weights, spec)
             merged[key] = table
         else:

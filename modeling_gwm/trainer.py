@@ -514,7 +514,7 @@ class DAGCurriculumTrainer:
                     f"val loss {state.val_history[0]['val_loss']:.4f}", main_process_only=True)
         while state.step < steps:
             sse_step = torch.zeros((), device=acc.device)
-            finite = True
+            finite, overflow = True, False
             for micro in self._batch(data, node, node_index, state.step):
                 with acc.accumulate(ddp_model):
                     with acc.autocast():
@@ -527,10 +527,13 @@ class DAGCurriculumTrainer:
                     scale = acc.num_processes * acc.gradient_accumulation_steps / micro["scored_total"]
                     acc.backward(sse * scale)
                     if acc.sync_gradients:
-                        finite = self._all_finite(sse_step + sse.detach(), params)
+                        finite = self._all_finite(sse_step + sse.detach(), params, optimizer)
                         _crash_point("step", name, state.step + 1)
                         if finite:
-                            optimizer.step()
+                            optimizer.step()  # under fp16, GradScaler skips a step whose gradients overflowed
+                            overflow = acc.scaler is not None and optimizer.step_was_skipped
+                        elif acc.scaler is not None:
+                            acc.scaler.update()  # the scale backs off even when the guard skips or stops the step
                     optimizer.zero_grad()
                 sse_step += sse.detach()
                 scored_total = micro["scored_total"]
@@ -551,6 +554,10 @@ class DAGCurriculumTrainer:
             state.step += 1
             state.history.append({"step": state.step, "train_loss": train_loss} if finite else
                                  {"step": state.step, "train_loss": None, "skipped": "non-finite"})
+            if overflow:  # GradScaler's business (it lowered the scale), neither a stop nor a counted skip
+                state.history[-1]["skipped"] = "fp16 overflow"
+                logger.info(f"node {name}: fp16 gradient overflow at step {state.step}, GradScaler skipped the "
+                            f"step and lowered the scale to {acc.scaler.get_scale():g}", main_process_only=True)
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.4f}")
             if acc.log_with:
@@ -651,10 +658,21 @@ class DAGCurriculumTrainer:
         return NodeState(step=saved["step"], history=saved["history"], val_history=saved["val_history"],
                          skipped_nonfinite=saved.get("skipped_nonfinite", 0))
 
-    def _all_finite(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> bool:
-        """Whether this step's loss and every gradient are finite, agreed by all processes."""
-        bad = not bool(torch.isfinite(loss).all()) or any(
-            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+    def _all_finite(self, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer) -> bool:
+        """Whether this step's loss and every gradient are finite, agreed by all processes.
+
+        Under fp16 the gradients are unscaled first (GradScaler records their overflow for its `step`). While the
+        scale is above 1, a non-finite gradient is an overflow of the scaled backward pass: GradScaler skips that step
+        and lowers the scale, so it is no training failure. At a scale of 1 or less nothing was amplified, and a
+        non-finite gradient is real.
+        """
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer.optimizer)  # true gradients from here on; step() does not unscale again
+        bad_grads = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+        if bad_grads and scaler is not None and scaler.get_scale() > 1:
+            bad_grads = False  # GradScaler's overflow: skipped and backed off in optimizer.step()
+        bad = not bool(torch.isfinite(loss).all()) or bad_grads
         if self.accelerator.num_processes > 1:
             bad = float(self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device))) > 0
         return not bad

@@ -56,6 +56,14 @@ CASES = {
     "horizon too long": (lambda s: s["nodes"][1].update(horizon=12), r"node 'climate': horizon"),
     "unknown merge": (lambda s: s["nodes"][2]["merge"].update(method="soup"), r"node 'world': unknown merge method"),
     "weights length": (lambda s: s["nodes"][2]["merge"].update(weights=[1.0]), r"node 'world': merge weights"),
+    "negative share": (lambda s: s["nodes"][2]["merge"].update(weights=[1.0, -0.5]),
+                       r"node 'world': linear merge weights \[1.0, -0.5\] must be non-negative"),
+    "zero shares": (lambda s: s["nodes"][2]["merge"].update(weights=[0, 0]), r"node 'world': .*positive sum"),
+    "nan weight": (lambda s: s["nodes"][2]["merge"].update(weights=[float("nan"), 1.0]),
+                   r"node 'world': merge weights .* finite numbers"),
+    "bool weight": (lambda s: s["nodes"][2]["merge"].update(weights=[True, 1.0]), r"node 'world': merge weights"),
+    "zero task vector": (lambda s: s["nodes"][2].update(merge={"method": "task_arithmetic", "weights": [0, 0]}),
+                         r"node 'world': task_arithmetic merge weights \[0, 0\] are all zero"),
     "join loops": (lambda s: s["nodes"][0].update(n_loops=3), r"node 'world': a join needs the same n_loops"),
     "unknown key": (lambda s: s["nodes"][0].update(epochs=3), r"node 'macro': unknown key\(s\) \['epochs'\]"),
     "unknown field": (lambda s: s["nodes"][0].update(fields=["macro.us.gold"]), r"node 'macro': field 'macro.us.gold'"),
@@ -70,6 +78,18 @@ def test_broken_curricula_fail_before_training_naming_file_and_node(tmp_path, ca
     with pytest.raises(CurriculumError, match=message) as info:
         load_curriculum(path)
     assert str(path) in str(info.value)
+
+
+def test_merge_weights_are_shares_normalised_except_for_task_arithmetic(tmp_path):
+    spec = tiny_curriculum()
+    spec["nodes"][2]["merge"] = {"method": "linear", "weights": [3, 1]}
+    assert load_curriculum(write_curriculum(tmp_path, spec)).node("world").merge_weights() == [0.75, 0.25]
+    spec["nodes"][2]["merge"] = {"method": "ties"}  # default: equal shares
+    assert load_curriculum(write_curriculum(tmp_path, spec)).node("world").merge_weights() == [0.5, 0.5]
+    spec["nodes"][2]["merge"] = {"method": "task_arithmetic", "weights": [1, -0.5]}  # signed, as given
+    curriculum = load_curriculum(write_curriculum(tmp_path, spec))
+    assert curriculum.node("world").merge_weights() == [1.0, -0.5]
+    assert "task_arithmetic merge of macro×1, climate×-0.5" in curriculum.plan()
 
 
 def test_malformed_yaml_is_one_clear_error(tmp_path):

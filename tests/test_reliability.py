@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
@@ -165,6 +168,66 @@ def test_nan_step_skipped_and_counted(tmp_path, monkeypatch):
     assert [h["train_loss"] is None for h in metrics["history"]] == [False, True, False, False]
     adapter = load_file(out / "a" / "adapter_model.safetensors")
     assert all(bool(t.isfinite().all()) for t in adapter.values())
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses to change its mixed precision: start and leave
+    these tests with a clean one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _fp16_trainer(tmp_path: Path, scaler, **kwargs) -> DAGCurriculumTrainer:
+    """Node 'a' under fp16 autocast with a real GradScaler. accelerate makes the GradScaler only on GPU-like devices
+    (on CPU `--mixed_precision fp16` is autocast alone), so the test hands it the CPU GradScaler torch provides, as
+    `accelerator.scaler`, where accelerate keeps the GPU one: backward, optimizer step and guard then run the real
+    fp16 code path."""
+    trainer = DAGCurriculumTrainer(curriculum=load_curriculum(_curriculum(tmp_path)), output_dir=str(tmp_path / "o"),
+                                   only_nodes=["a"], write_cards=False, mixed_precision="fp16", **kwargs)
+    trainer.accelerator.scaler = scaler
+    return trainer
+
+
+def test_fp16_overflow_is_skipped_by_gradscaler_not_stopped_nor_counted(tmp_path, fresh_accelerator_state):
+    """A scale of 2^127 makes the first scaled backward pass overflow for sure: GradScaler skips that step and backs
+    off to 2^17; the node neither stops (default --nonfinite stop) nor counts a skip, and trains on."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-110, growth_interval=1000)
+    _fp16_trainer(tmp_path, scaler).run()
+    metrics = json.loads((tmp_path / "o" / "a" / "metrics.json").read_text())
+    history = metrics["history"]
+    assert metrics["skipped_nonfinite_steps"] == 0 and (tmp_path / "o" / "a" / "COMPLETE").exists()
+    assert [h.get("skipped") for h in history] == ["fp16 overflow", None, None, None]
+    assert all(math.isfinite(h["train_loss"]) for h in history)  # the loss itself was fine
+    assert scaler.get_scale() == 2.0**17
+    adapter = load_file(tmp_path / "o" / "a" / "adapter_model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in adapter.values())
+    assert any(bool(t.abs().sum() > 0) for k, t in adapter.items() if "loop_emb" in k)  # later steps did train
+
+
+def test_fp16_nonfinite_loss_is_counted_and_the_scale_still_backs_off(tmp_path, monkeypatch,
+                                                                       fresh_accelerator_state):
+    monkeypatch.setenv("GWM_INJECT_NAN", "a:2")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
+    _fp16_trainer(tmp_path, scaler, nonfinite="skip").run()
+    metrics = json.loads((tmp_path / "o" / "a" / "metrics.json").read_text())
+    assert metrics["skipped_nonfinite_steps"] == 1
+    assert [h.get("skipped") for h in metrics["history"]] == [None, "non-finite", None, None]
+    assert scaler.get_scale() == 2.0**15  # scaler.update() ran on the skipped step
+
+
+@pytest.mark.parametrize("scale, verdict", [(2.0**16, True), (1.0, False)])
+def test_fp16_guard_leaves_overflow_to_gradscaler_only_while_the_scale_amplifies(tmp_path, fresh_accelerator_state,
+                                                                                  scale, verdict):
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    trainer = _fp16_trainer(tmp_path, scaler)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = trainer.accelerator.prepare(torch.optim.SGD([param], lr=0.1))
+    trainer.accelerator.backward(param.sum())  # scaled backward: grad = scale
+    param.grad[1] = float("inf")
+    assert trainer._all_finite(torch.tensor(1.0), [param], optimizer) is verdict
+    assert param.grad[0] == 1.0  # the guard saw (and left) the unscaled gradient
 
 
 def test_huge_learning_rate_is_caught_as_nonfinite(tmp_path):

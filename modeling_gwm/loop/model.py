@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner
+import copy
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules
+from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 
 from .config import DEFAULT_TARGET_MODULES, LoopConfig
 from .layer import LoopLayer
@@ -10,6 +14,10 @@ from .layer import LoopLayer
 
 class AdapterMismatchError(ValueError):
     """An adapter was made for a different base or canvas than the model it is loaded onto."""
+
+
+class LoopMergeError(ValueError):
+    """`merge_and_unload`/`merge_adapter` on a loop adapter: a loop has no equivalent in the base's weights."""
 
 
 def check_adapter_fits(config: LoopConfig, *, inner_dim: int, num_blocks: int, d_model: int, where: str = "") -> None:
@@ -65,3 +73,90 @@ class LoopModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ PEFT switches
+    def _check_merge_allowed(self):
+        # PEFT calls this first in merge_adapter and merge_and_unload.
+        raise LoopMergeError("A loop adapter cannot be merged into the base weights: it runs each frozen block "
+                             "several times, which no single set of block weights reproduces; use unload() for the "
+                             "plain model or keep the adapter.")
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None):
+        """`unload()`: every `LoopLayer` back to its raw block, every `modules_to_save` wrapper to the active adapter's
+        copy (PEFT's rule for modules_to_save); returns the plain `GWMModel`, whose blocks run once."""
+        if merge:
+            self._check_merge_allowed()
+        wrapped = [name for name, module in self.model.named_modules()
+                   if isinstance(module, (LoopLayer, AuxiliaryTrainingWrapper))]
+        for name in wrapped:
+            parent, target, target_name = _get_submodules(self.model, name)
+            plain = (target.get_base_layer() if isinstance(target, LoopLayer) else
+                     target.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None))
+            setattr(parent, target_name, plain)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", density: float = 0.5,
+                             majority_sign_method: str = "total", init: str | dict[str, torch.Tensor] | None = None,
+                             seed: int = 0) -> None:
+        """Add `adapter_name`, a merge of adapters loaded on this model (LoRA's `add_weighted_adapter` shape).
+
+        The merge is the curriculum's join (`modeling_gwm.merging`): `linear` is the weighted average of the adapters
+        (weights are shares, normalised to sum 1) and needs nothing else. Every other method merges task vectors,
+        adapter - init, so it needs the adapters' common initialisation: `init` is the name of a loaded adapter
+        holding it (a fresh adapter added to a model built with the training seed) or its state dict. Field
+        embeddings merge by field name; the new adapter's fields are the adapters' fields in order of appearance.
+        """
+        from ..curriculum import MERGE_METHODS, MergeSpec  # the training side is imported on first use
+        from ..merging import merge_adapters
+
+        if adapter_name in self.peft_config:
+            raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} already exists")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if not adapters or unknown:
+            raise ValueError(f"add_weighted_adapter: unknown adapter(s) {unknown or adapters}; loaded: "
+                             f"{sorted(self.peft_config)}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter: {len(weights)} weights for {len(adapters)} adapters")
+        if combination_type not in MERGE_METHODS:
+            raise ValueError(f"add_weighted_adapter: unknown combination_type {combination_type!r}; valid: "
+                             f"{', '.join(MERGE_METHODS)}")
+        configs = [self.peft_config[a] for a in adapters]
+        for key in ("n_loops", "train_blocks"):
+            values = {a: getattr(c, key) for a, c in zip(adapters, configs)}
+            if len(set(values.values())) > 1:
+                raise ValueError(f"add_weighted_adapter: the adapters differ in {key} ({values}); only adapters of "
+                                 "one shape can be merged")
+        states = [get_peft_model_state_dict(self, adapter_name=a) for a in adapters]
+        if init is None:
+            if combination_type != "linear":
+                raise ValueError(f"add_weighted_adapter: {combination_type!r} merges task vectors from the adapters' "
+                                 "common initialisation; pass init= (a loaded adapter's name or a state dict), or "
+                                 "use 'linear', the weighted average, which needs none")
+            init_state = {k: torch.zeros_like(v) for k, v in states[0].items()}  # linear: Σ w_i θ_i exactly
+        elif isinstance(init, str):
+            if init not in self.peft_config:
+                raise ValueError(f"add_weighted_adapter: init adapter {init!r} is not loaded")
+            init_state = get_peft_model_state_dict(self, adapter_name=init)
+        else:  # a PeftModel's state dict carries a "base_model." prefix that the tuner's does not
+            init_state = {k.removeprefix("base_model."): v for k, v in init.items()}
+        meta: dict[str, dict] = {}
+        for config in configs:
+            for entry in config.fields:
+                meta.setdefault(entry["name"], entry)
+        spec = MergeSpec(combination_type, list(weights), density, majority_sign_method)
+        merged = merge_adapters(states, [c.field_names for c in configs], list(meta), init_state, spec=spec,
+                                seed=seed)
+        config = copy.deepcopy(configs[0])
+        config.fields = list(meta.values())
+        config.inference_mode = False
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        set_peft_model_state_dict(self, merged, adapter_name=adapter_name)
