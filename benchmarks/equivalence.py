@@ -55,10 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
     _train([*ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2"], work / "two", common)
     result = {"config": args.config or "configuration/curricula/demo.yaml", "max_steps": args.max_steps,
               "accumulation_2": _max_difference(work / "one", work / "accumulation"),
-              "processes_2": _max_difference(work / "one", work / "two")}
-    for key, label in (("accumulation_2", "gradient accumulation 2"), ("processes_2", "2 DDP processes")):
+              "processes_2": _max_difference(work / "one", work / "two"),
+              "accumulation_2_vs_processes_2": _max_difference(work / "accumulation", work / "two")}
+    for key, label in (("accumulation_2", "gradient accumulation 2 vs one process"),
+                       ("processes_2", "2 DDP processes vs one process"),
+                       ("accumulation_2_vs_processes_2", "gradient accumulation 2 vs 2 DDP processes")):
         diffs = result[key]
-        print(f"{label} vs one process: max |adapter diff| {max(diffs.values()):.2e} "
+        print(f"{label}: max |adapter diff| {max(diffs.values()):.2e} "
               f"({', '.join(f'{n} {d:.1e}' for n, d in diffs.items())})")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
