@@ -303,7 +303,8 @@ class DAGCurriculumTrainer:
         config = {**settings, "fields": self.curriculum.node_fields(name),
                   "adapter_fields": self.curriculum.adapter_fields(name),
                   "source_declarations": {s: self.curriculum.sources[s].to_dict() for s in node.sources},
-                  "seed": self.seed, "model": {k: v for k, v in self.model_config.items()
+                  "seed": self.seed, "model": {k: os.path.abspath(v) if k == "base" and os.path.isdir(str(v)) else v
+                                               for k, v in self.model_config.items()
                                                if k != "gradient_checkpointing"},
                   "mixed_precision": str(self.accelerator.mixed_precision)}
         return json.loads(json.dumps(config, default=str))
