@@ -16,7 +16,7 @@ import yaml
 from .data import DataError, DataSource
 
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no ".": PEFT keys adapters by name in ParameterDicts
 RESERVED_NAMES = {"final", "checkpoint", "runs", "logs"}
 
 
@@ -166,10 +166,9 @@ class Curriculum:
             raise CurriculumError(f"{where}: the curriculum has no nodes")
         self._by_name: dict[str, TrainingNode] = {}
         for node in self.nodes:
-            if not isinstance(node.name, str) or not SAFE_NAME.match(node.name) or node.name in RESERVED_NAMES \
-                    or ".." in node.name:
+            if not isinstance(node.name, str) or not SAFE_NAME.match(node.name) or node.name in RESERVED_NAMES:
                 raise CurriculumError(f"{where}: node name {node.name!r} is not a safe folder name (letters, digits, "
-                                      f"'_', '-', '.', at most 64, not {sorted(RESERVED_NAMES)})")
+                                      f"'_' and '-' only, at most 64, not {sorted(RESERVED_NAMES)})")
             if node.name in self._by_name:
                 raise CurriculumError(f"{where}: node {node.name!r} is declared twice")
             self._by_name[node.name] = node

@@ -203,12 +203,13 @@ class DataSource:
                            sum(missing.values()), ", ".join(f"{c}: {n}" for c, n in missing.items()))
         frame = pd.DataFrame(columns, index=pd.DatetimeIndex(times, name="time")).sort_index(kind="stable")
         if self.frequency is not None:
-            grid = regular_grid(frame.index.min(), frame.index.max(), self.frequency)
+            grid = regular_grid(frame.index.min(), frame.index.max(), self.frequency, where)
             frame.index = grid[snap(frame.index, grid)]  # each row to the start of its period
         if frame.index.has_duplicates:
             rows = len(frame)
             frame = frame.groupby(level=0).mean()
-            logger.info("source %r: %d rows averaged into %d periods", self.name, rows, len(frame))
+            logger.warning("source %r, column %r: %d rows share a time step; they were averaged into %d periods "
+                           "(%d rows fewer)", self.name, self.time_column, rows, len(frame), rows - len(frame))
         for field_name, spec in self.fields.items():
             frame[field_name] = apply_transform(frame[field_name], spec.transform, f"{where}, column {spec.column!r}")
         return frame
@@ -291,11 +292,17 @@ def load_sources(path: str | os.PathLike) -> dict[str, DataSource]:
 
 # ---------------------------------------------------------------------------------------------------- parsing
 def parse_times(column: pd.Series, where: str) -> pd.Series:
-    """A time column -> naive datetimes (tz-aware ones in UTC). Whole numbers in 1..9999 are read as years."""
+    """A time column -> naive datetimes in the data's own local time. Whole numbers in 1..9999 are read as years.
+
+    Time stamps with a UTC offset (`2020-03-01T00:00:00+05:00`) or a time zone keep their wall-clock time: the
+    offset is dropped, not converted, so a month start stays in its month and snaps to its own period. Offsets that
+    differ between rows (or rows with and without one) are refused: no single local clock is left to keep.
+    Training (`DataSource.read`) and forecasting (`forecasting.to_frame`) both read time through here.
+    """
     if pd.api.types.is_bool_dtype(column):
         raise DataError(f"{where}: time values are booleans, not dates")
     if pd.api.types.is_datetime64_any_dtype(column):
-        times = column.dt.tz_convert(None) if column.dt.tz is not None else column
+        times = column.dt.tz_localize(None) if column.dt.tz is not None else column
     elif pd.api.types.is_numeric_dtype(column):
         numbers = column.to_numpy(dtype=np.float64)
         not_years = ~np.isfinite(numbers) | (numbers != np.round(numbers)) | (numbers < 1) | (numbers > 9999)
@@ -306,12 +313,35 @@ def parse_times(column: pd.Series, where: str) -> pd.Series:
         times = pd.to_datetime(pd.Series(numbers.astype(int)).astype(str).str.zfill(4), format="%Y")
     else:
         try:
-            times = pd.to_datetime(column, format="mixed", utc=True).dt.tz_localize(None)
+            times = pd.to_datetime(column, format="mixed")
         except (ValueError, TypeError, OverflowError) as err:
+            if "mixed time" in str(err).lower() or "tz-aware" in str(err).lower():
+                raise DataError(f"{where}: {_mixed_offsets(column)}; give every time stamp the same UTC offset "
+                                "(it is kept as local time) or none") from None
             raise DataError(f"{where}: time values are not parseable dates ({str(err).splitlines()[0]})") from None
+        if not pd.api.types.is_datetime64_any_dtype(times):  # object dtype: offsets pandas would not unify
+            raise DataError(f"{where}: {_mixed_offsets(column)}; give every time stamp the same UTC offset or none")
+        if times.dt.tz is not None:
+            times = times.dt.tz_localize(None)  # one offset for all rows: keep the wall-clock time
     if times.isna().any():
         raise DataError(f"{where}: {int(times.isna().sum())} time value(s) are empty")
     return times.reset_index(drop=True)
+
+
+def _mixed_offsets(column: pd.Series) -> str:
+    """Two rows of a time column whose UTC offsets differ, for the error message."""
+    seen: dict[str, str] = {}
+    for value in column.dropna().astype(str).unique()[:100_000]:
+        try:
+            stamp = pd.Timestamp(value)
+        except (ValueError, TypeError):
+            continue
+        offset = "no offset" if stamp.tzinfo is None else f"UTC{stamp.strftime('%z')}"
+        seen.setdefault(offset, value)
+        if len(seen) == 2:
+            (a, first), (b, second) = seen.items()
+            return f"time stamps with different UTC offsets ({first!r}: {a}, {second!r}: {b})"
+    return "time stamps with different UTC offsets"
 
 
 def numeric_values(column: pd.Series, where: str) -> np.ndarray:
@@ -402,8 +432,17 @@ def _mean_step(freq: str) -> pd.Timedelta:
     return ((start + 12 * pd.tseries.frequencies.to_offset(freq)) - start) / 12
 
 
-def regular_grid(first: pd.Timestamp, last: pd.Timestamp, freq: str) -> pd.DatetimeIndex:
-    """Every step of `freq` from the start of the period holding `first` through `last`."""
+def regular_grid(first: pd.Timestamp, last: pd.Timestamp, freq: str, where: str = "the time grid"
+                 ) -> pd.DatetimeIndex:
+    """Every step of `freq` from the start of the period holding `first` through `last`.
+
+    Refuses (naming `where`) a grid of more than MAX_GRID_STEPS steps before allocating it: `frequency: ns` on
+    monthly data would be about 10**17 steps.
+    """
+    steps = (last - first) / _mean_step(freq)
+    if steps > MAX_GRID_STEPS:
+        raise DataError(f"{where}: {first} to {last} at frequency {freq!r} is {steps:.3g} steps, over the limit of "
+                        f"{MAX_GRID_STEPS}; check 'frequency' (e.g. D, W, MS, QS, YS)")
     offset = pd.tseries.frequencies.to_offset(freq)
     if isinstance(offset, pd.offsets.Tick):  # hours, minutes, ...: a fixed lattice
         start = first.floor(offset)
@@ -431,10 +470,7 @@ def align(frames: dict[str, pd.DataFrame], frequencies: dict[str, str | None]) -
     grid_freq = min(freqs.values(), key=_mean_step)
     first = min(f.index.min() for f in frames.values())
     last = max(f.index.max() for f in frames.values())
-    if (last - first) / _mean_step(grid_freq) > MAX_GRID_STEPS:
-        raise DataError(f"sources {list(frames)}: {first.date()} to {last.date()} at frequency {grid_freq!r} is over "
-                        f"{MAX_GRID_STEPS} steps; check the sources' 'frequency'")
-    grid = regular_grid(first, last, grid_freq)
+    grid = regular_grid(first, last, grid_freq, f"sources {list(frames)}")
     placed = []
     for frame in frames.values():
         steps = snap(frame.index, grid)  # (rows,) grid positions
@@ -491,6 +527,19 @@ class NodeData:
     frequency: str  # the grid's pandas frequency
     date_range: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) observed date
     index: pd.DatetimeIndex | None = None  # (L,) the aligned grid
+
+
+def mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of finite float64 values, computed on values scaled by their largest magnitude.
+
+    Squares of values near 1e-300 underflow to 0 (and of values near 1e300 overflow to inf), so a plain `np.std`
+    would call such a field constant (or infinite); scaled to at most 1 first, the spread survives.
+    """
+    scale = float(np.max(np.abs(values))) if len(values) else 0.0
+    if scale == 0.0:
+        return 0.0, 0.0
+    scaled = values / scale
+    return float(np.mean(scaled)) * scale, float(np.std(scaled)) * scale
 
 
 def _window_starts(length: int, context_len: int, stride: int) -> np.ndarray:
@@ -570,10 +619,8 @@ def build_node_data(sources: list[DataSource], fields: list[str] | None = None, 
         rows = np.flatnonzero(observed[:, j])
         n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction)))
         is_val[rows[-n_val:], j] = True
-        train_values = raw[rows[:-n_val], j]
-        std = float(np.std(train_values))
-        stats[name] = FieldStats(name, float(np.mean(train_values)), std if std > 0 else 1.0, spec.transform,
-                                 spec.unit)
+        mean, std = mean_std(raw[rows[:-n_val], j])
+        stats[name] = FieldStats(name, mean, std if std > 0 else 1.0, spec.transform, spec.unit)
         date_range[name] = (str(grid.index[rows[0]].date()), str(grid.index[rows[-1]].date()))
     means = np.array([stats[n].mean for n in field_names])  # (F,)
     stds = np.array([stats[n].std for n in field_names])  # (F,)

@@ -35,6 +35,7 @@ from .data import (
     denormalize,
     invert_transform,
     normalize,
+    parse_times,
     regular_grid,
     snap,
 )
@@ -111,15 +112,11 @@ def to_frame(data, time_column: str | None = None) -> pd.DataFrame:
     if time_column is not None:
         if time_column not in frame.columns:
             raise DataError(f"no time column {time_column!r}; columns are {list(frame.columns)}")
-        try:
-            times = pd.to_datetime(frame[time_column], format="mixed")
-        except (ValueError, TypeError) as err:
-            raise DataError(f"column {time_column!r}: time values are not dates ({str(err).splitlines()[0]})") \
-                from None
-        if times.isna().any():
-            raise DataError(f"column {time_column!r}: {int(times.isna().sum())} time value(s) are empty")
+        times = parse_times(frame[time_column], f"column {time_column!r}")  # offsets kept as local time
         frame = frame.drop(columns=[time_column])
         frame.index = pd.DatetimeIndex(times, name=time_column)
+    elif isinstance(frame.index, pd.DatetimeIndex) and frame.index.tz is not None:
+        frame.index = pd.DatetimeIndex(parse_times(frame.index.to_series(), "the time index"), name=frame.index.name)
     return frame
 
 
@@ -170,10 +167,13 @@ def _on_grid(frame: pd.DataFrame, freq: str | None, spec: AdapterSpec) -> tuple[
             raise DataError(f"the history has {len(frame)} steps; this adapter needs at least {spec.min_history()} "
                             f"(context_len {spec.context_len} - horizon {spec.horizon})")
         raise DataError("cannot infer the frequency of the time column; pass freq (e.g. 'MS', 'QS', 'D')")
-    grid = regular_grid(frame.index[0], frame.index[-1], freq).rename(frame.index.name)
+    grid = regular_grid(frame.index[0], frame.index[-1], freq, f"time column {frame.index.name!r}").rename(
+        frame.index.name)
     steps = snap(frame.index, grid)  # (rows,) grid positions: each row to the start of its period
     if len(np.unique(steps)) < len(frame):
-        logger.warning("%d rows averaged into %d periods of the %r grid", len(frame), len(np.unique(steps)), freq)
+        logger.warning("time column %r: %d rows share a step of the %r grid; they were averaged into %d periods "
+                       "(%d rows fewer)", frame.index.name, len(frame), freq, len(np.unique(steps)),
+                       len(frame) - len(np.unique(steps)))
     placed = frame.groupby(steps).mean().reindex(range(len(grid)))
     placed.index = grid
     return placed, freq

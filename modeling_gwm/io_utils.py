@@ -108,5 +108,12 @@ def atomic_replace_dir(staging: str | os.PathLike, target: str | os.PathLike) ->
 
 
 def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a file; a file that is not JSON or holds no object is a ValueError naming the file."""
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); restore or delete it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}; restore or delete it")
+    return data

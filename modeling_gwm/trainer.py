@@ -8,6 +8,7 @@ sees exactly the batches an uninterrupted single-process run sees.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -167,6 +168,7 @@ class DAGCurriculumTrainer:
         hub_token: str | None = None,
         write_cards: bool = True,
         nonfinite: str = "stop",
+        allow_changed_config: bool = False,
     ):
         if curriculum is None:
             if not nodes or data_sources is None:
@@ -190,6 +192,7 @@ class DAGCurriculumTrainer:
         if nonfinite not in ("stop", "skip"):
             raise CurriculumError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self.allow_changed_config = allow_changed_config
         if push_to_hub and not hub_model_id:
             raise CurriculumError("--push_to_hub needs --hub_model_id (e.g. user/gwm-demo)")
         for name in only_nodes or []:
@@ -246,6 +249,8 @@ class DAGCurriculumTrainer:
                 raise CurriculumError(f"{self.output_dir} already holds trained node(s) {done}: pass --resume to keep "
                                       "and skip them, or choose a new --output_dir")
         self.preflight([n for n in selected if not self.is_complete(n)])
+        if self.resume:
+            self.check_unchanged(selected)
         os.makedirs(self.output_dir, exist_ok=True)
         if acc.is_main_process:
             with output_lock(self.output_dir):
@@ -308,13 +313,58 @@ class DAGCurriculumTrainer:
                                       f"model {key} {recorded[key]!r}, this job uses {value!r}; give every job of a "
                                       "curriculum the same model settings (set model.seed in the curriculum)")
 
+    def node_config(self, name: str) -> dict:
+        """Everything that makes a node's adapter what it is, as plain JSON: the node's resolved settings, its fields
+        and source declarations, the model, the seed, the mixed precision. Recorded when the node starts (dag.json),
+        with each checkpoint and in metrics.json; `--resume` compares it with the curriculum given."""
+        node = self.curriculum.node(name)
+        settings = {k: v for k, v in node.to_dict().items() if k not in ("name", "description", "checkpoint_every")}
+        config = {**settings, "fields": self.curriculum.node_fields(name),
+                  "adapter_fields": self.curriculum.adapter_fields(name),
+                  "source_declarations": {s: self.curriculum.sources[s].to_dict() for s in node.sources},
+                  "seed": self.seed, "model": {k: os.path.abspath(v) if k == "base" and os.path.isdir(str(v)) else v
+                                               for k, v in self.model_config.items()
+                                               if k != "gradient_checkpointing"},
+                  "mixed_precision": str(self.accelerator.mixed_precision)}
+        return json.loads(json.dumps(config, default=str))
+
+    def check_unchanged(self, selected: list[str]) -> None:
+        """Refuse to resume a run whose curriculum or settings changed under it (the result would be a mix).
+
+        Compared: every half-trained node to be continued (its checkpoint's record) and every complete node this job
+        keeps or builds on (its metrics.json record). `allow_changed_config` lets the new settings take over.
+        """
+        if self.allow_changed_config:
+            return
+        to_train = [n for n in selected if not self.is_complete(n)]
+        used = set(selected) | {a for n in to_train for a in self.curriculum.ancestors(n)}
+        for name in [n for n in self.curriculum.order() if n in used]:
+            folder = self.node_dir(name)
+            if self.is_complete(name):
+                recorded, state = read_json(os.path.join(folder, "metrics.json")).get("config"), "was trained"
+            elif os.path.isfile(os.path.join(folder, "checkpoint", "trainer_state.json")):
+                saved = read_json(os.path.join(folder, "checkpoint", "trainer_state.json"))
+                recorded, state = saved.get("config"), f"is half-trained (step {saved.get('step')})"
+            else:
+                continue
+            if not isinstance(recorded, dict):  # a run from before these records: nothing to compare
+                continue
+            changes = _config_changes(recorded, self.node_config(name))
+            if changes:
+                shown = "; ".join(changes[:3]) + (f" (and {len(changes) - 3} more)" if len(changes) > 3 else "")
+                raise CurriculumError(f"{self.curriculum.where}: node {name!r} {state} in {folder} with settings "
+                                      f"that changed since the run started: {shown}; pass --allow_changed_config to "
+                                      "continue with the new settings, or use a new --output_dir")
+
     @property
     def _dag_path(self) -> str:
         return os.path.join(self.output_dir, "dag.json")
 
     def _load_dag(self) -> dict:
         dag = read_json(self._dag_path) if os.path.isfile(self._dag_path) else {}
-        dag.setdefault("nodes", {})
+        if not isinstance(dag.setdefault("nodes", {}), dict) or not all(
+                isinstance(entry, dict) for entry in dag["nodes"].values()):
+            raise ValueError(f"{self._dag_path}: 'nodes' must map node names to objects; restore or delete the file")
         dag.update({"curriculum": self.curriculum.path, "order": self.curriculum.order(), "seed": self.seed,
                     "base": self.model_config.get("base", DEFAULT_BASE), "sink": self.curriculum.sink()})
         for name in self.curriculum.order():
@@ -383,6 +433,12 @@ class DAGCurriculumTrainer:
             for entry in read_json(os.path.join(self.node_dir(parent), "adapter_config.json"))["fields"]:
                 inherited.setdefault(entry["name"], entry)
         # "frequency": the grid this node trained on, so forecasting puts a history on the same grid
+        lost = [f for f in self.curriculum.adapter_fields(name) if f not in data.stats and f not in inherited]
+        if lost:
+            raise CurriculumError(f"{self.curriculum.where}: node {name!r}: field(s) {lost} should come from parent(s) "
+                                  f"{self.curriculum.node(name).parents}, whose adapters in {self.output_dir} do not "
+                                  "hold them (the curriculum changed after they were trained); retrain those parents "
+                                  "or use a new --output_dir")
         return [{**(data.stats[f].to_dict() if f in data.stats else inherited[f]), "frequency": data.frequency}
                 for f in self.curriculum.adapter_fields(name)]
 
@@ -493,7 +549,8 @@ class DAGCurriculumTrainer:
         child_fields = self.curriculum.adapter_fields(name)
         field_ids = torch.tensor([child_fields.index(f) for f in data.field_names], device=acc.device)
         init = self._attach_adapter(name, self._field_meta(name, data))
-        self._update_dag(dag, name, status="running")
+        config = self.node_config(name)
+        self._update_dag(dag, name, status="running", config=config)
         start = self.start_state(name, init)
         _crash_point("merge_done", name)
         set_peft_model_state_dict(self.peft_model, start, adapter_name=name)
@@ -502,7 +559,7 @@ class DAGCurriculumTrainer:
         steps = node.steps if self.max_steps is None else min(node.steps, self.max_steps)
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=node.learning_rate, weight_decay=node.weight_decay)
-        state = self._load_checkpoint(name, optimizer)
+        state = self._load_checkpoint(name, optimizer, config)
         val_start = self.evaluate(data.val, field_ids, node.horizon, node.eval_windows) if state.step == 0 else None
         if state.step == 0:
             state.val_history.append({"step": 0, "val_loss": val_start})
@@ -565,7 +622,7 @@ class DAGCurriculumTrainer:
             if state.step % node.checkpoint_every == 0 and state.step < steps:
                 val = self.evaluate(data.val, field_ids, node.horizon, node.eval_windows)
                 state.val_history.append({"step": state.step, "val_loss": val})
-                self._save_checkpoint(name, optimizer, state)
+                self._save_checkpoint(name, optimizer, state, config)
         progress.close()
         val_end = self.evaluate(data.val, field_ids, node.horizon, node.eval_windows)
         state.val_history.append({"step": state.step, "val_loss": val_end})
@@ -586,7 +643,7 @@ class DAGCurriculumTrainer:
                          "processes": acc.num_processes, "gradient_accumulation": acc.gradient_accumulation_steps,
                          "mixed_precision": str(acc.mixed_precision), "seed": self.seed,
                          "nonfinite": self.nonfinite},
-            "history": state.history, "val_history": state.val_history,
+            "config": config, "history": state.history, "val_history": state.val_history,
         }
         self.peft_model = acc.unwrap_model(ddp_model)
         acc.free_memory()
@@ -625,7 +682,7 @@ class DAGCurriculumTrainer:
             atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
         acc.wait_for_everyone()
 
-    def _save_checkpoint(self, name: str, optimizer, state: NodeState) -> None:
+    def _save_checkpoint(self, name: str, optimizer, state: NodeState, config: dict) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             folder = self.node_dir(name)
@@ -640,20 +697,29 @@ class DAGCurriculumTrainer:
                 atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
             atomic_write_json(os.path.join(staging, "trainer_state.json"),
                               {"step": state.step, "history": state.history, "val_history": state.val_history,
-                               "skipped_nonfinite": state.skipped_nonfinite, "optimizer": meta})
+                               "skipped_nonfinite": state.skipped_nonfinite, "optimizer": meta, "config": config})
             atomic_replace_dir(staging, os.path.join(folder, "checkpoint"))
             _crash_point("checkpoint_written", name, state.step)
         acc.wait_for_everyone()
 
-    def _load_checkpoint(self, name: str, optimizer) -> NodeState:
+    def _load_checkpoint(self, name: str, optimizer, config: dict) -> NodeState:
         folder = os.path.join(self.node_dir(name), "checkpoint")
         if not (self.resume and os.path.isfile(os.path.join(folder, "trainer_state.json"))):
             return NodeState()
         saved = read_json(os.path.join(folder, "trainer_state.json"))
-        set_peft_model_state_dict(self.peft_model, load_file(os.path.join(folder, "adapter.safetensors")),
-                                  adapter_name=name)
-        optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors")),
-                                                   saved["optimizer"]))
+        try:
+            set_peft_model_state_dict(self.peft_model, load_file(os.path.join(folder, "adapter.safetensors")),
+                                      adapter_name=name)
+            optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors")),
+                                                       saved["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. n_loops changed under --allow_changed_config
+            changes = "; ".join(_config_changes(saved.get("config") or {}, config)[:3]) or "unknown changes"
+            raise CurriculumError(f"node {name!r}: its step-{saved.get('step')} checkpoint in {folder} does not fit "
+                                  f"the current settings ({changes}): {str(err).splitlines()[0]}; delete that "
+                                  "checkpoint folder to restart the node") from None
+        node = self.curriculum.node(name)
+        for group in optimizer.param_groups:  # the saved state brings back the old rate: the node's own holds
+            group["lr"], group["weight_decay"] = node.learning_rate, node.weight_decay
         logger.info(f"node {name}: resuming from step {saved['step']}", main_process_only=True)
         return NodeState(step=saved["step"], history=saved["history"], val_history=saved["val_history"],
                          skipped_nonfinite=saved.get("skipped_nonfinite", 0))
@@ -686,6 +752,18 @@ class DAGCurriculumTrainer:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(self.node_dir(sink), staging, ignore=shutil.ignore_patterns("checkpoint", ".*"))
             atomic_replace_dir(staging, os.path.join(self.output_dir, "final"))
+
+
+def _config_changes(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """`key old -> new` for every setting that differs (nested objects by dotted key, in the current order)."""
+    changes = []
+    for key in [*current, *(k for k in recorded if k not in current)]:
+        old, new = recorded.get(key, "(absent)"), current.get(key, "(absent)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key} {old!r} -> {new!r}")
+    return changes
 
 
 def summary(dag: dict, output_dir: str) -> str:

@@ -17,10 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
 from modeling_gwm.configuration_gwm import GWMConfig
@@ -28,7 +30,7 @@ from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.data import DataError, DataSource, build_node_data
 from modeling_gwm.loop import AdapterMismatchError
 from modeling_gwm.modeling_gwm import AdapterLoadError, GWMModel
-from modeling_gwm.trainer import DAGCurriculumTrainer
+from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "configuration" / "data"
@@ -214,6 +216,54 @@ CASES = [
     ("cli-bad-data-file", lambda e: e.cli("--config", str(e.spec_with(
         lambda s: s["sources"]["co2"].update(path=str(e.csv("date,co2\n"))))), "--resume", "--nodes", "j",
         "--no_deps"), 2, "bad.csv"),
+    # ---------------------------------------------- baddata: silent wrong results and tracebacks (issue 14, 2 and 3)
+    ("data-mixed-utc-offsets", lambda e: lambda: _source(e.csv(
+        "date,value\n2000-01-01T00:00:00+05:00,1\n2000-02-01T00:00:00+04:00,2\n")).read(), DataError,
+     "column 'date': time stamps with different UTC offsets"),
+    ("data-frequency-ns-on-monthly", lambda e: lambda: DataSource.from_dict(
+        "co2", {**SOURCES["co2"], "frequency": "ns"}).read(), DataError, "source 'co2': 1958-03-01"),
+    ("yaml-dotted-node-name", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][0].update(name="a.b"))), CurriculumError, "'a.b'"),
+    ("adapter-config-max-fields-huge", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c["gwm_config"].update(max_fields=10**10)))),
+     AdapterLoadError, "adapter_config.json: gwm_config.max_fields"),
+    ("adapter-config-field-without-name", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c["fields"][0].pop("name")))),
+     AdapterLoadError, "adapter_config.json: fields[0]"),
+    ("adapter-config-fields-string", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c.update(fields="abc")))),
+     AdapterLoadError, "adapter_config.json: fields"),
+    ("adapter-config-target-everything", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c.update(target_modules=".*")))),
+     AdapterLoadError, "adapter_config.json: target_modules '.*'"),
+    ("adapter-config-unknown-peft-type", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c.update(peft_type="FOO")))),
+     AdapterLoadError, "adapter_config.json: peft_type 'FOO'"),
+    ("adapter-config-json-list", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: (f / "adapter_config.json").write_text("[1, 2]"))), AdapterLoadError,
+     "adapter_config.json must hold a JSON object"),
+    ("adapter-weights-missing-tensor", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_weights(f, lambda w: w.pop(_codec_key(w))))), AdapterMismatchError,
+     "1 missing tensor(s) codec."),
+    ("adapter-weights-codec-wrong-shape", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_weights(f, lambda w: w.update({_codec_key(w): torch.zeros(7, 5)})))), AdapterMismatchError,
+     "of shape (7, 5) (model expects"),
+    ("adapter-weights-unknown-tensor", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_weights(f, lambda w: w.update({"base_model.model.spare.weight": torch.zeros(3)})))),
+     AdapterMismatchError, "unknown tensor(s) spare.weight"),
+    ("cli-dag-json-null", lambda e: _run_copy(e, "null"), 2, "dag.json must hold a JSON object"),
+    ("cli-dag-json-corrupt", lambda e: _run_copy(e, '{"nodes": {'), 2, "dag.json is not valid JSON"),
+    ("cli-resume-changed-lr-of-complete-node", lambda e: _resume_j(e, lambda s: s["nodes"][0].update(
+        learning_rate=0.01)), 2, "node 'a' was trained in"),
+    ("cli-resume-raised-lr-mid-node", lambda e: _resume_j(e, lambda s: s["nodes"][2].update(learning_rate=0.01),
+                                                          half_trained=True), 2, "learning_rate 0.005 -> 0.01"),
+    ("cli-resume-changed-context-len-mid-node", lambda e: _resume_j(
+        e, lambda s: s["nodes"][2].update(context_len=10), half_trained=True), 2, "context_len 12 -> 10"),
+    ("cli-resume-source-added-to-finished-parent", lambda e: _resume_j(e, _add_sunspots_to_a), 2,
+     "sources ['us_macro'] -> ['us_macro', 'sun']"),
+    ("cli-resume-override-parent-lacks-field", lambda e: _resume_j(e, _add_sunspots_to_a, "--allow_changed_config"),
+     2, "solar.sunspots"),
+    # ---------------------------------------------- end of baddata block
 ]
 
 
@@ -305,3 +355,113 @@ def test_read_only_output_directory_is_one_clean_line(tmp_path, trained):
     assert len(lines) == 1 and str(env.out) in lines[0], proc.stderr[-3000:]
     assert "Permission denied" in lines[0] or "Operation not permitted" in lines[0], lines[0]
     _assert_unchanged(env, before)
+
+
+# ---------------------------------------------------------------------------------------------------- baddata block
+# Helpers of the baddata cases above, and the checks that need more than one line of outcome.
+def _edit_weights(folder: Path, edit) -> None:
+    weights = load_file(folder / "adapter_model.safetensors")
+    edit(weights)
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+
+
+def _codec_key(weights: dict) -> str:
+    return next(k for k in sorted(weights) if ".codec." in k and weights[k].dim() == 2)
+
+
+def _run_copy(env: Env, dag_text: str) -> list[str]:
+    """A copy of the run whose dag.json holds `dag_text` (the matrix checks the original run stays intact)."""
+    run = env.tmp / "run2"
+    shutil.copytree(env.out, run)
+    (run / "dag.json").write_text(dag_text)
+    return ["--output_dir", str(run), "--config", str(env.config), "--resume", "--nodes", "j", "--max_steps", "1"]
+
+
+def _half_train_j(env: Env) -> None:
+    """Node j stopped by a real NaN at step 2 of 2: its step-1 checkpoint (and the settings it started with) stay."""
+    os.environ["GWM_INJECT_NAN"] = "j:2"
+    try:
+        with pytest.raises(NonFiniteError):
+            DAGCurriculumTrainer(curriculum=load_curriculum(env.config), output_dir=str(env.out), only_nodes=["j"],
+                                 resume=True, write_cards=False).run()
+    finally:
+        del os.environ["GWM_INJECT_NAN"]
+    assert (env.out / "j" / "checkpoint" / "trainer_state.json").is_file()
+
+
+def _resume_j(env: Env, edit, *extra: str, half_trained: bool = False) -> list[str]:
+    if half_trained:
+        _half_train_j(env)
+    s = spec()
+    edit(s)
+    config = env.yaml(yaml.safe_dump(s, sort_keys=False))  # sorted keys would reorder the fields: a change too
+    return env.cli("--config", str(config), "--resume", "--nodes", "j", *extra)
+
+
+def _add_sunspots_to_a(s: dict) -> None:
+    s["sources"]["sun"] = {"path": str(DATA / "sunspots_yearly.csv"), "frequency": "YS",
+                           "fields": {"solar.sunspots.yearly": "sunactivity"}}
+    s["nodes"][0]["sources"] = ["us_macro", "sun"]
+
+
+def test_resume_with_allow_changed_config_trains_with_the_new_learning_rate(tmp_path, trained):
+    """The optimizer state of a checkpoint holds the old rate; with the override the new one must really apply."""
+    adapters = {}
+    for lr in (0.005, 0.05):
+        env = Env(tmp_path / str(lr), trained)
+        _half_train_j(env)
+        s = spec()
+        s["nodes"][2]["learning_rate"] = lr
+        config = env.yaml(yaml.safe_dump(s, sort_keys=False))
+        assert dag_train.main(env.cli("--config", str(config), "--resume", "--nodes", "j",
+                                      "--allow_changed_config")) == 0
+        adapters[lr] = load_file(env.out / "j" / "adapter_model.safetensors")
+        assert json.loads((env.out / "j" / "metrics.json").read_text())["config"]["learning_rate"] == lr
+    assert any(not torch.equal(adapters[0.005][k], adapters[0.05][k]) for k in adapters[0.005])
+
+
+def test_offsets_are_kept_as_local_time_in_training_and_forecasting(tmp_path, caplog):
+    from modeling_gwm.forecasting import to_frame
+
+    months = [f"{2000 + i // 12}-{i % 12 + 1:02d}-01T00:00:00+05:00" for i in range(36)]
+    path = tmp_path / "tz.csv"
+    path.write_text("date,value\n" + "".join(f"{m},{i}\n" for i, m in enumerate(months)))
+    frame = _source(path).read()
+    assert len(frame) == 36 and frame.index[0] == pd.Timestamp("2000-01-01") and frame["x.value"].tolist() == \
+        list(range(36))  # converted to UTC, 2000-01-01T00:00+05:00 would be 1999-12-31 19:00
+    table = to_frame(pd.read_csv(path))
+    assert list(table.index) == list(frame.index)
+    path.write_text("date,value\n2000-01-01,1\n2000-01-15,2\n2000-02-01,3\n")
+    with caplog.at_level("WARNING", logger="modeling_gwm.data"):
+        DataSource.from_dict("src", {"path": str(path), "frequency": "MS", "fields": {"x": "value"}}).read()
+    assert any(r.levelname == "WARNING" and "source 'src', column 'date': 3 rows" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_tiny_values_train_as_the_series_they_are(tmp_path):
+    values = 2e-300 + 1e-300 * np.sin(np.arange(60))
+    path = tmp_path / "tiny.csv"
+    path.write_text("date,value\n" + "".join(f"{2000 + i // 12}-{i % 12 + 1:02d}-01,{float(v)!r}\n"
+                                              for i, v in enumerate(values)))
+    data = build_node_data([_source(path)], None, context_len=12)
+    stats = data.stats["x.value"]
+    assert stats.std == pytest.approx(np.std(values[:48] / 1e-300) * 1e-300, rel=1e-9)  # not 0 -> not 1.0
+    train = data.train.values[data.train.presence]
+    assert 0.9 < float(train.std()) < 1.1  # unit spread in the model's units, not a constant
+
+
+@pytest.mark.parametrize("backbone", ["cogvideox", "scratch"])
+def test_expected_adapter_tensors_are_what_peft_saves(backbone):
+    """The weights check derives its expectation from the built model: it must equal PEFT's own state dict."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from modeling_gwm.loop import LoopConfig
+    from modeling_gwm.modeling_gwm import _expected_adapter_shapes
+
+    kwargs = {"d_model": 16, "backbone": backbone, "scratch_num_layers": 2}
+    config = LoopConfig(n_loops=2, fields=[{"name": "x", "mean": 0.0, "std": 1.0}])
+    peft_model = get_peft_model(GWMModel.from_pretrained(TINY_BASE, **kwargs), config)
+    saved = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    expected = _expected_adapter_shapes(GWMModel.from_pretrained(TINY_BASE, **kwargs), peft_model.peft_config[
+        "default"], "adapter")
+    assert saved == expected

@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nodes", nargs="+", default=None, help="train only these nodes (and missing ancestors)")
     parser.add_argument("--no_deps", action="store_true", help="with --nodes: do not train missing ancestors")
     parser.add_argument("--resume", action="store_true", help="skip complete nodes, continue half-trained ones")
+    parser.add_argument("--allow_changed_config", action="store_true",
+                        help="with --resume: continue although the curriculum or settings changed since the run "
+                             "started (the new settings take over; refused by default)")
     parser.add_argument("--max_steps", type=int, default=None, help="cap every node's steps (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient_checkpointing", action="store_true")
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
             gradient_accumulation_steps=args.gradient_accumulation_steps, report_to=args.report_to,
             gradient_checkpointing=args.gradient_checkpointing, push_to_hub=args.push_to_hub,
             hub_model_id=args.hub_model_id, hub_token=args.hub_token or os.environ.get("HF_TOKEN"),
-            nonfinite=args.nonfinite,
+            nonfinite=args.nonfinite, allow_changed_config=args.allow_changed_config,
         )
         dag = trainer.run()
         if trainer.accelerator.is_main_process:
