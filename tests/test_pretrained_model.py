@@ -50,10 +50,12 @@ def _safetensors_keys(path) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
-def test_bare_model_saves_config_and_trained_weights_only_and_loads_bit_for_bit(tmp_path, tiny_base, frozen_dtype,
-                                                                              caplog):
-    model = _perturbed(GWMModel.from_pretrained(tiny_base, d_model=16, frozen_dtype=frozen_dtype))
+@pytest.mark.parametrize("backbone, frozen_dtype", [("cogvideox", "float32"), ("cogvideox", "bfloat16"),
+                                                    ("scratch", "float32")])
+def test_bare_model_saves_config_and_trained_weights_only_and_loads_bit_for_bit(tmp_path, tiny_base, backbone,
+                                                                              frozen_dtype, caplog):
+    model = _perturbed(GWMModel.from_pretrained(tiny_base, d_model=16, frozen_dtype=frozen_dtype, backbone=backbone,
+                                                scratch_num_layers=2, scratch_attention_head_dim=8))
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -67,7 +69,8 @@ def test_bare_model_saves_config_and_trained_weights_only_and_loads_bit_for_bit(
 
     caplog.set_level(logging.INFO)
     for loaded in (GWMModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
-        assert type(loaded) is GWMModel and loaded.config.frozen_dtype == frozen_dtype
+        assert type(loaded) is GWMModel and (loaded.config.frozen_dtype, loaded.config.backbone) == (frozen_dtype,
+                                                                                                    backbone)
         state, reference = loaded.state_dict(), model.state_dict()
         assert state.keys() == reference.keys()
         for name, tensor in reference.items():  # trained ones from the file, frozen ones from the base
