@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gwm-bench-gpu-") as workdir:
         for positions in args.positions:
             for checkpointing in (False, True):
-                model.set_gradient_checkpointing(checkpointing)
+                model.gradient_checkpointing_enable() if checkpointing else model.gradient_checkpointing_disable()
                 context_len = positions // args.fields
                 step_args = argparse.Namespace(context_len=context_len, fields=args.fields,
                                                rows=max(600, 2 * context_len), horizon=min(4, context_len // 2),

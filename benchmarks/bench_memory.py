@@ -58,7 +58,8 @@ def child(config: dict) -> dict:
     from bench_step import StepBench
 
     torch.set_num_threads(config.pop("threads"))
-    args = argparse.Namespace(**{"rows": 600, "horizon": 2, "num_layers": 4, "d_model": 128, **config})
+    args = argparse.Namespace(**{"rows": 600, "horizon": 2, "num_layers": 4, "d_model": 128,
+                                 "gradient_checkpointing_granularity": "loop", **config})
     with tempfile.TemporaryDirectory(prefix="gwm-bench-mem-") as workdir:
         bench = StepBench(args, Path(workdir))
         bench.step()  # warm-up: optimizer state, lazily built buffers
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", type=int, nargs="+", default=[16, 32, 64], help="context_len values")
     parser.add_argument("--fields", type=int, default=16, help="canvas positions = context_len x fields")
     parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--gradient_checkpointing_granularity", choices=["loop", "application"], default="loop")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         for checkpointing in (False, True):
             for n_loops in args.loops:
                 config = {"context_len": context_len, "fields": args.fields, "batch_size": args.batch_size,
-                          "n_loops": n_loops, "gradient_checkpointing": checkpointing, "threads": threads}
+                          "n_loops": n_loops, "gradient_checkpointing": checkpointing, "threads": threads,
+                          "gradient_checkpointing_granularity": args.gradient_checkpointing_granularity}
                 measured = run_child(dict(config))
                 row = {"positions": context_len * args.fields, **config, **measured,
                        "torch_peak_mib": mib(measured["torch_peak_bytes"]),

@@ -7,6 +7,7 @@ codec, loop adapter, loss, backward and the AdamW update of the adapter, under t
 is step / floor; everything GWM adds around the frozen blocks is the excess over 1.
 
     python benchmarks/bench_step.py --out benchmarks/results/step.json
+    python benchmarks/bench_step.py --gradient_checkpointing [--gradient_checkpointing_granularity application]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def bench_model(base: str, args: argparse.Namespace, fields: list[dict], **confi
     from peft import get_peft_model
 
     model = GWMModel.from_pretrained(base, d_model=args.d_model, gradient_checkpointing=args.gradient_checkpointing,
+                                     gradient_checkpointing_granularity=args.gradient_checkpointing_granularity,
                                      **config)
     return get_peft_model(model, LoopConfig(n_loops=args.n_loops, fields=fields), adapter_name="bench")
 
@@ -57,7 +59,7 @@ class StepBench:
     """The model, data and optimizer of one node, and the two callables that are timed.
 
     `args` needs context_len, fields, rows, horizon, batch_size, n_loops (and num_layers, d_model,
-    gradient_checkpointing when the model is built here).
+    gradient_checkpointing, gradient_checkpointing_granularity when the model is built here).
     """
 
     def __init__(self, args: argparse.Namespace, workdir: Path, peft_model=None, accelerator=None):
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_layers", type=int, default=BENCH_ARCHITECTURE["num_layers"])
     parser.add_argument("--d_model", type=int, default=128)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--gradient_checkpointing_granularity", choices=["loop", "application"], default="loop",
+                        help="loop: whole loop then each application (memory flat in n_loops); application: each "
+                             "application only (one recomputed forward less)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -216,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = step["median_s"] / floor["median_s"]
     recompute = None
     if args.gradient_checkpointing:
-        # the loop layer's two-level checkpointing runs each application's forward twice more (once for n_loops=1)
-        recomputes = 2 if args.n_loops > 1 else 1
+        # two-level checkpointing runs each application's forward twice more (once for n_loops=1); per-application
+        # checkpointing once more
+        recomputes = 2 if args.n_loops > 1 and args.gradient_checkpointing_granularity == "loop" else 1
         forward = summary(forward_times)
         recompute = {"floor_forward": forward, "recomputed_forwards": recomputes,
                      "floor_with_recompute_s": floor["median_s"] + recomputes * forward["median_s"]}
@@ -246,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_table(f"step vs frozen-compute floor (B={args.batch_size}, N={positions}, inner={bench.gwm.inner_dim}, "
                 f"{len(bench.frozen_blocks)} blocks x {args.n_loops} loops, checkpointing="
-                f"{args.gradient_checkpointing}, threads={torch.get_num_threads()})",
+                f"{args.gradient_checkpointing and args.gradient_checkpointing_granularity}, "
+                f"threads={torch.get_num_threads()})",
                 [{"what": "floor (frozen blocks fwd + input-grad bwd)", **floor},
                  {"what": "training step", **step}],
                 ["what", "median_s", "min_s", "max_s", "repeats"])

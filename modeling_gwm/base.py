@@ -63,12 +63,49 @@ def resolve_frozen_dtype(name: str, device: torch.device | str | None) -> torch.
 
 
 def _time_embedding(transformer, timestep: int) -> torch.Tensor:
-    # The blocks' adaptive norms read a time embedding; compute it once with the base's own projection.
+    # The blocks' adaptive norms read a time embedding; compute it once with the base's own projection, in fp32
+    # arithmetic whatever the frozen dtype (the projection is dropped afterwards; its weights are as loaded).
     with torch.no_grad():
-        weight = transformer.time_embedding.linear_1.weight
-        t = torch.tensor([timestep], dtype=torch.long, device=weight.device)
-        t_emb = transformer.time_proj(t).to(weight.dtype)
-        return transformer.time_embedding(t_emb).float()  # (1, time_embed_dim)
+        embedding = transformer.time_embedding.float()
+        t = torch.tensor([timestep], dtype=torch.long, device=embedding.linear_1.weight.device)
+        return embedding(transformer.time_proj(t).float())  # (1, time_embed_dim)
+
+
+def _cast_inputs_to_block_dtype(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    dtype = next(block.parameters()).dtype
+    cast = lambda x: x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _outputs_to_float32(block: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+    return tuple(o.float() for o in output)  # (B, N, inner), (B, S, inner)
+
+
+def cast_at_block_boundary(blocks: nn.ModuleList) -> nn.ModuleList:
+    """The one place where dtypes meet: each frozen block casts its floating inputs to its own dtype (bf16, say) and
+    returns fp32, whoever calls it (the bare model, a loop layer, a checkpoint recomputation). Hooks, not a wrapper
+    module, so the state-dict keys (and every adapter file) stay those of the base; a trained block copy
+    (`LoopConfig.train_blocks`) inherits them through `deepcopy`."""
+    for block in blocks:
+        if not getattr(block, "_gwm_casts_at_boundary", False):  # a base shared by two models is hooked once
+            block.register_forward_pre_hook(_cast_inputs_to_block_dtype, with_kwargs=True)
+            block.register_forward_hook(_outputs_to_float32, with_kwargs=True)
+            block._gwm_casts_at_boundary = True
+    return blocks
+
+
+def _refuse_pickled_only(name_or_path: str, subfolder: str) -> None:
+    """A local checkpoint whose weights are only pickled (`.bin`, `.pt`, `.ckpt`) is refused before anything reads
+    them: unpickling runs arbitrary code, and diffusers would otherwise fall back to it."""
+    folder = os.path.join(name_or_path, subfolder)
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    pickled = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickled and not any(n.endswith(".safetensors") for n in names):
+        raise BaseLoadError(f"The CogVideoX base {folder} holds only pickled weights ({', '.join(pickled)}) and GWM "
+                            "loads safetensors only (never unpickles): convert it with diffusers' save_pretrained "
+                            "(safe_serialization=True) or use a checkpoint that ships safetensors.")
 
 
 def load_cogvideox_base(
@@ -79,8 +116,10 @@ def load_cogvideox_base(
     revision: str | None = None,
     token: str | bool | None = None,
     architecture: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> FrozenBase:
-    """Load the blocks of a CogVideoX transformer through diffusers' own `from_pretrained`.
+    """Load the blocks of a CogVideoX transformer through diffusers' own `from_pretrained`, safetensors only, straight
+    in `dtype` (a 5b base never passes through an fp32 copy).
 
     `architecture` (CogVideoX config keyword arguments) instead builds the blocks on the meta device from those
     settings, without any weights: for counting parameters of a model too large to download.
@@ -98,9 +137,11 @@ def load_cogvideox_base(
             raise BaseLoadError(f"No CogVideoX base folder at {name_or_path}: pass a folder holding a diffusers "
                                 f"checkpoint with a '{subfolder}/' subfolder (e.g. {tiny_base_hint()}), a Hub id, or "
                                 "use backbone='scratch'.")
+        _refuse_pickled_only(str(name_or_path), subfolder)
         try:
             transformer = CogVideoXTransformer3DModel.from_pretrained(
-                name_or_path, subfolder=subfolder, revision=revision, token=token, torch_dtype=torch.float32
+                name_or_path, subfolder=subfolder, revision=revision, token=token, torch_dtype=dtype,
+                use_safetensors=True,
             )
         except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -113,7 +154,8 @@ def load_cogvideox_base(
         temb = _time_embedding(transformer, timestep)
         source = str(name_or_path)
     inner_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    return FrozenBase(blocks=transformer.transformer_blocks, temb=temb, inner_dim=inner_dim, source=source)
+    blocks = transformer.transformer_blocks.to(dtype)  # a no-op once loaded in dtype; the meta blocks get it here
+    return FrozenBase(blocks=blocks, temb=temb, inner_dim=inner_dim, source=source)
 
 
 class ScratchBlock(nn.Module):
@@ -144,15 +186,15 @@ class ScratchBlock(nn.Module):
 
 
 def build_scratch_base(num_layers: int, num_attention_heads: int, attention_head_dim: int, time_embed_dim: int,
-                       seed: int = 0) -> FrozenBase:
-    """Randomly initialised blocks (seeded, so every process builds the same ones)."""
+                       seed: int = 0, dtype: torch.dtype = torch.float32) -> FrozenBase:
+    """Randomly initialised blocks (seeded, so every process builds the same ones), in `dtype`."""
     inner_dim = num_attention_heads * attention_head_dim
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     blocks = nn.ModuleList([ScratchBlock(inner_dim, num_attention_heads, time_embed_dim) for _ in range(num_layers)])
     temb = torch.randn(1, time_embed_dim) / math.sqrt(time_embed_dim)
     torch.random.set_rng_state(generator_state)
-    return FrozenBase(blocks=blocks, temb=temb, inner_dim=inner_dim, source="scratch")
+    return FrozenBase(blocks=blocks.to(dtype), temb=temb, inner_dim=inner_dim, source="scratch")
 
 
 def make_tiny_cogvideox(path: str | os.PathLike, seed: int = 0, **overrides) -> str:

@@ -6,6 +6,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 DEFAULT_BASE = "THUDM/CogVideoX-2b"
 BACKBONES = ("cogvideox", "scratch")
+CHECKPOINTING_GRANULARITIES = ("loop", "application")
 FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -31,7 +32,12 @@ class GWMConfig(PretrainedConfig):
             dtype of the frozen blocks: `"auto"` is bfloat16 on CUDA and float32 elsewhere (bf16 is slow on CPU).
             Trainable parameters are always float32; activations are cast at the block boundary.
         gradient_checkpointing (`bool`, defaults to `False`):
-            Recompute each block application in the backward pass, so activation memory does not grow with `n_loops`.
+            Recompute the frozen blocks in the backward pass instead of keeping their activations (also switched by
+            `model.gradient_checkpointing_enable()` / `gradient_checkpointing_disable()`).
+        gradient_checkpointing_granularity (`str`, defaults to `"loop"`):
+            `"loop"`: checkpoint each block's whole loop, and each application inside its recomputation, so
+            activation memory stays flat in `n_loops` (each application's forward runs three times). `"application"`:
+            checkpoint each application only (its forward runs twice: cheaper in time, memory grows with `n_loops`).
         max_fields (`int`, defaults to 64):
             Number of field-embedding slots of the codec. An adapter maps its field names to slots; adapters with
             different field sets merge by name.
@@ -58,6 +64,7 @@ class GWMConfig(PretrainedConfig):
         block_timestep: int = 0,
         frozen_dtype: str = "auto",
         gradient_checkpointing: bool = False,
+        gradient_checkpointing_granularity: str = "loop",
         max_fields: int = 64,
         context_len: int = 24,
         horizon: int = 4,
@@ -73,6 +80,9 @@ class GWMConfig(PretrainedConfig):
             raise ValueError(f"GWMConfig: backbone must be one of {BACKBONES}, got {backbone!r}")
         if frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"GWMConfig: frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype!r}")
+        if gradient_checkpointing_granularity not in CHECKPOINTING_GRANULARITIES:
+            raise ValueError(f"GWMConfig: gradient_checkpointing_granularity must be one of "
+                             f"{CHECKPOINTING_GRANULARITIES}, got {gradient_checkpointing_granularity!r}")
         for name, value in [("d_model", d_model), ("n_loops", n_loops), ("max_fields", max_fields),
                             ("context_len", context_len), ("max_time_steps", max_time_steps)]:
             if not isinstance(value, int) or value < 1:
@@ -87,6 +97,7 @@ class GWMConfig(PretrainedConfig):
         self.block_timestep = block_timestep
         self.frozen_dtype = frozen_dtype
         self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing_granularity = gradient_checkpointing_granularity
         self.max_fields = max_fields
         self.context_len = context_len
         self.horizon = horizon

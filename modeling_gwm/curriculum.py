@@ -89,7 +89,7 @@ _NODE_KEYS = {f.name for f in fields(TrainingNode)}
 _DEFAULT_KEYS = _NODE_KEYS - {"name", "parents", "sources", "fields", "description", "merge"}
 _MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep",
                "gradient_checkpointing", "scratch_num_layers", "scratch_num_attention_heads",
-               "scratch_attention_head_dim", "scratch_time_embed_dim"}
+               "scratch_attention_head_dim", "scratch_time_embed_dim", "gradient_checkpointing_granularity"}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -9,10 +10,11 @@ from dataclasses import dataclass, replace
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .base import FrozenBase, build_scratch_base, load_cogvideox_base, resolve_frozen_dtype
+from .base import FrozenBase, build_scratch_base, cast_at_block_boundary, load_cogvideox_base, resolve_frozen_dtype
 from .canvas import FieldCodec, masked_mse, sinusoidal_encoding
 from .configuration_gwm import GWMConfig
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer, check_adapter_fits
@@ -22,6 +24,15 @@ logger = logging.getLogger(__name__)
 
 class AdapterLoadError(OSError):
     """An adapter folder is missing files, holds a foreign PEFT method or a damaged weights file."""
+
+
+class ModelLoadError(OSError):
+    """A saved GWMModel (config.json + model.safetensors) lacks its weights or they do not fit its config."""
+
+
+# What `AutoModel.from_pretrained` adds to the call; hub options go to the file lookup of a saved model.
+_AUTO_PLUMBING = ("_from_auto", "trust_remote_code", "adapter_kwargs")
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies")
 
 
 @dataclass
@@ -67,14 +78,15 @@ class GWMModel(PreTrainedModel):
     config_class = GWMConfig
     base_model_prefix = "gwm"
     main_input_name = "values"
-    supports_gradient_checkpointing = False  # our own per-application switch, see `set_gradient_checkpointing`
+    supports_gradient_checkpointing = True  # GWM's own non-reentrant scheme, see `_set_gradient_checkpointing`
     _no_split_modules = ["LoopLayer"]
 
     def __init__(self, config: GWMConfig, frozen_base: FrozenBase | None = None, device: str | None = None):
         super().__init__(config)
         config._name_or_path = config.base_model_name_or_path  # PEFT records it as the adapter's base_model
+        frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, device)
         if frozen_base is None:
-            frozen_base = build_frozen_base(config)
+            frozen_base = build_frozen_base(config, dtype=frozen_dtype)  # read straight in its dtype
         self.base_source = frozen_base.source
         self.inner_dim = frozen_base.inner_dim
         generator_state = torch.random.get_rng_state()
@@ -85,16 +97,23 @@ class GWMModel(PreTrainedModel):
         self.proj_out = nn.Linear(self.inner_dim, config.d_model)
         self.norm_out = nn.LayerNorm(config.d_model)
         torch.random.set_rng_state(generator_state)
-        self.transformer_blocks = frozen_base.blocks
+        self.transformer_blocks = cast_at_block_boundary(frozen_base.blocks.to(frozen_dtype))  # no-op if loaded so
         self.transformer_blocks.requires_grad_(False)
         self.register_buffer("block_temb", frozen_base.temb, persistent=False)  # (1, time_embed_dim)
         self.post_init()
+        # The frozen blocks come from the base the config names: `save_pretrained` (and `push_to_hub`, which calls
+        # it) never writes them, `from_pretrained` of a saved model rebuilds them from that base.
+        self._keys_to_ignore_on_save = {f"transformer_blocks.{key}" for key in self.transformer_blocks.state_dict()}
         if device is not None:
             self.to(device)
-        self.set_frozen_dtype(resolve_frozen_dtype(config.frozen_dtype, device))
 
     def _init_weights(self, module: nn.Module) -> None:
         # Modules initialise themselves; the frozen blocks must never be touched.
+        pass
+
+    def _backward_compatibility_gradient_checkpointing(self) -> None:
+        # transformers consumes and deletes a legacy `config.gradient_checkpointing` here; in GWM it is a live field
+        # (saved, recorded in adapters, read by every loop layer PEFT creates), so it stays.
         pass
 
     # ------------------------------------------------------------------ construction
@@ -118,7 +137,9 @@ class GWMModel(PreTrainedModel):
         Args:
             base: Hub id or local folder of a CogVideoX checkpoint in the diffusers layout (`transformer/`). With an
                 adapter and no base, the base the adapter was trained on is used. A local adapter folder passed
-                alone is recognised as the adapter.
+                alone is recognised as the adapter; a folder (or Hub repo) written by `GWMModel.save_pretrained`
+                (a `config.json` of model_type "gwm") as a saved model: its base is rebuilt from the config and its
+                trained weights loaded exactly (`AutoModel.from_pretrained` takes the same path).
             adapter: local folder or Hub id of a GWM adapter (`adapter_config.json` + `adapter_model.safetensors`).
             subfolder / revision / token: where the adapter lives inside a Hub repo (a DAG node's subfolder).
             adapter_name: name of the loaded adapter on the model (several can sit on one base).
@@ -130,8 +151,16 @@ class GWMModel(PreTrainedModel):
             a `peft.PeftModel` wrapping the `GWMModel` when an adapter is given (every `GWMModel` method is reachable
             through it), else the bare `GWMModel`.
         """
+        for key in _AUTO_PLUMBING:
+            config_overrides.pop(key, None)
+        hub_options = {key: config_overrides.pop(key) for key in _HUB_OPTIONS if key in config_overrides}
         if adapter is None and base is not None and os.path.isfile(os.path.join(base, "adapter_config.json")):
             base, adapter = None, base
+        if adapter is None and base is not None:
+            saved_config = _saved_model_file(base, "config.json", subfolder, revision, token, hub_options)
+            if saved_config is not None:
+                return cls._from_saved(base, config or GWMConfig.from_json_file(saved_config), subfolder, revision,
+                                       token, hub_options, device, config_overrides)
         if adapter is None:
             if config is None:
                 config = GWMConfig(**({"base_model_name_or_path": str(base)} if base else {}), **config_overrides)
@@ -169,22 +198,70 @@ class GWMModel(PreTrainedModel):
                 ) from None
             raise
 
+    @classmethod
+    def _from_saved(cls, location, config, subfolder, revision, token, hub_options, device, overrides):
+        """A model written by `save_pretrained`: config.json names the base, model.safetensors holds the rest."""
+        if overrides:  # e.g. frozen_dtype, or base_model_name_or_path when the base folder moved
+            config = GWMConfig.from_dict({**config.to_dict(), **overrides})
+        model = cls(config, device=device)
+        weights = _saved_model_file(location, "model.safetensors", subfolder, revision, token, hub_options)
+        if weights is None:
+            raise ModelLoadError(f"No model.safetensors next to the GWM config.json in {location}: the saved model "
+                                 "has no weights.")
+        model._load_saved_weights(weights)
+        return model
+
+    def _load_saved_weights(self, path: str) -> None:
+        """Load the trained (non-frozen) weights, refusing a file that does not hold exactly those."""
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except Exception as err:  # safetensors raises its own error types on damaged files
+            raise ModelLoadError(f"Weights {path} are unreadable (truncated or not a safetensors file): "
+                                 f"{err}") from None
+        own = {k: v for k, v in self.state_dict().items() if k not in self._keys_to_ignore_on_save}
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        wrong = [f"{k} {tuple(state[k].shape)} (model has {tuple(own[k].shape)})"
+                 for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            parts = [f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                     for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                     if names]
+            raise ModelLoadError(f"Weights {path} do not fit the model its config.json describes ({'; '.join(parts)}).")
+        self.load_state_dict(state, strict=False)  # strict=False: the frozen blocks come from the base, not this file
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Write config.json and the trained modules only (codec, projections, encoder token, norm) as
+        model.safetensors; the frozen blocks are left to the base the config names. A model with a loop adapter
+        attached is saved through its `PeftModel` (which writes the adapter alone)."""
+        if any(isinstance(module, LoopLayer) for module in self.transformer_blocks):
+            raise ValueError("This GWMModel carries a loop adapter: save it with the PeftModel's save_pretrained "
+                             "(adapter_config.json + adapter_model.safetensors), or unload the adapter first.")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def adapter_architecture(self) -> dict[str, int]:
         """What an adapter must match to fit this model."""
         return {"inner_dim": self.inner_dim, "num_blocks": len(self.transformer_blocks), "d_model": self.config.d_model}
 
-    def set_frozen_dtype(self, dtype: torch.dtype) -> None:
-        """Put the frozen blocks (and only them) in `dtype`; trainable parameters stay float32."""
-        for module in self.transformer_blocks:
-            block = module.base_layer if isinstance(module, LoopLayer) else module
-            block.to(dtype)
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the frozen blocks are recomputed in the backward pass (`config.gradient_checkpointing`)."""
+        return bool(self.config.gradient_checkpointing)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block application in the backward pass (activation memory flat in `n_loops`)."""
-        self.config.gradient_checkpointing = enabled
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        """What transformers' `gradient_checkpointing_enable()` / `disable()` (and `activation_checkpointing_*`)
+        call. GWM keeps its own non-reentrant scheme: the loop layers checkpoint at the config's granularity and a
+        bare model each block; `gradient_checkpointing_func` (transformers' kwargs for `torch.utils.checkpoint`) is
+        not used. The switch lives in the config, so an adapter attached later inherits it."""
+        if every_n_layers != 1:
+            raise ValueError(f"GWMModel checkpoints every block (every_n_layers=1), got {every_n_layers}")
+        self.config.gradient_checkpointing = enable
         for module in self.modules():
             if isinstance(module, LoopLayer):
-                module.gradient_checkpointing = enabled
+                module.gradient_checkpointing = enable
+                module.gradient_checkpointing_granularity = self.config.gradient_checkpointing_granularity
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -200,8 +277,12 @@ class GWMModel(PreTrainedModel):
         hidden = self.proj_in(hidden)  # (B, N, inner_dim)
         encoder = self.encoder_token(hidden.size(0))  # (B, 1, inner_dim)
         temb = self.block_temb.expand(hidden.size(0), -1)  # (B, time_embed_dim)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.transformer_blocks:
-            hidden, encoder = block(hidden, encoder, temb, None, None)  # (B, N, inner), (B, 1, inner)
+            if checkpointed and not isinstance(block, LoopLayer):  # a loop layer checkpoints itself
+                hidden, encoder = checkpoint(block, hidden, encoder, temb, None, None, use_reentrant=False)
+            else:
+                hidden, encoder = block(hidden, encoder, temb, None, None)  # (B, N, inner), (B, 1, inner)
         hidden = self.proj_out(hidden.float())  # (B, N, d_model)
         return self.norm_out(hidden)
 
@@ -253,8 +334,10 @@ class GWMModel(PreTrainedModel):
         return impute(self, frame, **kwargs)
 
 
-def build_frozen_base(config: GWMConfig, architecture: dict | None = None) -> FrozenBase:
-    """The frozen blocks a config asks for; `backbone="cogvideox"` falls back to scratch without diffusers."""
+def build_frozen_base(config: GWMConfig, architecture: dict | None = None,
+                      dtype: torch.dtype = torch.float32) -> FrozenBase:
+    """The frozen blocks a config asks for, in `dtype`; `backbone="cogvideox"` falls back to scratch without
+    diffusers."""
     backbone = config.backbone
     if backbone == "cogvideox":
         try:
@@ -263,9 +346,36 @@ def build_frozen_base(config: GWMConfig, architecture: dict | None = None) -> Fr
             logger.warning("diffusers is not installed: falling back to the scratch backbone (pip install diffusers).")
             config.backbone = backbone = "scratch"
     if backbone == "cogvideox":
-        return load_cogvideox_base(config.base_model_name_or_path, config.block_timestep, architecture=architecture)
+        return load_cogvideox_base(config.base_model_name_or_path, config.block_timestep, architecture=architecture,
+                                   dtype=dtype)
     return build_scratch_base(config.scratch_num_layers, config.scratch_num_attention_heads,
-                              config.scratch_attention_head_dim, config.scratch_time_embed_dim, seed=config.seed)
+                              config.scratch_attention_head_dim, config.scratch_time_embed_dim, seed=config.seed,
+                              dtype=dtype)
+
+
+def _saved_model_file(location, filename: str, subfolder: str | None, revision: str | None, token,
+                      hub_options: dict) -> str | None:
+    """Path of `filename` of a model saved by `GWMModel.save_pretrained` (local folder or Hub repo), else None.
+    For config.json, a config of another model type (or a CogVideoX checkpoint, which has none) is not ours."""
+    local = os.path.join(str(location), subfolder or "", filename)
+    if os.path.isdir(str(location)):
+        path = local if os.path.isfile(local) else None
+    else:
+        from transformers.utils.hub import cached_file
+
+        try:
+            path = cached_file(str(location), filename, subfolder=subfolder or "", revision=revision, token=token,
+                               _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False, **hub_options)
+        except (OSError, ValueError):  # not a repo id, gated, unreachable: not a saved GWM model
+            return None
+    if path is None or filename != "config.json":
+        return path
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return path if json.load(handle).get("model_type") == GWMConfig.model_type else None
+    except (OSError, ValueError):
+        return None
 
 
 def _expected_adapter_shapes(model: GWMModel, loop_config: LoopConfig, where: str) -> dict[str, tuple[int, ...]]:
@@ -453,7 +563,9 @@ def _check_loop_config(config: LoopConfig, path: str) -> None:
         raise bad("gwm_config", str(err)) from None
     if len(names) > gwm_config.max_fields:
         raise bad("fields", f"has {len(names)} entries, more than gwm_config.max_fields={gwm_config.max_fields}")
+
+
 AutoModel.register(GWMConfig, GWMModel, exist_ok=True)  # here, not in __init__: the package imports lazily
 
 
-__all__ = ["AdapterLoadError", "AdapterMismatchError", "GWMModel", "GWMOutput", "build_frozen_base"]
+__all__ = ["AdapterLoadError", "AdapterMismatchError", "GWMModel", "GWMOutput", "ModelLoadError", "build_frozen_base"]

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import peft
 import pytest
@@ -172,8 +173,11 @@ def test_frozen_dtype_auto_is_float32_on_cpu(tiny_base):
     assert {p.dtype for p in model.transformer_blocks.parameters()} == {torch.float32}
 
 
-def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_loss_and_grads(tiny_base):
-    model = GWMModel.from_pretrained(tiny_base, d_model=16)
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # transformers 5
+@pytest.mark.parametrize("granularity, recomputed", [("loop", 6), ("application", 4)])
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_loss_and_grads(tiny_base, granularity,
+                                                                                     recomputed):
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, gradient_checkpointing_granularity=granularity)
     peft_model = peft.get_peft_model(model, LoopConfig(n_loops=2, fields=FIELDS))
     with torch.no_grad():  # move off the init so every gradient path is live
         for p in peft_model.parameters():
@@ -192,10 +196,12 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_loss_and_gr
         return loss.detach(), grads, len(calls)
 
     loss_plain, grads_plain, calls_plain = loss_and_grads()
-    peft_model.set_gradient_checkpointing(True)
+    peft_model.gradient_checkpointing_enable()  # transformers' switch, reached through the PeftModel
+    assert model.is_activation_checkpointing
     loss_ckpt, grads_ckpt, calls_ckpt = loss_and_grads()
-    # n_loops applications; checkpointed, the whole loop is recomputed once and each application once more inside it
-    assert calls_plain == 2 and calls_ckpt == 6
+    # n_loops applications; "loop": the whole loop is recomputed once and each application once more inside it;
+    # "application": each application is recomputed once
+    assert calls_plain == 2 and calls_ckpt == recomputed
     torch.testing.assert_close(loss_ckpt, loss_plain, atol=1e-6, rtol=0)
     assert grads_ckpt.keys() == grads_plain.keys()
     for name, grad in grads_plain.items():
@@ -208,7 +214,8 @@ def test_gradient_checkpointing_config_switch_reaches_every_loop_layer_quietly(t
     assert [layer.gradient_checkpointing for layer in model.transformer_blocks] == [True, True]
     assert model.is_activation_checkpointing
     assert not [w for w in recwarn if "checkpointing" in str(w.message)]  # no deprecation noise from PEFT's probe
-    model.set_gradient_checkpointing(False)
+    with pytest.warns(FutureWarning) if hasattr(model, "activation_checkpointing_disable") else nullcontext():
+        model.gradient_checkpointing_disable()  # deprecated in transformers 5 for activation_checkpointing_disable
     assert not model.config.gradient_checkpointing and not model.is_activation_checkpointing
     assert [layer.gradient_checkpointing for layer in model.transformer_blocks] == [False, False]
 

@@ -29,6 +29,7 @@ class LoopLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.inner_dim = inner_dim
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_granularity = "loop"  # or "application", see GWMConfig
         self.loop_emb = nn.ParameterDict({})
         self.loop_emb_enc = nn.ParameterDict({})
         self.loop_gate = nn.ParameterDict({})
@@ -52,23 +53,12 @@ class LoopLayer(nn.Module, BaseTunerLayer):
             self.loop_block[adapter_name] = block
         self.set_adapter(self.active_adapters)
 
-    def _apply_block(self, block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs):
-        # Cast at the block boundary: the frozen block may be bf16, the adapter's streams stay fp32.
-        block_dtype = next(block.parameters()).dtype
-        out_h, out_e = block(
-            hidden_states.to(block_dtype),
-            encoder_hidden_states.to(block_dtype),
-            temb.to(block_dtype),
-            image_rotary_emb,
-            attention_kwargs,
-        )
-        return out_h.float(), out_e.float()
-
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         # hidden_states: (B, N, inner_dim) canvas stream; encoder_hidden_states: (B, S, inner_dim); temb: (B|1, T_emb)
+        # The block casts at its own boundary (`modeling_gwm.base.cast_at_block_boundary`): it may run in bf16, its
+        # outputs come back fp32 like the adapter's streams.
         if self.disable_adapters or not self.active_adapters:
-            return self._apply_block(self.base_layer, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
-                                     attention_kwargs)
+            return self.base_layer(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
         if len(self.active_adapters) > 1:
             raise ValueError(f"The loop adapter runs one adapter at a time, got active adapters {self.active_adapters}")
         name = self.active_adapters[0]
@@ -81,18 +71,19 @@ class LoopLayer(nn.Module, BaseTunerLayer):
                 h_in = h + self.loop_emb[name][step]  # (B, N, D)
                 e_in = e + self.loop_emb_enc[name][step]  # (B, S, D)
                 if checkpointed:
-                    h_out, e_out = checkpoint(self._apply_block, block, h_in, e_in, temb, image_rotary_emb,
-                                              attention_kwargs, use_reentrant=False)
+                    h_out, e_out = checkpoint(block, h_in, e_in, temb, image_rotary_emb, attention_kwargs,
+                                              use_reentrant=False)
                 else:
-                    h_out, e_out = self._apply_block(block, h_in, e_in, temb, image_rotary_emb, attention_kwargs)
+                    h_out, e_out = block(h_in, e_in, temb, image_rotary_emb, attention_kwargs)
                 gate = torch.sigmoid(self.loop_gate[name][step])  # scalar
                 h = h_in + gate * (h_out - h_in)  # = gate * h_out + (1 - gate) * h_in, one saved tensor
                 e = e_in + gate * (e_out - e_in)
             return h, e
 
-        if checkpointed and self.n_loops[name] > 1:
+        if checkpointed and self.n_loops[name] > 1 and self.gradient_checkpointing_granularity == "loop":
             # Two levels: the whole loop keeps only the block's input stream, and its recomputation checkpoints each
-            # application, so activation memory stays flat in n_loops (benchmarks/bench_memory.py).
+            # application, so activation memory stays flat in n_loops (benchmarks/bench_memory.py). With granularity
+            # "application" only the inner level runs: one recomputation less, memory growing with n_loops.
             return checkpoint(loop, h, e, use_reentrant=False)
         return loop(h, e)
 

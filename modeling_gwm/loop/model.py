@@ -70,6 +70,8 @@ class LoopModel(BaseTuner):
             return
         new_module = LoopLayer(target, adapter_name, peft_config, inner_dim=peft_config.inner_dim)
         new_module.gradient_checkpointing = bool(getattr(self.model.config, "gradient_checkpointing", False))
+        new_module.gradient_checkpointing_granularity = getattr(self.model.config, "gradient_checkpointing_granularity",
+                                                                "loop")
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
