@@ -22,6 +22,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configuration", "curricula", "demo.yaml")
 
 
+def _steps_flag(value: str) -> int:
+    """argparse type of --max_steps / --gradient_accumulation_steps: a whole number in [1, the steps limit]."""
+    from modeling_gwm.curriculum import NODE_LIMITS
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {value!r}") from None
+    if not 1 <= number <= NODE_LIMITS["steps"]:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps in [1, {NODE_LIMITS['steps']}] "
+                                         f"(curriculum.NODE_LIMITS), got {value}")
+    return number
+
+
+def _check_output_dir(args, curriculum) -> None:
+    """Refuse, before any work, an --output_dir that is an input or whose writes would overwrite one.
+
+    Inputs are the curriculum file, every local data file and a local base; the trainer writes dag.json, the run
+    card and plot, one folder per node, final/, runs/ and .locks/ in --output_dir (see io_utils.check_output_dir).
+    """
+    from modeling_gwm.io_utils import check_output_dir
+
+    inputs = {"--config": args.config, "--base": args.base or curriculum.model.get("base"),
+              **{f"source {name!r}": source.path for name, source in curriculum.sources.items()}}
+    writes = ["dag.json", "README.md", "loss_curves.png", "runs", ".locks", "final", ".final.tmp", ".final.old",
+              *(node.name for node in curriculum.nodes)]
+    check_output_dir("--output_dir", args.output_dir, writes, inputs)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEMO, help="curriculum YAML (default: the shipped demo)")
@@ -31,10 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nodes", nargs="+", default=None, help="train only these nodes (and missing ancestors)")
     parser.add_argument("--no_deps", action="store_true", help="with --nodes: do not train missing ancestors")
     parser.add_argument("--resume", action="store_true", help="skip complete nodes, continue half-trained ones")
-    parser.add_argument("--max_steps", type=int, default=None, help="cap every node's steps (quick runs)")
+    parser.add_argument("--max_steps", type=_steps_flag, default=None, help="cap every node's steps (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_accumulation_steps", type=_steps_flag, default=1)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="default: accelerate's config (no on CPU)")
     parser.add_argument("--report_to", choices=["none", "tensorboard", "trackio", "wandb"], default="none")
@@ -61,6 +90,7 @@ def main(argv=None) -> int:
             print(curriculum.plan())
             print("\n```mermaid\n" + curriculum.mermaid() + "\n```")
             return 0
+        _check_output_dir(args, curriculum)
         from modeling_gwm.trainer import DAGCurriculumTrainer, summary
 
         trainer = DAGCurriculumTrainer(
