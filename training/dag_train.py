@@ -14,9 +14,11 @@ complete there. Give every job the same curriculum and --seed: the split run the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configuration", "curricula", "demo.yaml")
@@ -49,6 +51,21 @@ def _check_output_dir(args, curriculum) -> None:
     writes = ["dag.json", "README.md", "loss_curves.png", "runs", ".locks", "final", ".final.tmp", ".final.old",
               *(node.name for node in curriculum.nodes)]
     check_output_dir("--output_dir", args.output_dir, writes, inputs)
+
+
+def _tell_launcher(message: str) -> None:
+    """Under torchrun (multi-process `accelerate launch`), put the one-line error in its failure report.
+
+    torchrun always ends a failed run with its own ChildFailedError report; its "Root Cause" then shows this line
+    instead of "To enable traceback see ...". The file is torch elastic's per-process error file (a JSON message).
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump({"message": message, "timestamp": int(time.time())}, handle)
+        except OSError:
+            pass
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,6 +126,7 @@ def main(argv=None) -> int:
         if not isinstance(err, (CurriculumError, DataError)) and os.environ.get("GWM_DEBUG"):
             raise
         print(f"dag_train.py: error: {err}", file=sys.stderr)
+        _tell_launcher(f"dag_train.py: error: {err}")
         return 2
     return 0
 
