@@ -139,15 +139,19 @@ def _naming_adapter(args):
         raise NonFiniteForecastError(f"--adapter {args.adapter}: {err}") from None
 
 
-def _write_atomic(path: str, render) -> None:
+def _write_atomic(flag: str, path: str, render) -> None:
     """Write what `render(buffer)` puts in a BytesIO to `path` in one rename: never a half-written file."""
     import io
 
-    from .io_utils import atomic_write_bytes
+    from .io_utils import OutputPathError, atomic_write_bytes
 
     buffer = io.BytesIO()
     render(buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as err:  # a full disk or a quota: the old file, if any, is still there whole
+        raise OutputPathError(f"{flag} {path}: cannot write it: {err.strerror or err}; an earlier file there is left "
+                              "whole") from None
 
 
 def _spec(adapter: str, subfolder: str | None):
@@ -227,12 +231,12 @@ def cmd_forecast(args) -> int:
     model = _load_model(args)
     with _naming_adapter(args):
         predictions = forecast(model, history, args.horizon, freq=freq)
-    _write_atomic(args.out, lambda buffer: predictions.to_csv(buffer, index_label=args.time_column))
+    _write_atomic("--out", args.out, lambda buffer: predictions.to_csv(buffer, index_label=args.time_column))
     print(predictions.to_string(float_format=lambda v: f"{v:.4g}"))
     n_fields = predictions.shape[1]
     print(f"\nwrote {args.out} ({len(predictions)} steps × {n_fields} field{'s' if n_fields > 1 else ''})")
     if args.plot:
-        _write_atomic(args.plot, lambda buffer: plot_forecast(
+        _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
             history, predictions, buffer, title=f"GWM forecast of {args.horizon} steps ({args.adapter})"))
         print(f"wrote {args.plot}")
     return 0
@@ -252,11 +256,11 @@ def cmd_evaluate(args) -> int:
         result = evaluate(model, history, args.holdout, season=args.season, freq=freq)
     print(format_evaluation(result))
     if args.json:
-        _write_atomic(args.json, lambda buffer: buffer.write(
+        _write_atomic("--json", args.json, lambda buffer: buffer.write(
             (json.dumps(evaluation_json(result), indent=2) + "\n").encode("utf-8")))
         print(f"\nwrote {args.json}")
     if args.plot:
-        _write_atomic(args.plot, lambda buffer: plot_forecast(
+        _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
             result["history"], result["predictions"], buffer, actuals=result["actuals"],
             title=f"GWM hold-out forecast of the last {args.holdout} steps"))
         print(f"wrote {args.plot}")
@@ -269,7 +273,7 @@ def cmd_plot_losses(args) -> int:
     if not os.path.isfile(os.path.join(args.output_dir, "dag.json")):
         raise FileNotFoundError(f"{args.output_dir} is not a GWM run folder (no dag.json)")
     _check_outputs(args, "out")
-    _write_atomic(args.out, lambda buffer: plot_loss_curves(args.output_dir, buffer))
+    _write_atomic("--out", args.out, lambda buffer: plot_loss_curves(args.output_dir, buffer))
     print(f"wrote {args.out}")
     return 0
 

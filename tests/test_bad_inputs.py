@@ -419,3 +419,35 @@ def test_read_only_output_directory_is_one_clean_line(tmp_path, trained):
     assert len(lines) == 1 and str(env.out) in lines[0], proc.stderr[-3000:]
     assert "Permission denied" in lines[0] or "Operation not permitted" in lines[0], lines[0]
     _assert_unchanged(env, before)
+
+
+# ---------------------------------------------------------------------------------------------------- badcli: processes
+def test_full_disk_during_gwm_output_leaves_the_earlier_file_whole(tmp_path, trained):
+    """An output written when the disk fills (RLIMIT_FSIZE) fails with one line and the old file stays whole."""
+    env = Env(tmp_path, trained)
+    old = tmp_path / "preds.png"
+    old.write_bytes(b"an earlier plot the user keeps")
+    argv = [sys.executable, "-m", "modeling_gwm.commands", "forecast", *_gwm_inputs(env), "--horizon", "2",
+            "--out", str(tmp_path / "preds.csv"), "--plot", str(old)]  # the CSV fits in 8 KiB, the PNG does not
+    proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("gwm forecast: error: --plot") and "File too large" in last, last
+    assert old.read_bytes() == b"an earlier plot the user keeps"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
+
+
+def test_accelerate_launch_quiet_ends_with_the_one_line_error(tmp_path):
+    """The README's `accelerate launch -q`: the launcher exits 1 and the script's error line is the last one."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: [a, b\n")
+    argv = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "-q", "--num_processes", "1",
+            str(DAG_TRAIN), "--config", str(bad), "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # accelerate's own code for any failure of the script
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("dag_train.py: error: ") and "bad.yaml" in last, proc.stderr[-3000:]
