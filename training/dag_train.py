@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train a GWM DAG curriculum.
 
-    accelerate launch training/dag_train.py                      # the shipped demo, CPU, tiny base, no download
-    accelerate launch training/dag_train.py --config my.yaml --base THUDM/CogVideoX-2b --mixed_precision bf16
-    accelerate launch --multi_gpu --num_processes 2 training/dag_train.py   # DDP (gloo on CPU)
+    accelerate launch -q training/dag_train.py                   # the shipped demo, CPU, tiny base, no download
+    accelerate launch -q training/dag_train.py --config my.yaml --base THUDM/CogVideoX-2b --mixed_precision bf16
+    accelerate launch -q --multi_gpu --num_processes 2 training/dag_train.py   # DDP (gloo on CPU)
 
 Spread one curriculum over several machines by running independent nodes as separate jobs that share --output_dir
 (a shared file system; e.g. `--nodes macro` on one machine, `--nodes climate` on another, then `--nodes world
