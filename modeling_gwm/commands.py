@@ -298,6 +298,24 @@ def _steps(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {value!r}") from None
 
 
+# `gwm params` builds the model (on the meta device for --architecture, but the GWM parts for real): beyond these a
+# typo would try to allocate terabytes. n_loops shares the curriculum's limit (curriculum.NODE_LIMITS).
+PARAMS_LIMITS = {"d_model": 16_384, "n_loops": 64}
+
+
+def _bounded(flag: str, high: int):
+    """argparse type: a whole number in [1, high], the limit named in the error."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if not 1 <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be in [1, {high}] (commands.PARAMS_LIMITS), got {number}")
+        return number
+    return parse
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter folder (a run's node or final/) or Hub id")
     parser.add_argument("--base", default=None,
@@ -329,8 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
     p.add_argument("--architecture", default=None, metavar="NAME",
                    help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
-    p.add_argument("--d_model", type=int, default=128, help="canvas width (default: 128, GWMConfig's)")
-    p.add_argument("--n_loops", type=int, default=3, help="loops per block (default: 3, GWMConfig's)")
+    p.add_argument("--d_model", type=_bounded("--d_model", PARAMS_LIMITS["d_model"]), default=128,
+                   help="canvas width (default: 128, GWMConfig's)")
+    p.add_argument("--n_loops", type=_bounded("--n_loops", PARAMS_LIMITS["n_loops"]), default=3,
+                   help="loops per block (default: 3, GWMConfig's)")
     p.set_defaults(func=cmd_params)
 
     p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")

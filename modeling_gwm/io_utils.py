@@ -137,9 +137,24 @@ def _same(a: str, b: str) -> bool:
 
 
 def _within(path: str, folder: str) -> bool:
-    """`path` is `folder` or lies below it (real paths: symlinks, `./` and `..` resolved)."""
-    path, folder = _real(path), _real(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    """`path` is `folder` or lies below it: some folder above `path`'s real path is `folder`'s inode (so symlinks,
+    `./`, `..` and the case of names on a case-insensitive file system do not matter); `path` need not exist."""
+    try:
+        target = os.stat(folder)
+    except OSError:
+        return False
+    current = _real(path)
+    while True:
+        try:
+            found = os.stat(current)
+            if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                return True
+        except OSError:
+            pass
+        parent = os.path.dirname(current)
+        if parent == current:
+            return False
+        current = parent
 
 
 def protected_folder(path: str | os.PathLike) -> str | None:

@@ -321,6 +321,8 @@ CASES = [
         lambda s: s["nodes"][0].update(batch_size=10**9))), CurriculumError, "batch_size"),
     ("yaml-context-len-over-limit", lambda e: lambda: load_curriculum(e.spec_with(
         lambda s: s["defaults"].update(context_len=10**7))), CurriculumError, "context_len"),
+    ("gwm-params-d-model-over-limit", lambda e: ["gwm", "params", "--architecture", "THUDM/CogVideoX-2b",
+                                                 "--d_model", "100000000"], 2, "--d_model"),
     # ------------------------------------------------ end of badcli's block
 ]
 
