@@ -7,6 +7,7 @@ line `gwm <command>: error: ...` on stderr; set GWM_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -90,18 +91,67 @@ def _read_table(path: str, time_column: str, columns: dict[str, str]):
     return table
 
 
-def _check_outputs(*paths: str | None) -> None:
-    """Every file we will write: its folder exists and is writable, so a long run cannot fail at its last step."""
-    for path in paths:
+def _recorded_base(adapter: str | None) -> str | None:
+    """The base a local adapter folder records (read as plain JSON: a bad config is reported later, by the load)."""
+    try:
+        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        base = (config.get("gwm_config") or {}).get("base_model_name_or_path") or config.get("base_model_name_or_path")
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) else None
+
+
+def _check_outputs(args, *flags: str) -> None:
+    """The one check of every file a command writes, before the model loads or any work starts.
+
+    Each `--flag` value of `args` must not be an input (--data, the --adapter or base folder, a run's folder), nor lie
+    in an adapter or run folder, nor name the same file as another output, and its folder must be writable: a long
+    run cannot destroy what the user owns or fail at its last step (see `io_utils.check_output_file`).
+    """
+    from .io_utils import OutputPathError, check_output_file
+
+    adapter = getattr(args, "adapter", None)
+    inputs = {"--data": getattr(args, "data", None), "--adapter": adapter, "--base": getattr(args, "base", None),
+              "the adapter's base": _recorded_base(adapter) if adapter else None,
+              "run folder": getattr(args, "output_dir", None)}
+    written: dict[str, str] = {}
+    for flag in flags:
+        path = getattr(args, flag)
         if path is None:
             continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
-            raise CommandError(f"cannot write {path}: it is a folder")
-        if not os.path.isdir(folder):
-            raise CommandError(f"cannot write {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise CommandError(f"cannot write {path}: folder {folder} is not writable")
+        check_output_file(f"--{flag}", path, inputs)
+        for other, earlier in written.items():
+            if os.path.realpath(earlier) == os.path.realpath(path):
+                raise OutputPathError(f"--{flag} {path}: is the same file as {other} {earlier}; give each output "
+                                      "its own path")
+        written[f"--{flag}"] = path
+
+
+@contextlib.contextmanager
+def _naming_adapter(args):
+    """A non-finite forecast names the --adapter folder the user gave (the API names the adapter on the model)."""
+    from .forecasting import NonFiniteForecastError
+
+    try:
+        yield
+    except NonFiniteForecastError as err:
+        raise NonFiniteForecastError(f"--adapter {args.adapter}: {err}") from None
+
+
+def _write_atomic(flag: str, path: str, render) -> None:
+    """Write what `render(buffer)` puts in a BytesIO to `path` in one rename: never a half-written file."""
+    import io
+
+    from .io_utils import OutputPathError, atomic_write_bytes
+
+    buffer = io.BytesIO()
+    render(buffer)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as err:  # a full disk or a quota: the old file, if any, is still there whole
+        raise OutputPathError(f"{flag} {path}: cannot write it: {err.strerror or err}; an earlier file there is left "
+                              "whole") from None
 
 
 def _spec(adapter: str, subfolder: str | None):
@@ -174,18 +224,20 @@ def _history(args, spec):
 def cmd_forecast(args) -> int:
     from .forecasting import check_forecast_request, forecast, plot_forecast
 
-    _check_outputs(args.out, args.plot)
+    _check_outputs(args, "out", "plot")
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
     model = _load_model(args)
-    predictions = forecast(model, history, args.horizon, freq=freq)
-    predictions.to_csv(args.out, index_label=args.time_column)
+    with _naming_adapter(args):
+        predictions = forecast(model, history, args.horizon, freq=freq)
+    _write_atomic("--out", args.out, lambda buffer: predictions.to_csv(buffer, index_label=args.time_column))
     print(predictions.to_string(float_format=lambda v: f"{v:.4g}"))
     n_fields = predictions.shape[1]
     print(f"\nwrote {args.out} ({len(predictions)} steps × {n_fields} field{'s' if n_fields > 1 else ''})")
     if args.plot:
-        plot_forecast(history, predictions, args.plot, title=f"GWM forecast of {args.horizon} steps ({args.adapter})")
+        _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
+            history, predictions, buffer, title=f"GWM forecast of {args.horizon} steps ({args.adapter})"))
         print(f"wrote {args.plot}")
     return 0
 
@@ -193,21 +245,24 @@ def cmd_forecast(args) -> int:
 def cmd_evaluate(args) -> int:
     from .forecasting import check_evaluate_request, evaluate, evaluation_json, format_evaluation, plot_forecast
 
-    _check_outputs(args.json, args.plot)
+    _check_outputs(args, "json", "plot")
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
     check_evaluate_request(len(history), args.holdout, spec)
     if args.season is not None and args.season < 1:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
     model = _load_model(args)
-    result = evaluate(model, history, args.holdout, season=args.season, freq=freq)
+    with _naming_adapter(args):
+        result = evaluate(model, history, args.holdout, season=args.season, freq=freq)
     print(format_evaluation(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(evaluation_json(result), indent=2) + "\n", encoding="utf-8")
+        _write_atomic("--json", args.json, lambda buffer: buffer.write(
+            (json.dumps(evaluation_json(result), indent=2) + "\n").encode("utf-8")))
         print(f"\nwrote {args.json}")
     if args.plot:
-        plot_forecast(result["history"], result["predictions"], args.plot, actuals=result["actuals"],
-                      title=f"GWM hold-out forecast of the last {args.holdout} steps")
+        _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
+            result["history"], result["predictions"], buffer, actuals=result["actuals"],
+            title=f"GWM hold-out forecast of the last {args.holdout} steps"))
         print(f"wrote {args.plot}")
     return 0
 
@@ -217,8 +272,8 @@ def cmd_plot_losses(args) -> int:
 
     if not os.path.isfile(os.path.join(args.output_dir, "dag.json")):
         raise FileNotFoundError(f"{args.output_dir} is not a GWM run folder (no dag.json)")
-    _check_outputs(args.out)
-    plot_loss_curves(args.output_dir, args.out)
+    _check_outputs(args, "out")
+    _write_atomic("--out", args.out, lambda buffer: plot_loss_curves(args.output_dir, buffer))
     print(f"wrote {args.out}")
     return 0
 
@@ -241,6 +296,24 @@ def _steps(value: str) -> int:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {value!r}") from None
+
+
+# `gwm params` builds the model (on the meta device for --architecture, but the GWM parts for real): beyond these a
+# typo would try to allocate terabytes. n_loops shares the curriculum's limit (curriculum.NODE_LIMITS).
+PARAMS_LIMITS = {"d_model": 16_384, "n_loops": 64}
+
+
+def _bounded(flag: str, high: int):
+    """argparse type: a whole number in [1, high], the limit named in the error."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if not 1 <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be in [1, {high}] (commands.PARAMS_LIMITS), got {number}")
+        return number
+    return parse
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,8 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
     p.add_argument("--architecture", default=None, metavar="NAME",
                    help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
-    p.add_argument("--d_model", type=int, default=128, help="canvas width (default: 128, GWMConfig's)")
-    p.add_argument("--n_loops", type=int, default=3, help="loops per block (default: 3, GWMConfig's)")
+    p.add_argument("--d_model", type=_bounded("--d_model", PARAMS_LIMITS["d_model"]), default=128,
+                   help="canvas width (default: 128, GWMConfig's)")
+    p.add_argument("--n_loops", type=_bounded("--n_loops", PARAMS_LIMITS["n_loops"]), default=3,
+                   help="loops per block (default: 3, GWMConfig's)")
     p.set_defaults(func=cmd_params)
 
     p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")

@@ -213,6 +213,13 @@ def _mid(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
+# Upper bounds far past any sensible run, so a typo (steps: 1e12, batch_size: 10**9) is refused before it allocates
+# or loops for days: 10M steps is weeks of the 2B base's steps; a batch or a context past 10,000 canvases or steps
+# cannot fit in one accelerator's memory; more loops than 64 re-applies each frozen block beyond any tested depth.
+NODE_LIMITS = {"steps": 10_000_000, "batch_size": 10_000, "context_len": 10_000, "n_loops": 64,
+               "eval_windows": 100_000}
+
+
 def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
     here = f"{where}: node {node.name!r}"
     for parent in node.parents:
@@ -236,6 +243,9 @@ def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
         value = getattr(node, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CurriculumError(f"{here}: {key} must be a positive integer, got {value!r}")
+        if key in NODE_LIMITS and value > NODE_LIMITS[key]:
+            raise CurriculumError(f"{here}: {key} {value} is over the limit of {NODE_LIMITS[key]} "
+                                  "(curriculum.NODE_LIMITS)")
     if not isinstance(node.horizon, int) or not 1 <= node.horizon < node.context_len:
         raise CurriculumError(f"{here}: horizon must be an integer in [1, context_len={node.context_len}), "
                               f"got {node.horizon!r}")

@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 CHANGE_TRANSFORMS = ("diff", "pct_change", "log_return")
 # Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
+# Longest forecast (and hold-out) in grid steps: one model call per adapter horizon of steps, so 10,000 steps is 2,500
+# calls at horizon 4; a longer request is almost surely a typo, refused up front instead of running for hours.
+MAX_FORECAST_STEPS = 10_000
 _SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
 
 
@@ -264,7 +267,9 @@ def forecast(model, history, horizon: int, *, time_column: str | None = None, fr
     """
     spec = AdapterSpec.from_model(model)
     frame, freq = read_history(history, spec, time_column, freq)
-    return _forecast_frame(model, spec, frame, freq, horizon)[0]
+    predictions, due = _forecast_frame(model, spec, frame, freq, horizon)
+    check_finite(predictions.to_numpy(), due, list(predictions.columns), spec)
+    return predictions
 
 
 def _spacing(rows: np.ndarray) -> int:
@@ -332,10 +337,31 @@ def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | N
     return result, schedule[length:]
 
 
+class NonFiniteForecastError(ValueError):
+    """The model predicted NaN or inf: the adapter's weights (or the base's) are damaged, e.g. a diverged run."""
+
+
+def check_finite(values: np.ndarray, due: np.ndarray, names: list[str], spec: AdapterSpec) -> None:
+    """Refuse a forecast with NaN/inf where a value was due: values and due (T, S), S = len(names) fields.
+
+    NaN where nothing was due (a quarterly field between its quarters) is the documented gap, not an error.
+    """
+    bad = due & ~np.isfinite(values)
+    if bad.any():
+        fields = [name for j, name in enumerate(names) if bad[:, j].any()]
+        raise NonFiniteForecastError(
+            f"adapter {spec.adapter_name!r} predicted non-finite values (NaN/inf) for field(s) {fields} at "
+            f"{int(bad.sum())} of {int(due.sum())} steps: its weights are damaged (e.g. a diverged training run); "
+            "use an earlier checkpoint or retrain it")
+
+
 def check_forecast_request(history_len: int, horizon, spec: AdapterSpec) -> None:
     """The one-line errors for a horizon that is not a positive integer or a history too short for one window."""
     if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon <= 0:
         raise ValueError(f"horizon must be a positive number of steps, got {horizon!r}")
+    if horizon > MAX_FORECAST_STEPS:
+        raise ValueError(f"horizon {horizon} is over the limit of {MAX_FORECAST_STEPS} steps "
+                         "(forecasting.MAX_FORECAST_STEPS); forecast fewer steps")
     if history_len < spec.min_history():
         raise DataError(f"the history has {history_len} steps; this adapter needs at least {spec.min_history()} "
                         f"(context_len {spec.context_len} - horizon {spec.horizon})")
@@ -363,6 +389,7 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     values = np.stack([normalised[s:s + window] for s in starts])  # (B, T, S)
     target = np.isnan(values)
     predictions = _predict(model, values, spec.slots(names), target)  # (B, T, S)
+    check_finite(predictions.reshape(-1, len(names)), target.reshape(-1, len(names)), names, spec)
     filled = normalised.copy()
     for b, s in enumerate(starts):
         part = filled[s:s + window]
@@ -448,6 +475,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, time_colum
     if season is not None and season < 1:
         raise ValueError(f"season must be a positive number of steps, got {season}")
     predictions, schedule = _forecast_frame(model, spec, train, freq, holdout)
+    check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
     scale_lag = season if season and season > 1 and len(train) > season else 1
     fields = {}
     for j, name in enumerate(frame.columns):
@@ -472,6 +500,9 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, time_colum
 def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:
     if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or holdout <= 0:
         raise ValueError(f"holdout must be a positive number of steps, got {holdout!r}")
+    if holdout > MAX_FORECAST_STEPS:
+        raise ValueError(f"holdout {holdout} is over the limit of {MAX_FORECAST_STEPS} steps "
+                         "(forecasting.MAX_FORECAST_STEPS); hold out fewer steps")
     if length - holdout < spec.min_history():
         raise DataError(f"the data has {length} steps; holding out {holdout} leaves {length - holdout}, fewer than "
                         f"the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "
@@ -554,6 +585,7 @@ def _joined(anchor: pd.Series, series: pd.Series) -> tuple[pd.Index, np.ndarray]
     return joined.index, joined.to_numpy(dtype=np.float64)
 
 
-__all__ = ["AdapterSpec", "default_season", "error_metrics", "evaluate", "evaluation_json", "forecast",
+__all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "default_season",
+           "error_metrics", "evaluate", "evaluation_json", "forecast",
            "format_evaluation", "impute", "naive_forecast", "plot_forecast", "read_history",
            "seasonal_naive_forecast"]

@@ -24,12 +24,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from modeling_gwm import commands
 from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
 from modeling_gwm.configuration_gwm import GWMConfig
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.data import DataError, DataSource, build_node_data
+from modeling_gwm.forecasting import AdapterSpec, NonFiniteForecastError, forecast, read_history
 from modeling_gwm.loop import AdapterMismatchError
-from modeling_gwm.modeling_gwm import AdapterLoadError, GWMModel
+from modeling_gwm.modeling_gwm import AdapterLoadError, GWMModel, load_adapter_config
 from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +80,8 @@ class Env:
         shutil.copytree(trained / "out", self.out)
         self.config = tmp / "tiny.yaml"
         self.config.write_text(yaml.safe_dump(spec(), sort_keys=False))
+        self.data = tmp / "macro.csv"  # a user's data file for the `gwm` cases (node a's fields, raw column names)
+        shutil.copyfile(DATA / "us_macro_quarterly.csv", self.data)
 
     def yaml(self, text_or_spec, name: str = "bad.yaml") -> Path:
         path = self.tmp / name
@@ -122,6 +126,49 @@ def _train_node_j(env: Env, *extra: str) -> list[str]:
 
 def _wide_base(env: Env) -> Path:
     return Path(make_tiny_cogvideox(env.tmp / "wide", num_attention_heads=2, attention_head_dim=48))
+
+
+def _gwm_inputs(env: Env, adapter: str | Path = "a") -> list[str]:
+    """--adapter (a node of the trained run, or a folder), --data (the user's copy) and the column mapping."""
+    folder = env.out / adapter if isinstance(adapter, str) else adapter
+    return ["--adapter", str(folder), "--data", str(env.data),
+            "--columns", "unemp=macro.us.unemployment,infl=macro.us.inflation"]
+
+
+def _gwm_forecast(env: Env, *outputs: str, adapter: str | Path = "a") -> list[str]:
+    return ["gwm", "forecast", *_gwm_inputs(env, adapter), "--horizon", "2", *outputs]
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def _nan_adapter(env: Env) -> Path:
+    """Node a's adapter with every weight NaN: what a diverged run that saved anyway would leave."""
+    def poison(folder: Path) -> None:
+        weights = folder / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, str(weights))
+    return env.adapter(poison)
+
+
+def _drop_frequency(folder: Path) -> None:
+    """An adapter config from before the grid frequency was recorded: the history's grid comes from freq."""
+    _edit_json(folder / "adapter_config.json", lambda c: [f.pop("frequency", None) for f in c["fields"]])
+
+
+def _macro_history(env: Env):
+    import pandas as pd
+
+    columns = {"unemp": "macro.us.unemployment", "infl": "macro.us.inflation"}
+    return pd.read_csv(env.data)[["date", *columns]].rename(columns=columns)
 
 
 # (id, what to run, expected: an exception type or 2 = exit code of dag_train.main, text the message must contain)
@@ -264,6 +311,69 @@ CASES = [
     ("cli-resume-override-parent-lacks-field", lambda e: _resume_j(e, _add_sunspots_to_a, "--allow_changed_config"),
      2, "solar.sunspots"),
     # ---------------------------------------------- end of baddata block
+    # ------------------------------------------------ badcli: outputs never overwrite inputs; limits; non-finite
+    # `gwm` cases run modeling_gwm.commands.main; the input data file (Env.data) must come through unchanged.
+    ("gwm-forecast-out-is-data", lambda e: _gwm_forecast(e, "--out", str(e.data)), 2, "--out"),
+    ("gwm-forecast-out-symlink-to-data", lambda e: _gwm_forecast(e, "--out", str(_link(e.tmp / "l.csv", e.data))),
+     2, "--data"),
+    ("gwm-forecast-out-relative-data", lambda e: _gwm_forecast(e, "--out", os.path.relpath(e.tmp / "." / "macro.csv")),
+     2, "--out"),
+    ("gwm-forecast-out-adapter-config", lambda e: _gwm_forecast(e, "--out", str(e.out / "a" / "adapter_config.json")),
+     2, "adapter_config.json"),
+    ("gwm-forecast-plot-adapter-weights", lambda e: _gwm_forecast(
+        e, "--out", str(e.tmp / "p.csv"), "--plot", str(e.out / "a" / "adapter_model.safetensors")), 2, "--plot"),
+    ("gwm-forecast-out-in-run-folder", lambda e: _gwm_forecast(e, "--out", str(e.out / "preds.csv"), adapter="b"),
+     2, "training-run folder"),
+    ("gwm-forecast-out-in-base", lambda e: _gwm_forecast(e, "--out", str(TINY_BASE / "preds.csv")), 2,
+     "tiny-cogvideox"),
+    ("gwm-forecast-out-equals-plot", lambda e: _gwm_forecast(
+        e, "--out", str(e.tmp / "p.csv"), "--plot", str(e.tmp / "p.csv")), 2, "--plot"),
+    ("gwm-forecast-out-is-folder", lambda e: _gwm_forecast(e, "--out", str(e.tmp)), 2, "folder"),
+    ("gwm-forecast-out-missing-folder", lambda e: _gwm_forecast(e, "--out", str(e.tmp / "nope" / "p.csv")), 2,
+     "nope"),
+    ("gwm-forecast-out-unwritable-folder", lambda e: _gwm_forecast(e, "--out", "/proc/preds.csv"), 2,
+     "not writable"),
+    ("gwm-evaluate-json-is-data", lambda e: ["gwm", "evaluate", *_gwm_inputs(e), "--holdout", "2",
+                                             "--json", str(e.data)], 2, "--json"),
+    ("gwm-evaluate-plot-in-adapter", lambda e: ["gwm", "evaluate", *_gwm_inputs(e), "--holdout", "2",
+                                                "--plot", str(e.out / "a" / "x.png")], 2, "--plot"),
+    ("gwm-plot-losses-out-in-run", lambda e: ["gwm", "plot-losses", str(e.out), "--out", str(e.out / "l.png")], 2,
+     "--out"),
+    ("gwm-forecast-horizon-over-limit", lambda e: ["gwm", "forecast", *_gwm_inputs(e), "--horizon", "100000000",
+                                                   "--out", str(e.tmp / "p.csv")], 2, "10000"),
+    ("gwm-evaluate-holdout-over-limit", lambda e: ["gwm", "evaluate", *_gwm_inputs(e), "--holdout", "100000000"], 2,
+     "10000"),
+    ("gwm-forecast-nan-adapter", lambda e: _gwm_forecast(e, "--out", str(e.tmp / "p.csv"), adapter=_nan_adapter(e)),
+     2, "--adapter"),
+    ("api-forecast-nan-adapter", lambda e: lambda: forecast(
+        GWMModel.from_pretrained(TINY_BASE, adapter=_nan_adapter(e)), _macro_history(e), 2), NonFiniteForecastError,
+     "'default'"),
+    ("api-history-grid-over-limit", lambda e: lambda: read_history(_macro_history(e), AdapterSpec.from_config(
+        load_adapter_config(e.adapter(_drop_frequency))), freq="ns"), DataError, "'ns'"),
+    ("cli-output-dir-is-config", lambda e: ["--output_dir", str(e.config), "--config", str(e.config)], 2,
+     "--output_dir"),
+    ("cli-output-dir-in-base", lambda e: ["--output_dir", str(TINY_BASE / "run"), "--config", str(e.config)], 2,
+     "--base"),
+    ("cli-output-dir-would-hold-data", lambda e: ["--output_dir", str(e.tmp / "new"), "--config", str(e.spec_with(
+        lambda s: s["sources"]["co2"].update(path=str(_copy(DATA / "co2_mauna_loa_monthly.csv",
+                                                                e.tmp / "new" / "b" / "co2.csv")))))], 2, "co2"),
+    ("cli-output-dir-is-adapter", lambda e: ["--output_dir", str(e.out / "a"), "--config", str(e.config)], 2,
+     "adapter folder"),
+    ("cli-output-dir-inside-run", lambda e: ["--output_dir", str(e.out / "a" / "more"), "--config", str(e.config)], 2,
+     "--output_dir"),
+    ("cli-max-steps-over-limit", lambda e: _train_node_j(e, "--max_steps", "100000000000"), 2, "--max_steps"),
+    ("cli-max-steps-zero", lambda e: e.cli("--config", str(e.config), "--max_steps", "0"), 2, "--max_steps"),
+    ("cli-accumulation-zero", lambda e: e.cli("--config", str(e.config), "--gradient_accumulation_steps", "0"), 2,
+     "--gradient_accumulation_steps"),
+    ("yaml-steps-over-limit", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["defaults"].update(steps=10**12))), CurriculumError, "steps"),
+    ("yaml-batch-size-over-limit", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][0].update(batch_size=10**9))), CurriculumError, "batch_size"),
+    ("yaml-context-len-over-limit", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["defaults"].update(context_len=10**7))), CurriculumError, "context_len"),
+    ("gwm-params-d-model-over-limit", lambda e: ["gwm", "params", "--architecture", "THUDM/CogVideoX-2b",
+                                                 "--d_model", "100000000"], 2, "--d_model"),
+    # ------------------------------------------------ end of badcli's block
 ]
 
 
@@ -290,9 +400,13 @@ def test_bad_input(tmp_path, trained, capsys, build, expected, culprit):
     env = Env(tmp_path, trained)
     before = _snapshot(env.out)
     action = build(env)
+    before_inputs = _snapshot(env.tmp)  # the user's own files next to the run (data, curriculum) stay too
     if expected == 2:
+        run = dag_train.main
+        if action[0] == "gwm":  # a `gwm` command line: modeling_gwm.commands.main
+            run, action = commands.main, action[1:]
         try:
-            rc = dag_train.main(action)
+            rc = run(action)
         except SystemExit as exit_:  # argparse's own usage errors
             rc = exit_.code
         err = capsys.readouterr().err
@@ -306,6 +420,8 @@ def test_bad_input(tmp_path, trained, capsys, build, expected, culprit):
             action()
         _one_line(str(caught.value), culprit)
     _assert_unchanged(env, before)
+    after_inputs = _snapshot(env.tmp)
+    assert {k: v for k, v in after_inputs.items() if k in before_inputs} == before_inputs, "an input was changed"
 
 
 # ---------------------------------------------------------------------------------------------------- real processes
@@ -465,3 +581,33 @@ def test_expected_adapter_tensors_are_what_peft_saves(backbone):
     expected = _expected_adapter_shapes(GWMModel.from_pretrained(TINY_BASE, **kwargs), peft_model.peft_config[
         "default"], "adapter")
     assert saved == expected
+# ---------------------------------------------------------------------------------------------------- badcli: processes
+def test_full_disk_during_gwm_output_leaves_the_earlier_file_whole(tmp_path, trained):
+    """An output written when the disk fills (RLIMIT_FSIZE) fails with one line and the old file stays whole."""
+    env = Env(tmp_path, trained)
+    old = tmp_path / "preds.png"
+    old.write_bytes(b"an earlier plot the user keeps")
+    argv = [sys.executable, "-m", "modeling_gwm.commands", "forecast", *_gwm_inputs(env), "--horizon", "2",
+            "--out", str(tmp_path / "preds.csv"), "--plot", str(old)]  # the CSV fits in 8 KiB, the PNG does not
+    proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("gwm forecast: error: --plot") and "File too large" in last, last
+    assert old.read_bytes() == b"an earlier plot the user keeps"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
+
+
+def test_accelerate_launch_quiet_ends_with_the_one_line_error(tmp_path):
+    """The README's `accelerate launch -q`: the launcher exits 1 and the script's error line is the last one."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: [a, b\n")
+    argv = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "-q", "--num_processes", "1",
+            str(DAG_TRAIN), "--config", str(bad), "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # accelerate's own code for any failure of the script
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("dag_train.py: error: ") and "bad.yaml" in last, proc.stderr[-3000:]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train a GWM DAG curriculum.
 
-    accelerate launch training/dag_train.py                      # the shipped demo, CPU, tiny base, no download
-    accelerate launch training/dag_train.py --config my.yaml --base THUDM/CogVideoX-2b --mixed_precision bf16
-    accelerate launch --multi_gpu --num_processes 2 training/dag_train.py   # DDP (gloo on CPU)
+    accelerate launch -q training/dag_train.py                   # the shipped demo, CPU, tiny base, no download
+    accelerate launch -q training/dag_train.py --config my.yaml --base THUDM/CogVideoX-2b --mixed_precision bf16
+    accelerate launch -q --multi_gpu --num_processes 2 training/dag_train.py   # DDP (gloo on CPU)
 
 Spread one curriculum over several machines by running independent nodes as separate jobs that share --output_dir
 (a shared file system; e.g. `--nodes macro` on one machine, `--nodes climate` on another, then `--nodes world
@@ -14,12 +14,58 @@ complete there. Give every job the same curriculum and --seed: the split run the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configuration", "curricula", "demo.yaml")
+
+
+def _steps_flag(value: str) -> int:
+    """argparse type of --max_steps / --gradient_accumulation_steps: a whole number in [1, the steps limit]."""
+    from modeling_gwm.curriculum import NODE_LIMITS
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {value!r}") from None
+    if not 1 <= number <= NODE_LIMITS["steps"]:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps in [1, {NODE_LIMITS['steps']}] "
+                                         f"(curriculum.NODE_LIMITS), got {value}")
+    return number
+
+
+def _check_output_dir(args, curriculum) -> None:
+    """Refuse, before any work, an --output_dir that is an input or whose writes would overwrite one.
+
+    Inputs are the curriculum file, every local data file and a local base; the trainer writes dag.json, the run
+    card and plot, one folder per node, final/, runs/ and .locks/ in --output_dir (see io_utils.check_output_dir).
+    """
+    from modeling_gwm.io_utils import check_output_dir
+
+    inputs = {"--config": args.config, "--base": args.base or curriculum.model.get("base"),
+              **{f"source {name!r}": source.path for name, source in curriculum.sources.items()}}
+    writes = ["dag.json", "README.md", "loss_curves.png", "runs", ".locks", "final", ".final.tmp", ".final.old",
+              *(node.name for node in curriculum.nodes)]
+    check_output_dir("--output_dir", args.output_dir, writes, inputs)
+
+
+def _tell_launcher(message: str) -> None:
+    """Under torchrun (multi-process `accelerate launch`), put the one-line error in its failure report.
+
+    torchrun always ends a failed run with its own ChildFailedError report; its "Root Cause" then shows this line
+    instead of "To enable traceback see ...". The file is torch elastic's per-process error file (a JSON message).
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump({"message": message, "timestamp": int(time.time())}, handle)
+        except OSError:
+            pass
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,10 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow_changed_config", action="store_true",
                         help="with --resume: continue although the curriculum or settings changed since the run "
                              "started (the new settings take over; refused by default)")
-    parser.add_argument("--max_steps", type=int, default=None, help="cap every node's steps (quick runs)")
+    parser.add_argument("--max_steps", type=_steps_flag, default=None, help="cap every node's steps (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_accumulation_steps", type=_steps_flag, default=1)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="default: accelerate's config (no on CPU)")
     parser.add_argument("--report_to", choices=["none", "tensorboard", "trackio", "wandb"], default="none")
@@ -64,6 +110,7 @@ def main(argv=None) -> int:
             print(curriculum.plan())
             print("\n```mermaid\n" + curriculum.mermaid() + "\n```")
             return 0
+        _check_output_dir(args, curriculum)
         from modeling_gwm.trainer import DAGCurriculumTrainer, summary
 
         trainer = DAGCurriculumTrainer(
@@ -82,6 +129,7 @@ def main(argv=None) -> int:
         if not isinstance(err, (CurriculumError, DataError)) and os.environ.get("GWM_DEBUG"):
             raise
         print(f"dag_train.py: error: {err}", file=sys.stderr)
+        _tell_launcher(f"dag_train.py: error: {err}")
         return 2
     return 0
 
