@@ -93,3 +93,12 @@ def test_gpu_width_bench_refuses_without_cuda_and_runs_narrow_on_cpu(bench, tmp_
     rows = json.loads(out.read_text())["rows"]
     assert [(r["positions"], r["gradient_checkpointing"]) for r in rows] == [(16, False), (16, True)]
     assert all(r["positions_per_s"] > 0 and r["floor_tflop"] > 0 for r in rows)
+
+
+def test_scaling_comparison_trains_on_truncated_series_and_scores_the_hold_out(bench, tmp_path):
+    out = tmp_path / "scaling.json"
+    assert bench("compare_scaling").main(["--smoke", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert [row["config"] for row in written["aggregate"]] == ["none", "last_value"]
+    fields = written["runs"][0]["fields"]
+    assert len(fields) == 7 and all(v["model"] > 0 and v["naive"] > 0 for v in fields.values())
