@@ -104,3 +104,12 @@ def test_init_geometry_reports_half_updates_at_init(bench, tmp_path):
     for row in result["applications"]:  # gates sigmoid(0) = 1/2: each loop step is half the block's update
         assert row["step"] == pytest.approx(row["update"] / 2) and row["update"] > 0
     assert result["vs_identity_backbone"] > 0 and result["vs_bare_model"] > 0
+
+
+def test_scaling_comparison_trains_on_truncated_series_and_scores_the_hold_out(bench, tmp_path):
+    out = tmp_path / "scaling.json"
+    assert bench("compare_scaling").main(["--smoke", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert [row["config"] for row in written["aggregate"]] == ["none", "last_value"]
+    fields = written["runs"][0]["fields"]
+    assert len(fields) == 7 and all(v["model"] > 0 and v["naive"] > 0 for v in fields.values())
