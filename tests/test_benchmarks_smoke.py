@@ -93,3 +93,18 @@ def test_gpu_width_bench_refuses_without_cuda_and_runs_narrow_on_cpu(bench, tmp_
     rows = json.loads(out.read_text())["rows"]
     assert [(r["positions"], r["gradient_checkpointing"]) for r in rows] == [(16, False), (16, True)]
     assert all(r["positions_per_s"] > 0 and r["floor_tflop"] > 0 for r in rows)
+
+
+def test_forecast_bench_holds_out_the_tails_and_scores_gwm_against_the_baselines(bench, tmp_path):
+    out = tmp_path / "forecast.json"
+    bench("bench_forecast").main(["--smoke", "--output_dir", str(tmp_path / "run"), "--out", str(out)])
+    written = json.loads(out.read_text())
+    truncated = tmp_path / "run" / "truncated"
+    for source, split in written["curriculum"]["sources"].items():  # training read only the truncated copies
+        assert Path(split["path"]).parent == truncated, source
+    air = written["summary"]["fields"]["transport.air.passengers"]
+    assert air["gwm_mase"] > 0 and air["naive_mase"] > 0 and air["seasonal_naive_mase"] > 0
+    aggregate = written["summary"]["aggregate"]
+    assert aggregate["mase"]["seasonal_naive"] == pytest.approx(1.0) and aggregate["mase"]["gwm"] > 0
+    assert 0.0 <= aggregate["share_beats_naive"] <= 1.0
+    assert {"date", "cpu", "command"} <= set(written["machine"]) and written["wall_s"] > 0
