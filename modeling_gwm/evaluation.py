@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .data import DataError
-from .forecasting import AdapterSpec, _forecast_frame, _spacing, read_history
+from .forecasting import AdapterSpec, _forecast_quantile_frame, _spacing, read_history
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ BASELINES = NAIVE_METHODS + STATS_METHODS
 MISSING_STATSFORECAST = 'auto_ets and auto_arima need statsforecast: pip install -e ".[eval]"'
 # Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
 _SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
-_NOT_JSON = ("predictions", "actuals", "history")
+_NOT_JSON = ("predictions", "quantiles", "actuals", "history")
 
 
 # ---------------------------------------------------------------------------------------------------- baselines
@@ -189,20 +189,21 @@ def check_methods(methods) -> tuple[str, ...]:
     return methods
 
 
-def evaluate(model, data, holdout: int, *, season: int | None = None, methods=None,
-             quantile_levels: tuple[float, ...] = QUANTILE_LEVELS, time_column: str | None = None,
-             freq: str | None = None) -> dict:
+def evaluate(model, data, holdout: int, *, season: int | None = None, methods=None, quantile_levels=None,
+             time_column: str | None = None, freq: str | None = None) -> dict:
     """Hold out the last `holdout` steps, forecast them from the rest, and score model and baselines per field.
 
     Args:
         methods: baselines next to the model, from `BASELINES` (default: all; without statsforecast the naive ones,
             said in one warning and in `result["note"]`).
+        quantile_levels: the levels WQL averages over, for the model and every baseline alike: a subset of the
+            adapter's trained levels (default: all of them). The model's point forecast is its median.
 
     Returns {"holdout", "season", "mase_lag", "frequency", "methods", "quantile_levels", "note", "fields": {field:
     {"unit", "model", "naive", ...}}, "aggregate": {"reference", "mase": {method: x}, "wql": {...}}}; each method a
     dict of mae/rmse/mase/wql in the field's own units (wql NaN for a method without quantiles); `"predictions"`
-    holds the model's forecast frame and `"actuals"` / `"history"` the held-out and training frames (not JSON;
-    `evaluation_json` drops them).
+    holds the model's median forecast frame, `"quantiles"` its `forecast_quantiles` frame and `"actuals"` /
+    `"history"` the held-out and training frames (not JSON; `evaluation_json` drops them).
     """
     asked = methods
     methods = check_methods(methods)
@@ -211,6 +212,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
         note = f"{MISSING_STATSFORECAST} (scored: model, naive, seasonal_naive)"
         logger.warning(note)
     spec = AdapterSpec.from_model(model)
+    quantile_levels = tuple(spec.check_levels(quantile_levels))
     frame, freq = read_history(data, spec, time_column, freq)
     check_evaluate_request(len(frame), holdout, spec)
     train, actual = frame.iloc[:-holdout], frame.iloc[-holdout:]
@@ -219,7 +221,10 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
         raise ValueError(f"season must be a positive number of steps, got {season}")
     if not (season and season > 1):
         methods = tuple(m for m in methods if m != "seasonal_naive")
-    predictions, schedule = _forecast_frame(model, spec, train, freq, holdout)
+    model_quantiles, schedule = _forecast_quantile_frame(model, spec, train, freq, holdout,
+                                                         sorted({*quantile_levels, 0.5}))  # (holdout, S x levels)
+    predictions = model_quantiles.xs(0.5, axis=1, level="level")  # the median is the point forecast
+    predictions.attrs["units"] = model_quantiles.attrs["units"]
     scale_lag = season if season and season > 1 and len(train) > season else 1
     quantile_capable = has_statsforecast()
     fields = {}
@@ -232,7 +237,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
         # on its own consecutive observations, a field's season and MASE lag are counted in its own steps
         lag = max(1, round(scale_lag / spacing))
         points = {"model": predictions[name].to_numpy()}
-        quantiles: dict[str, np.ndarray] = {}
+        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy()}  # (holdout, Q)
         if "naive" in methods:
             points["naive"] = naive_forecast(history, holdout)
         if "seasonal_naive" in methods:
@@ -260,7 +265,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq,
             "methods": ["model", *methods], "quantile_levels": list(quantile_levels), "note": note,
             "fields": fields, "aggregate": aggregate,
-            "predictions": predictions, "actuals": actual, "history": train}
+            "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train}
 
 
 def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:

@@ -136,7 +136,7 @@ def test_evaluate_scores_every_method_with_quantiles(model, csv):
     result = evaluate(model, pd.read_csv(csv), 12)
     sales = result["fields"]["demo.sales"]
     assert set(sales) == {"unit", "model", "naive", "seasonal_naive", "auto_ets", "auto_arima"}
-    assert all(math.isfinite(sales[m]["wql"]) for m in ("naive", "seasonal_naive", "auto_ets", "auto_arima"))
+    assert all(math.isfinite(sales[m]["wql"]) for m in ("model", "naive", "seasonal_naive", "auto_ets", "auto_arima"))
     # a noiseless trend + season: ETS forecasts it far better than the seasonal-naive copy of last year
     assert sales["auto_ets"]["mase"] < 0.5 * sales["seasonal_naive"]["mase"]
     assert result["aggregate"]["mase"]["seasonal_naive"] == pytest.approx(1.0)
@@ -157,6 +157,19 @@ def test_without_statsforecast_evaluate_scores_the_naive_methods_and_says_why(mo
         evaluate(model, pd.read_csv(csv), 12, methods=["naive", "auto_arima"])
 
 
+def test_model_wql_comes_from_its_quantiles_at_the_asked_levels(model, csv):
+    frame = pd.read_csv(csv)
+    result = evaluate(model, frame, 12, methods=["naive"], quantile_levels=[0.9, 0.1])
+    assert result["quantile_levels"] == [0.1, 0.9]
+    truth = frame["demo.sales"].to_numpy()[-12:]
+    band = result["quantiles"]["demo.sales"][[0.1, 0.9]].to_numpy()  # (12, 2) in the data's units
+    assert result["fields"]["demo.sales"]["model"]["wql"] == pytest.approx(
+        weighted_quantile_loss(truth, band, (0.1, 0.9)))
+    np.testing.assert_allclose(result["predictions"]["demo.sales"], result["quantiles"]["demo.sales", 0.5])
+    with pytest.raises(ValueError, match=r"unknown quantile level\(s\) \[0.25\]"):
+        evaluate(model, frame, 12, quantile_levels=[0.25])
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['prophet'\]; choose from"):
         check_methods(["naive", "prophet"])
@@ -175,7 +188,7 @@ def test_cli_prints_mase_wql_and_the_aggregate(adapter, csv, tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written["methods"] == ["model", "naive", "seasonal_naive"]
     assert written["aggregate"]["mase"]["seasonal_naive"] == pytest.approx(1.0)
-    assert written["quantile_levels"] == list(QUANTILE_LEVELS)
+    assert written["quantile_levels"] == list(QUANTILE_LEVELS) and written["fields"]["demo.sales"]["model"]["wql"] > 0
 
 
 @pytest.mark.parametrize("methods, message", [
