@@ -30,7 +30,9 @@ example:
   gwm forecast --adapter outputs/gwm-demo/final --data configuration/data/elnino_nino12_monthly.csv \\
       --columns sst=climate.enso.nino12_sst --horizon 12 --out preds.csv --plot preds.png""",
     "evaluate": """MASE divides a method's MAE by the in-sample MAE of the (seasonal) naive one-step forecast on the
-training part; below 1 beats it. --season defaults to 12 for monthly, 4 for quarterly, 7 for daily data.
+training part; below 1 beats it. WQL is the weighted quantile loss of the quantile forecasts (Chronos' metric). The
+aggregate is each method's geometric mean over fields relative to seasonal-naive. --season defaults to 12 for
+monthly, 4 for quarterly, 7 for daily data. AutoETS and AutoARIMA need pip install -e ".[eval]" (statsforecast).
 
 example:
   gwm evaluate --adapter outputs/gwm-demo/final --data configuration/data/elnino_nino12_monthly.csv \\
@@ -254,8 +256,11 @@ def cmd_forecast(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .forecasting import check_evaluate_request, evaluate, evaluation_json, format_evaluation, plot_forecast
+    from .evaluation import check_evaluate_request, check_methods, evaluate, evaluation_json, format_evaluation
+    from .forecasting import plot_forecast
 
+    methods = check_methods([m.strip() for v in args.methods for m in v.split(",") if m.strip()]) \
+        if args.methods else None  # before reading anything: a missing extra fails fast
     _check_outputs(args, "json", "plot")
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
@@ -264,7 +269,7 @@ def cmd_evaluate(args) -> int:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
     model = _load_model(args)
     with _naming_adapter(args):
-        result = evaluate(model, history, args.holdout, season=args.season, freq=freq)
+        result = evaluate(model, history, args.holdout, season=args.season, methods=methods, freq=freq)
     print(format_evaluation(result))
     if args.json:
         _write_atomic("--json", args.json, lambda buffer: buffer.write(
@@ -273,7 +278,7 @@ def cmd_evaluate(args) -> int:
     if args.plot:
         _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
             result["history"], result["predictions"], buffer, actuals=result["actuals"],
-            title=f"GWM hold-out forecast of the last {args.holdout} steps"))
+            title=f"GWM hold-out forecast of the last {args.holdout} steps", quantiles=result["quantiles"]))
         print(f"wrote {args.plot}")
     return 0
 
@@ -385,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=_steps, required=True, help="steps held out at the end")
     p.add_argument("--season", type=_steps, default=None,
                    help="seasonal period for seasonal-naive and MASE (default: from the frequency)")
+    p.add_argument("--methods", action="append", metavar="METHOD",
+                   help="baselines next to the model: naive, seasonal_naive, auto_ets, auto_arima (repeatable or "
+                        "comma-separated; default: all, auto_ets/auto_arima when statsforecast is installed)")
     p.add_argument("--json", default=None, help="write the scores as JSON here")
     p.add_argument("--plot", default=None, help="PNG of forecast vs. actuals, one panel per field")
     p.set_defaults(func=cmd_evaluate)

@@ -1,4 +1,6 @@
-"""Forecast, impute and evaluate with a trained GWM adapter, in the data's own units; baselines; forecast plots.
+"""Forecast and impute with a trained GWM adapter, in the data's own units; forecast plots.
+
+Scoring against baselines lives in `modeling_gwm.evaluation`.
 
 A history is a table of time steps by fields: a pandas DataFrame, a dict of arrays or a `datasets.Dataset`, with
 columns named by the adapter's dotted field names (any subset of them; a field that is not there is simply absent
@@ -47,11 +49,9 @@ from .data import (
 logger = logging.getLogger(__name__)
 
 CHANGE_TRANSFORMS = ("diff", "pct_change", "log_return")
-# Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
 # Longest forecast (and hold-out) in grid steps: one model call per adapter horizon of steps, so 10,000 steps is 2,500
 # calls at horizon 4; a longer request is almost surely a typo, refused up front instead of running for hours.
 MAX_FORECAST_STEPS = 10_000
-_SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
 
 
 # ---------------------------------------------------------------------------------------------------- the adapter
@@ -493,142 +493,6 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- baselines
-def naive_forecast(train: np.ndarray, horizon: int) -> np.ndarray:
-    """The last observed value, repeated."""
-    observed = np.asarray(train, dtype=np.float64)
-    observed = observed[~np.isnan(observed)]
-    return np.full(horizon, observed[-1] if len(observed) else np.nan)
-
-
-def seasonal_naive_forecast(train: np.ndarray, horizon: int, season: int) -> np.ndarray:
-    """The value one season earlier: y_hat[T + h] = y[T + h - season * ceil(h / season)] (gaps forward-filled)."""
-    filled = pd.Series(np.asarray(train, dtype=np.float64)).ffill().to_numpy()
-    if len(filled) < season:
-        raise DataError(f"seasonal naive needs at least one season ({season} steps) of training data, "
-                        f"got {len(filled)}")
-    last_season = filled[-season:]
-    return np.array([last_season[h % season] for h in range(horizon)])
-
-
-def error_metrics(actual: np.ndarray, predicted: np.ndarray, train: np.ndarray, season: int = 1) -> dict[str, float]:
-    """MAE, RMSE and MASE over the steps where `actual` is observed.
-
-    MASE divides the MAE by the in-sample MAE of the seasonal-naive one-step forecast (lag `season`, 1 = naive) on
-    `train` (Hyndman & Koehler 2006), so < 1 beats that baseline on average; NaN when the training series is flat.
-    """
-    actual, predicted = np.asarray(actual, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
-    scored = ~np.isnan(actual)
-    errors = actual[scored] - predicted[scored]
-    if errors.size == 0:
-        return {"mae": math.nan, "rmse": math.nan, "mase": math.nan}
-    mae = float(np.mean(np.abs(errors)))
-    train = np.asarray(train, dtype=np.float64)
-    lagged = np.abs(train[season:] - train[:-season]) if len(train) > season else np.array([])
-    lagged = lagged[~np.isnan(lagged)]
-    scale = float(np.mean(lagged)) if lagged.size else math.nan
-    return {"mae": mae, "rmse": float(np.sqrt(np.mean(errors ** 2))),
-            "mase": mae / scale if scale and not math.isnan(scale) else math.nan}
-
-
-def default_season(freq: str | None) -> int | None:
-    """12 for monthly, 4 for quarterly, 52 weekly, 7 daily, 24 hourly grids; None otherwise."""
-    if not freq:
-        return None
-    base = pd.tseries.frequencies.to_offset(freq)
-    if getattr(base, "n", 1) != 1:
-        return None
-    name = (getattr(base, "rule_code", None) or base.name).split("-")[0]
-    return _SEASONS.get(name)
-
-
-# ---------------------------------------------------------------------------------------------------- evaluate
-def evaluate(model, data, holdout: int, *, season: int | None = None, time_column: str | None = None,
-             freq: str | None = None) -> dict:
-    """Hold out the last `holdout` steps, forecast them from the rest, and score model and baselines per field.
-
-    Returns {"holdout", "season", "frequency", "fields": {field: {"unit", "model", "naive"[, "seasonal_naive"]}}},
-    each method a dict of mae/rmse/mase in the field's own units; `"predictions"` holds the model's forecast frame
-    and `"actuals"` / `"history"` the held-out and training frames (not JSON; `evaluation_json` drops them).
-    """
-    spec = AdapterSpec.from_model(model)
-    frame, freq = read_history(data, spec, time_column, freq)
-    check_evaluate_request(len(frame), holdout, spec)
-    train, actual = frame.iloc[:-holdout], frame.iloc[-holdout:]
-    season = default_season(freq) if season is None else season
-    if season is not None and season < 1:
-        raise ValueError(f"season must be a positive number of steps, got {season}")
-    predictions, schedule = _forecast_frame(model, spec, train, freq, holdout)
-    check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
-    scale_lag = season if season and season > 1 and len(train) > season else 1
-    fields = {}
-    for j, name in enumerate(frame.columns):
-        history = train[name].to_numpy()
-        # each field is scored at its own steps only (a quarterly field: the quarters), every method alike
-        truth = np.where(schedule[:, j], actual[name].to_numpy(), np.nan)
-        methods = {"model": predictions[name].to_numpy(), "naive": naive_forecast(history, holdout)}
-        if season and season > 1:
-            methods["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
-        rows = np.flatnonzero(~np.isnan(history))
-        spacing = _spacing(rows)
-        if spacing > 1:  # MASE's naive scale over the field's own consecutive observations, the lag in them
-            history, lag = history[rows], max(1, round(scale_lag / spacing))
-        else:
-            lag = scale_lag
-        fields[name] = {"unit": spec.fields[name].unit,
-                        **{m: error_metrics(truth, p, history, lag) for m, p in methods.items()}}
-    return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq, "fields": fields,
-            "predictions": predictions, "actuals": actual, "history": train}
-
-
-def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or holdout <= 0:
-        raise ValueError(f"holdout must be a positive number of steps, got {holdout!r}")
-    if holdout > MAX_FORECAST_STEPS:
-        raise ValueError(f"holdout {holdout} is over the limit of {MAX_FORECAST_STEPS} steps "
-                         "(forecasting.MAX_FORECAST_STEPS); hold out fewer steps")
-    if length - holdout < spec.min_history():
-        raise DataError(f"the data has {length} steps; holding out {holdout} leaves {length - holdout}, fewer than "
-                        f"the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "
-                        f"{spec.horizon})")
-
-
-def evaluation_json(result: dict) -> dict:
-    """The JSON-serialisable part of an `evaluate` result (NaN becomes null)."""
-    def clean(value):
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    return clean({k: v for k, v in result.items() if k not in ("predictions", "actuals", "history")})
-
-
-def format_evaluation(result: dict) -> str:
-    """A markdown table: one row per field and method, best MAE of each field in bold."""
-    lines = [f"Hold-out: last {result['holdout']} steps" + (f" ({result['frequency']})" if result.get("frequency")
-                                                           else "")
-             + f"; MASE scaled by the in-sample {'seasonal ' if result['mase_lag'] > 1 else ''}naive error"
-             + (f" (lag {result['mase_lag']})" if result["mase_lag"] > 1 else ""), "",
-             "| field | unit | method | MAE | RMSE | MASE |", "|---|---|---|---:|---:|---:|"]
-    for name, entry in result["fields"].items():
-        methods = {k: v for k, v in entry.items() if k != "unit"}
-        best = min(methods, key=lambda m: methods[m]["mae"] if not math.isnan(methods[m]["mae"]) else math.inf)
-        for method, scores in methods.items():
-            cells = [_fmt(scores[k]) for k in ("mae", "rmse", "mase")]
-            if method == best:
-                cells[0] = f"**{cells[0]}**"
-            lines.append(f"| {name} | {entry['unit'] or ''} | {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(value: float) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:.4g}"
-
-
 # ---------------------------------------------------------------------------------------------------- plots
 def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | os.PathLike | io.BytesIO,
                   actuals: pd.DataFrame | None = None, units: dict[str, str | None] | None = None,
@@ -678,6 +542,5 @@ def _joined(anchor: pd.Series, series: pd.Series) -> tuple[pd.Index, np.ndarray]
     return joined.index, joined.to_numpy(dtype=np.float64)
 
 
-__all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "default_season",
-           "error_metrics", "evaluate", "evaluation_json", "forecast", "forecast_quantiles", "format_evaluation",
-           "impute", "naive_forecast", "plot_forecast", "predict_windows", "read_history", "seasonal_naive_forecast"]
+__all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "forecast",
+           "forecast_quantiles", "impute", "plot_forecast", "predict_windows", "read_history"]

@@ -113,3 +113,18 @@ def test_scaling_comparison_trains_on_truncated_series_and_scores_the_hold_out(b
     assert [row["config"] for row in written["aggregate"]] == ["none", "last_value"]
     fields = written["runs"][0]["fields"]
     assert len(fields) == 7 and all(v["model"] > 0 and v["naive"] > 0 for v in fields.values())
+
+
+def test_forecast_bench_holds_out_the_tails_and_scores_gwm_against_the_baselines(bench, tmp_path):
+    out = tmp_path / "forecast.json"
+    bench("bench_forecast").main(["--smoke", "--output_dir", str(tmp_path / "run"), "--out", str(out)])
+    written = json.loads(out.read_text())
+    truncated = tmp_path / "run" / "truncated"
+    for source, split in written["curriculum"]["sources"].items():  # training read only the truncated copies
+        assert Path(split["path"]).parent == truncated, source
+    air = written["summary"]["fields"]["transport.air.passengers"]
+    assert air["gwm_mase"] > 0 and air["naive_mase"] > 0 and air["seasonal_naive_mase"] > 0
+    aggregate = written["summary"]["aggregate"]
+    assert aggregate["mase"]["seasonal_naive"] == pytest.approx(1.0) and aggregate["mase"]["gwm"] > 0
+    assert 0.0 <= aggregate["share_beats_naive"] <= 1.0
+    assert {"date", "cpu", "command"} <= set(written["machine"]) and written["wall_s"] > 0

@@ -15,18 +15,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
 from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
 from modeling_gwm.data import DataError  # noqa: E402
-from modeling_gwm.forecasting import (  # noqa: E402
-    AdapterSpec,
+from modeling_gwm.evaluation import (  # noqa: E402
     default_season,
     error_metrics,
     evaluate,
-    forecast_quantiles,
     format_evaluation,
     naive_forecast,
+    seasonal_naive_forecast,
+)
+from modeling_gwm.forecasting import (  # noqa: E402
+    AdapterSpec,
+    forecast_quantiles,
     plot_forecast,
     predict_windows,
     read_history,
-    seasonal_naive_forecast,
 )
 
 FIELDS = [
@@ -300,7 +302,7 @@ def test_evaluate_scores_model_and_baselines_per_field(model, tmp_path):
     assert result["season"] == 12 and result["holdout"] == 6
     assert set(result["fields"]) == {"demo.level", "demo.price", "demo.gdp"}
     level = result["fields"]["demo.level"]
-    assert set(level) == {"unit", "model", "naive", "seasonal_naive"}
+    assert {"unit", "model", "naive", "seasonal_naive"} <= set(level)
     assert level["naive"]["mae"] == 0.0  # a constant series: the last value is exact
     price = result["fields"]["demo.price"]
     steps = np.arange(34, 40)

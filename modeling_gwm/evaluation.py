@@ -1,0 +1,329 @@
+"""Score a GWM adapter on a held-out tail next to the baselines a forecaster would use, with MASE and WQL.
+
+Baselines: last value (`naive`), the value one season earlier (`seasonal_naive`), and, with the optional
+`statsforecast` extra (`pip install -e ".[eval]"`), `auto_ets` and `auto_arima`. With statsforecast, every baseline
+also has quantiles (statsforecast's prediction intervals: the 80 % interval's ends are the 0.1 and 0.9 quantiles), so
+each gets a weighted quantile loss. Metrics, per field, in the field's own units:
+
+- MASE: MAE over the in-sample MAE of the one-step seasonal-naive forecast (Hyndman & Koehler 2006);
+- WQL: for each quantile level q, 2 * sum_t pinball_q(y_t, yhat_q,t) / sum_t |y_t|, averaged over the levels (the
+  weighted quantile loss of the Chronos benchmark; the same number as utilsforecast's `scaled_crps` on one series);
+- the aggregate: for each method, the geometric mean over fields of its MASE (and WQL) divided by seasonal-naive's
+  (naive's for a field without a season), the relative score of the Chronos and GIFT-Eval benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+
+from .data import DataError
+from .forecasting import MAX_FORECAST_STEPS, AdapterSpec, _forecast_quantile_frame, _spacing, check_finite, read_history
+
+logger = logging.getLogger(__name__)
+
+QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+NAIVE_METHODS = ("naive", "seasonal_naive")
+STATS_METHODS = ("auto_ets", "auto_arima")  # need statsforecast
+BASELINES = NAIVE_METHODS + STATS_METHODS
+MISSING_STATSFORECAST = 'auto_ets and auto_arima need statsforecast: pip install -e ".[eval]"'
+# Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
+_SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
+_NOT_JSON = ("predictions", "quantiles", "actuals", "history")
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+def naive_forecast(train: np.ndarray, horizon: int) -> np.ndarray:
+    """The last observed value, repeated."""
+    observed = np.asarray(train, dtype=np.float64)
+    observed = observed[~np.isnan(observed)]
+    return np.full(horizon, observed[-1] if len(observed) else np.nan)
+
+
+def seasonal_naive_forecast(train: np.ndarray, horizon: int, season: int) -> np.ndarray:
+    """The value one season earlier: y_hat[T + h] = y[T + h - season * ceil(h / season)] (gaps forward-filled)."""
+    filled = pd.Series(np.asarray(train, dtype=np.float64)).ffill().to_numpy()
+    if len(filled) < season:
+        raise DataError(f"seasonal naive needs at least one season ({season} steps) of training data, "
+                        f"got {len(filled)}")
+    last_season = filled[-season:]
+    return np.array([last_season[h % season] for h in range(horizon)])
+
+
+def has_statsforecast() -> bool:
+    try:
+        import statsforecast  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interval_columns(name: str, levels: tuple[float, ...]) -> tuple[list[float], list[str]]:
+    """statsforecast's interval levels for quantile levels, and the column holding each quantile (in level order).
+
+    A central interval of level L (%) ends at the quantiles (1 - L/100) / 2 and (1 + L/100) / 2: q0.1 is `lo-80`,
+    q0.9 `hi-80`; q0.5 is the point forecast (the mean, which is the median of the symmetric intervals used here).
+    """
+    widths, columns = [], []
+    for q in levels:
+        width = round(abs(2 * q - 1) * 100, 6)
+        width = int(width) if float(width).is_integer() else width
+        if width == 0:
+            columns.append(name)
+            continue
+        widths.append(width)
+        columns.append(f"{name}-{'lo' if q < 0.5 else 'hi'}-{width}")
+    return sorted(set(widths)), columns
+
+
+def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, methods: tuple[str, ...],
+                          levels: tuple[float, ...] = QUANTILE_LEVELS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fit statsforecast models to a gap-free series and forecast it, with quantiles.
+
+    observed (N,) consecutive observations -> {method: (point (horizon,), quantiles (horizon, Q))}; a method that
+    fails on this series (too short for its season, say) is left out with a warning.
+    """
+    if not has_statsforecast():
+        raise ValueError(MISSING_STATSFORECAST)
+    from statsforecast import StatsForecast
+    from statsforecast.models import AutoARIMA, AutoETS, Naive, SeasonalNaive
+
+    build = {"naive": lambda: Naive(), "seasonal_naive": lambda: SeasonalNaive(season_length=season),
+             "auto_ets": lambda: AutoETS(season_length=season), "auto_arima": lambda: AutoARIMA(season_length=season)}
+    frame = pd.DataFrame({"unique_id": "series", "ds": np.arange(len(observed)), "y": observed})
+    out = {}
+    for method in methods:
+        model = build[method]()
+        widths, columns = _interval_columns(str(model), levels)
+        try:
+            result = StatsForecast(models=[model], freq=1, n_jobs=1).forecast(df=frame, h=horizon, level=widths)
+        except Exception as err:  # statsforecast raises many types on series it cannot fit
+            logger.warning("%s could not be fitted (%s: %s): left out", method, type(err).__name__,
+                           str(err).splitlines()[0] if str(err) else "")
+            continue
+        out[method] = (result[str(model)].to_numpy(np.float64), result[columns].to_numpy(np.float64))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def error_metrics(actual: np.ndarray, predicted: np.ndarray, train: np.ndarray, season: int = 1) -> dict[str, float]:
+    """MAE, RMSE and MASE over the steps where `actual` is observed.
+
+    MASE divides the MAE by the in-sample MAE of the seasonal-naive one-step forecast (lag `season`, 1 = naive) on
+    `train` (Hyndman & Koehler 2006), so < 1 beats that baseline on average; NaN when the training series is flat.
+    """
+    actual, predicted = np.asarray(actual, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    scored = ~np.isnan(actual)
+    errors = actual[scored] - predicted[scored]
+    if errors.size == 0:
+        return {"mae": math.nan, "rmse": math.nan, "mase": math.nan}
+    mae = float(np.mean(np.abs(errors)))
+    train = np.asarray(train, dtype=np.float64)
+    lagged = np.abs(train[season:] - train[:-season]) if len(train) > season else np.array([])
+    lagged = lagged[~np.isnan(lagged)]
+    scale = float(np.mean(lagged)) if lagged.size else math.nan
+    return {"mae": mae, "rmse": float(np.sqrt(np.mean(errors ** 2))),
+            "mase": mae / scale if scale and not math.isnan(scale) else math.nan}
+
+
+def weighted_quantile_loss(actual: np.ndarray, quantiles: np.ndarray, levels: tuple[float, ...]) -> float:
+    """WQL of quantile forecasts (H, Q) against actual (H,), over the steps where `actual` is observed.
+
+    mean over q of 2 * sum_t pinball_q / sum_t |y_t| (Chronos' WQL); NaN when nothing is scored or sum |y| is 0.
+    """
+    actual = np.asarray(actual, dtype=np.float64)
+    scored = ~np.isnan(actual)
+    y, predicted = actual[scored][:, None], np.asarray(quantiles, dtype=np.float64)[scored]  # (n, 1), (n, Q)
+    norm = float(np.abs(y).sum())
+    if y.size == 0 or norm == 0 or np.isnan(predicted).any():
+        return math.nan
+    q = np.asarray(levels, dtype=np.float64)[None]  # (1, Q)
+    pinball = np.maximum(q * (y - predicted), (q - 1) * (y - predicted))  # (n, Q)
+    return float(np.mean(2 * pinball.sum(axis=0) / norm))
+
+
+def relative_scores(fields: dict[str, dict], metric: str) -> dict[str, float | None]:
+    """Geometric mean over fields of each method's `metric` over seasonal-naive's (naive's where there is none).
+
+    Only fields where both are finite and positive count; a method with no such field gets None.
+    """
+    ratios: dict[str, list[float]] = {}
+    for entry in fields.values():
+        reference = entry.get("seasonal_naive") or entry.get("naive") or {}
+        base = reference.get(metric)
+        for method, scores in entry.items():
+            value = scores.get(metric) if isinstance(scores, dict) else None
+            if method == "unit" or value is None or base is None:
+                continue
+            if math.isfinite(value) and math.isfinite(base) and value > 0 and base > 0:
+                ratios.setdefault(method, []).append(math.log(value / base))
+    methods = [m for entry in fields.values() for m in entry if m != "unit"]
+    return {m: (math.exp(sum(ratios[m]) / len(ratios[m])) if ratios.get(m) else None) for m in dict.fromkeys(methods)}
+
+
+def default_season(freq: str | None) -> int | None:
+    """12 for monthly, 4 for quarterly, 52 weekly, 7 daily, 24 hourly grids; None otherwise."""
+    if not freq:
+        return None
+    base = pd.tseries.frequencies.to_offset(freq)
+    if getattr(base, "n", 1) != 1:
+        return None
+    name = (getattr(base, "rule_code", None) or base.name).split("-")[0]
+    return _SEASONS.get(name)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def check_methods(methods) -> tuple[str, ...]:
+    """The baselines to run: `methods` checked (None: all there are, without statsforecast the naive ones)."""
+    if methods is None:
+        return BASELINES if has_statsforecast() else NAIVE_METHODS
+    methods = tuple(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(BASELINES)}")
+    if any(m in STATS_METHODS for m in methods) and not has_statsforecast():
+        raise ValueError(MISSING_STATSFORECAST)
+    return methods
+
+
+def evaluate(model, data, holdout: int, *, season: int | None = None, methods=None, quantile_levels=None,
+             time_column: str | None = None, freq: str | None = None) -> dict:
+    """Hold out the last `holdout` steps, forecast them from the rest, and score model and baselines per field.
+
+    Args:
+        methods: baselines next to the model, from `BASELINES` (default: all; without statsforecast the naive ones,
+            said in one warning and in `result["note"]`).
+        quantile_levels: the levels WQL averages over, for the model and every baseline alike: a subset of the
+            adapter's trained levels (default: all of them). The model's point forecast is its median.
+
+    Returns {"holdout", "season", "mase_lag", "frequency", "methods", "quantile_levels", "note", "fields": {field:
+    {"unit", "model", "naive", ...}}, "aggregate": {"reference", "mase": {method: x}, "wql": {...}}}; each method a
+    dict of mae/rmse/mase/wql in the field's own units (wql NaN for a method without quantiles); `"predictions"`
+    holds the model's median forecast frame, `"quantiles"` its `forecast_quantiles` frame and `"actuals"` /
+    `"history"` the held-out and training frames (not JSON; `evaluation_json` drops them).
+    """
+    asked = methods
+    methods = check_methods(methods)
+    note = None
+    if asked is None and not has_statsforecast():
+        note = f"{MISSING_STATSFORECAST} (scored: model, naive, seasonal_naive)"
+        logger.warning(note)
+    spec = AdapterSpec.from_model(model)
+    quantile_levels = tuple(spec.check_levels(quantile_levels))
+    frame, freq = read_history(data, spec, time_column, freq)
+    check_evaluate_request(len(frame), holdout, spec)
+    train, actual = frame.iloc[:-holdout], frame.iloc[-holdout:]
+    season = default_season(freq) if season is None else season
+    if season is not None and season < 1:
+        raise ValueError(f"season must be a positive number of steps, got {season}")
+    if not (season and season > 1):
+        methods = tuple(m for m in methods if m != "seasonal_naive")
+    model_quantiles, schedule = _forecast_quantile_frame(model, spec, train, freq, holdout,
+                                                         sorted({*quantile_levels, 0.5}))  # (holdout, S x levels)
+    predictions = model_quantiles.xs(0.5, axis=1, level="level")  # the median is the point forecast
+    check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
+    predictions.attrs["units"] = model_quantiles.attrs["units"]
+    scale_lag = season if season and season > 1 and len(train) > season else 1
+    quantile_capable = has_statsforecast()
+    fields = {}
+    for j, name in enumerate(frame.columns):
+        history, due = train[name].to_numpy(), schedule[:, j]
+        # each field is scored at its own steps only (a quarterly field: the quarters), every method alike
+        truth = np.where(due, actual[name].to_numpy(), np.nan)
+        rows = np.flatnonzero(~np.isnan(history))
+        observed, spacing = history[rows], _spacing(rows)
+        # on its own consecutive observations, a field's season and MASE lag are counted in its own steps
+        lag = max(1, round(scale_lag / spacing))
+        points = {"model": predictions[name].to_numpy()}
+        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy()}  # (holdout, Q)
+        if "naive" in methods:
+            points["naive"] = naive_forecast(history, holdout)
+        if "seasonal_naive" in methods:
+            points["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
+        stats_methods = tuple(m for m in methods if m in STATS_METHODS or quantile_capable)
+        if stats_methods and due.any():
+            own_season = max(1, round(season / spacing)) if season else 1
+            fitted = statistical_forecasts(observed, int(due.sum()), own_season, stats_methods, quantile_levels)
+            for method, (point, qs) in fitted.items():
+                quantiles[method] = np.full((holdout, len(quantile_levels)), np.nan)
+                quantiles[method][due] = qs
+                if method in STATS_METHODS:
+                    points[method] = np.full(holdout, np.nan)
+                    points[method][due] = point
+        scored_history = observed if spacing > 1 else history
+        entry = {"unit": spec.fields[name].unit}
+        for method, point in points.items():
+            scores = error_metrics(truth, point, scored_history, lag if spacing > 1 else scale_lag)
+            scores["wql"] = (weighted_quantile_loss(truth, quantiles[method], quantile_levels) if method in quantiles
+                             else math.nan)
+            entry[method] = scores
+        fields[name] = entry
+    aggregate = {"reference": "seasonal_naive (naive for a field without a season)",
+                 "mase": relative_scores(fields, "mase"), "wql": relative_scores(fields, "wql")}
+    return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq,
+            "methods": ["model", *methods], "quantile_levels": list(quantile_levels), "note": note,
+            "fields": fields, "aggregate": aggregate,
+            "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train}
+
+
+def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or holdout <= 0:
+        raise ValueError(f"holdout must be a positive number of steps, got {holdout!r}")
+    if holdout > MAX_FORECAST_STEPS:
+        raise ValueError(f"holdout {holdout} is over the limit of {MAX_FORECAST_STEPS} steps "
+                         "(forecasting.MAX_FORECAST_STEPS); hold out fewer steps")
+    if length - holdout < spec.min_history():
+        raise DataError(f"the data has {length} steps; holding out {holdout} leaves {length - holdout}, fewer than "
+                        f"the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "
+                        f"{spec.horizon})")
+
+
+def evaluation_json(result: dict) -> dict:
+    """The JSON-serialisable part of an `evaluate` result (NaN becomes null)."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return clean({k: v for k, v in result.items() if k not in _NOT_JSON})
+
+
+def format_evaluation(result: dict) -> str:
+    """A markdown table (one row per field and method, best MASE of each field in bold) and the aggregate."""
+    lines = [f"Hold-out: last {result['holdout']} steps" + (f" ({result['frequency']})" if result.get("frequency")
+                                                           else "")
+             + f"; MASE scaled by the in-sample {'seasonal ' if result['mase_lag'] > 1 else ''}naive error"
+             + (f" (lag {result['mase_lag']})" if result["mase_lag"] > 1 else "")
+             + "; WQL over quantiles " + ", ".join(f"{q:g}" for q in result["quantile_levels"]), "",
+             "| field | unit | method | MAE | RMSE | MASE | WQL |", "|---|---|---|---:|---:|---:|---:|"]
+    for name, entry in result["fields"].items():
+        methods = {k: v for k, v in entry.items() if k != "unit"}
+        best = min(methods, key=lambda m: methods[m]["mae"] if not math.isnan(methods[m]["mae"]) else math.inf)
+        for method, scores in methods.items():
+            cells = [_fmt(scores[k]) for k in ("mae", "rmse", "mase", "wql")]
+            if method == best:
+                cells[2] = f"**{cells[2]}**"
+            lines.append(f"| {name} | {entry['unit'] or ''} | {method} | " + " | ".join(cells) + " |")
+    aggregate = result["aggregate"]
+    lines += ["", f"Geometric mean over fields relative to {aggregate['reference']}:"]
+    for metric in ("mase", "wql"):
+        lines.append(f"  {metric.upper()}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in aggregate[metric].items()))
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}"]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.4g}"
+
+
+__all__ = ["BASELINES", "QUANTILE_LEVELS", "check_evaluate_request", "check_methods", "default_season",
+           "error_metrics", "evaluate", "evaluation_json", "format_evaluation", "has_statsforecast", "naive_forecast",
+           "relative_scores", "seasonal_naive_forecast", "statistical_forecasts", "weighted_quantile_loss"]
