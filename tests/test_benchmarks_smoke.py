@@ -93,3 +93,14 @@ def test_gpu_width_bench_refuses_without_cuda_and_runs_narrow_on_cpu(bench, tmp_
     rows = json.loads(out.read_text())["rows"]
     assert [(r["positions"], r["gradient_checkpointing"]) for r in rows] == [(16, False), (16, True)]
     assert all(r["positions_per_s"] > 0 and r["floor_tflop"] > 0 for r in rows)
+
+
+def test_predict_df_bench_times_small_and_large_runs_and_splits_forward_time(bench, tmp_path):
+    out = tmp_path / "predict_df.json"
+    result = bench("bench_predict_df").main(["--smoke", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["ratio"] == pytest.approx(result["ratio"])
+    assert (written["small"]["items"], written["large"]["items"]) == (2, 20)
+    assert written["large"]["forward_gflop"] == pytest.approx(10 * written["small"]["forward_gflop"], rel=0.2)
+    assert written["small"]["forward_calls_per_run"] == written["large"]["forward_calls_per_run"]  # batched
+    assert {"date", "cpu", "torch", "torch_threads", "command"} <= set(written["machine"])
