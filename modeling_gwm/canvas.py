@@ -22,39 +22,88 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return encoding
 
 
+SCALE_FLOOR = 0.1  # smallest window scale, in training stds: a near-constant context does not blow values up
+
+
+def window_scale(values: torch.Tensor, visible: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location and scale of each (sample, field) from its VISIBLE positions only: values, visible (B, T, F) ->
+    loc, scale (B, 1, F).
+
+    The values arrive normalised by the adapter's training statistics, so scale 1 is one training std: a context
+    with no observation (loc 0), a single one or a constant field (loc = its value) gets scale 1, and any other
+    scale is floored at `SCALE_FLOOR` so that nothing is ever divided by zero.
+    """
+    visible = visible.bool()
+    x = torch.where(visible, values.float(), torch.zeros((), device=values.device))  # (B, T, F)
+    count = visible.sum(dim=1, keepdim=True).float()  # (B, 1, F)
+    ones, zeros = torch.ones_like(count), torch.zeros_like(count)
+    if scheme == "none":
+        return zeros, ones
+    mean = x.sum(dim=1, keepdim=True) / count.clamp_min(1.0)  # (B, 1, F)
+    if scheme == "mean_abs":
+        spread = x.abs().sum(dim=1, keepdim=True) / count.clamp_min(1.0)
+        loc = zeros
+    else:
+        var = ((x - mean) ** 2 * visible).sum(dim=1, keepdim=True) / count.clamp_min(1.0)
+        spread = var.sqrt()
+        if scheme == "instance":
+            loc = mean
+        elif scheme == "last_value":
+            steps = torch.arange(values.size(1), device=values.device).view(1, -1, 1)
+            last = torch.where(visible, steps, -1).max(dim=1, keepdim=True).values.clamp_min(0)  # (B, 1, F)
+            loc = x.gather(1, last)
+        else:
+            raise ValueError(f"unknown window scaling {scheme!r}")
+    degenerate = (count < 2) | (spread < 1e-6)
+    scale = torch.where(degenerate, ones, spread.clamp_min(SCALE_FLOOR))
+    loc = torch.where(count > 0, loc, zeros)
+    return loc, scale
+
+
 class FieldCodec(nn.Module):
     """Values in, embeddings out (and the value head back).
 
-    Position (t, f) gets `value_encoder(x) + field_embedding[slot(f)]`; a position that is absent or hidden for
-    prediction gets the learned `mask_embedding` instead of the value part. Field slots are assigned by name in the
-    adapter's field list, which is what lets adapters with different fields merge.
+    Position (t, f) gets `value_encoder(x) + field_embedding[slot(f)] (+ stats_encoder(loc, log scale))`; a
+    position that is absent or hidden for prediction gets the learned `mask_embedding` instead of the value part.
+    The value head predicts `n_quantiles` values per position. Field slots are assigned by name in the adapter's
+    field list, which is what lets adapters with different fields merge.
     """
 
-    def __init__(self, max_fields: int, d_model: int):
+    def __init__(self, max_fields: int, d_model: int, n_quantiles: int = 1, stats_input: bool = False):
         super().__init__()
         self.value_encoder = nn.Sequential(nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.field_embedding = nn.Embedding(max_fields, d_model)
         self.mask_embedding = nn.Parameter(torch.zeros(d_model))
-        self.value_head = nn.Linear(d_model, 1)
+        self.value_head = nn.Linear(d_model, n_quantiles)
         nn.init.normal_(self.field_embedding.weight, std=0.02)
         nn.init.normal_(self.mask_embedding, std=0.02)
+        # the window's level and log-scale: zero-initialised, so the model starts as if it had no such input
+        self.stats_encoder = nn.Linear(2, d_model) if stats_input else None
+        if self.stats_encoder is not None:
+            nn.init.zeros_(self.stats_encoder.weight)
+            nn.init.zeros_(self.stats_encoder.bias)
 
-    def encode(self, values: torch.Tensor, visible: torch.Tensor, field_ids: torch.Tensor) -> torch.Tensor:
-        # values, visible: (B, T, F); field_ids: (F,) or (B, F) codec slots
+    def encode(self, values: torch.Tensor, visible: torch.Tensor, field_ids: torch.Tensor,
+               window_stats: torch.Tensor | None = None) -> torch.Tensor:
+        # values, visible: (B, T, F); field_ids: (F,) or (B, F) codec slots; window_stats: (B, F, 2) loc, log scale
         batch, steps, n_fields = values.shape
         value_part = self.value_encoder(values.float().unsqueeze(-1))  # (B, T, F, D)
         value_part = torch.where(visible.unsqueeze(-1), value_part, self.mask_embedding)  # (B, T, F, D)
         field_part = self.field_embedding(field_ids)  # (F, D) or (B, F, D)
         if field_part.dim() == 3:
             field_part = field_part.unsqueeze(1)  # (B, 1, F, D)
+        if self.stats_encoder is not None and window_stats is not None:
+            field_part = field_part + self.stats_encoder(window_stats.float()).unsqueeze(1)  # (B, 1, F, D)
         return (value_part + field_part).reshape(batch, steps * n_fields, -1)  # (B, N, D)
 
     def decode(self, hidden: torch.Tensor, steps: int) -> torch.Tensor:
-        # hidden: (B, N, D) -> predictions (B, T, F)
-        return self.value_head(hidden).squeeze(-1).reshape(hidden.size(0), steps, -1)
+        # hidden: (B, N, D) -> quantiles (B, T, F, Q)
+        out = self.value_head(hidden)  # (B, N, Q)
+        return out.reshape(hidden.size(0), steps, -1, out.size(-1))
 
 
-def masked_mse(predictions: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the positions where `mask` holds (hidden for prediction AND observed)."""
-    mask = mask.to(predictions.dtype)
-    return ((predictions - values) ** 2 * mask).sum() / mask.sum().clamp_min(1.0)
+def pinball_loss(quantiles: torch.Tensor, values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Quantile (pinball) loss per position, averaged over levels: quantiles (..., Q), values (...), levels (Q,)
+    -> (...). For level tau and error e = y - q it is tau * e when e >= 0 and (tau - 1) * e otherwise."""
+    error = values.unsqueeze(-1) - quantiles  # (..., Q)
+    return torch.maximum(levels * error, (levels - 1) * error).mean(dim=-1)

@@ -172,20 +172,31 @@ def _history(args, spec):
 
 
 def cmd_forecast(args) -> int:
-    from .forecasting import check_forecast_request, forecast, plot_forecast
+    from .forecasting import check_forecast_request, forecast_quantiles, plot_forecast
 
     _check_outputs(args.out, args.plot)
     spec = _spec(args.adapter, args.subfolder)
+    levels = spec.check_levels(args.quantiles or None) if args.quantiles is not None else [0.5]
     history, freq = _history(args, spec)
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
     model = _load_model(args)
-    predictions = forecast(model, history, args.horizon, freq=freq)
-    predictions.to_csv(args.out, index_label=args.time_column)
-    print(predictions.to_string(float_format=lambda v: f"{v:.4g}"))
+    # the plot's 10-90 % band needs those levels even when only the median is written
+    plotted = sorted({*levels, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
+    quantiles = forecast_quantiles(model, history, args.horizon, quantile_levels=plotted, freq=freq)
+    predictions = quantiles.xs(0.5, axis=1, level="level")
+    if args.quantiles is None:
+        table = predictions
+    else:  # one column per field and level, "field@level"
+        table = quantiles.loc[:, [c for c in quantiles.columns if c[1] in levels]]
+        table.columns = [f"{name}@{level:g}" for name, level in table.columns]
+    table.to_csv(args.out, index_label=args.time_column)
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     n_fields = predictions.shape[1]
-    print(f"\nwrote {args.out} ({len(predictions)} steps × {n_fields} field{'s' if n_fields > 1 else ''})")
+    per_level = f" × {len(levels)} quantile level{'s' if len(levels) > 1 else ''}" if args.quantiles is not None else ""
+    print(f"\nwrote {args.out} ({len(predictions)} steps × {n_fields} field{'s' if n_fields > 1 else ''}{per_level})")
     if args.plot:
-        plot_forecast(history, predictions, args.plot, title=f"GWM forecast of {args.horizon} steps ({args.adapter})")
+        plot_forecast(history, predictions, args.plot, quantiles=quantiles,
+                      title=f"GWM forecast of {args.horizon} steps ({args.adapter})")
         print(f"wrote {args.plot}")
     return 0
 
@@ -286,8 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(p)
     p.add_argument("--horizon", type=_steps, required=True, help="steps to predict (rolled out beyond the "
                    "adapter's own horizon)")
-    p.add_argument("--out", required=True, help="CSV to write: the time column and one column per field")
-    p.add_argument("--plot", default=None, help="PNG of the forecast after the recent history, one panel per field")
+    p.add_argument("--out", required=True, help="CSV to write: the time column and one column per field (the median)")
+    p.add_argument("--quantiles", type=float, nargs="*", default=None, metavar="LEVEL",
+                   help="write quantile columns FIELD@LEVEL instead (e.g. co2@0.1); the levels must be among the "
+                   "adapter's trained ones; with no LEVEL, all of them")
+    p.add_argument("--plot", default=None, help="PNG of the forecast after the recent history with its 10-90 %% "
+                   "band, one panel per field")
     p.set_defaults(func=cmd_forecast)
 
     p = add("evaluate", "Hold out the last steps, forecast them, and score the model next to naive baselines.")

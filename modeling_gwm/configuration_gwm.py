@@ -7,6 +7,25 @@ from transformers import PretrainedConfig
 DEFAULT_BASE = "THUDM/CogVideoX-2b"
 BACKBONES = ("cogvideox", "scratch")
 FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+WINDOW_SCALINGS = ("last_value", "instance", "mean_abs", "none")
+DEFAULT_QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def check_quantile_levels(levels, where: str = "GWMConfig: quantile_levels") -> list[float]:
+    """Sorted, unique levels strictly inside (0, 1) that include the median (the point forecast)."""
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+        raise ValueError(f"{where} must be a list of numbers in (0, 1), got {levels!r}")
+    levels = list(levels)
+    if not levels or not all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in levels):
+        raise ValueError(f"{where} must be a non-empty list of numbers in (0, 1), got {levels!r}")
+    levels = [float(q) for q in levels]
+    if any(not 0.0 < q < 1.0 for q in levels):
+        raise ValueError(f"{where} must lie strictly between 0 and 1, got {levels}")
+    if levels != sorted(set(levels)):
+        raise ValueError(f"{where} must be sorted and unique, got {levels}")
+    if 0.5 not in levels:
+        raise ValueError(f"{where} must include 0.5 (the median is the point forecast), got {levels}")
+    return levels
 
 
 class GWMConfig(PretrainedConfig):
@@ -45,6 +64,17 @@ class GWMConfig(PretrainedConfig):
             Architecture of the `"scratch"` backbone (ignored for `"cogvideox"`).
         seed (`int`, defaults to 0):
             Seed of the adapter's initialisation (every DAG root starts from the same one).
+        quantile_levels (`list[float]`, defaults to `[0.1, 0.2, ..., 0.9]`):
+            Levels the value head predicts, trained with the pinball loss; sorted, unique, in (0, 1), with 0.5 (the
+            median is the point forecast).
+        window_scaling (`str`, defaults to `"last_value"`):
+            How each field of each window is made scale-free before the codec, from its visible context only:
+            `"last_value"` (location = last visible value, scale = std of the visible context), `"instance"`
+            (mean and std, RevIN), `"mean_abs"` (location 0, scale = mean absolute value, Chronos) or `"none"`.
+            Predictions are mapped back with the same statistics. Chosen by `benchmarks/compare_scaling.py`.
+        window_stats_input (`bool`, defaults to `True`):
+            Feed each field's window location and log-scale (in the adapter's normalised units) to the codec, so
+            the level that the scaling removes is still known to the model.
     """
 
     model_type = "gwm"
@@ -67,6 +97,9 @@ class GWMConfig(PretrainedConfig):
         scratch_attention_head_dim: int = 32,
         scratch_time_embed_dim: int = 64,
         seed: int = 0,
+        quantile_levels: list[float] | tuple[float, ...] = DEFAULT_QUANTILE_LEVELS,
+        window_scaling: str = "last_value",
+        window_stats_input: bool = True,
         **kwargs,
     ):
         if backbone not in BACKBONES:
@@ -80,6 +113,13 @@ class GWMConfig(PretrainedConfig):
         if not isinstance(horizon, int) or not 0 <= horizon < context_len:
             raise ValueError(f"GWMConfig: horizon must be an integer in [0, context_len={context_len}), "
                              f"got {horizon!r}")
+        if window_scaling not in WINDOW_SCALINGS:
+            raise ValueError(f"GWMConfig: window_scaling must be one of {WINDOW_SCALINGS}, got {window_scaling!r}")
+        if not isinstance(window_stats_input, bool):
+            raise ValueError(f"GWMConfig: window_stats_input must be true or false, got {window_stats_input!r}")
+        self.quantile_levels = check_quantile_levels(quantile_levels)
+        self.window_scaling = window_scaling
+        self.window_stats_input = window_stats_input
         self.base_model_name_or_path = base_model_name_or_path
         self.backbone = backbone
         self.d_model = d_model

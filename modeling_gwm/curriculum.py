@@ -73,7 +73,8 @@ _NODE_KEYS = {f.name for f in fields(TrainingNode)}
 _DEFAULT_KEYS = _NODE_KEYS - {"name", "parents", "sources", "fields", "description", "merge"}
 _MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep",
                "gradient_checkpointing", "scratch_num_layers", "scratch_num_attention_heads",
-               "scratch_attention_head_dim", "scratch_time_embed_dim"}
+               "scratch_attention_head_dim", "scratch_time_embed_dim", "quantile_levels", "window_scaling",
+               "window_stats_input"}
 
 
 @dataclass
@@ -310,6 +311,13 @@ def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> C
     if set(model) - _MODEL_KEYS:
         raise CurriculumError(f"{path}: unknown model key(s) {sorted(set(model) - _MODEL_KEYS)}; "
                               f"valid: {sorted(_MODEL_KEYS)}")
+    if "quantile_levels" in model:
+        from .configuration_gwm import check_quantile_levels
+
+        try:
+            model["quantile_levels"] = check_quantile_levels(model["quantile_levels"], f"{path}: model.quantile_levels")
+        except ValueError as err:
+            raise CurriculumError(str(err)) from None
     base = model.get("base")
     if isinstance(base, str) and not os.path.isabs(base) and os.path.exists(os.path.join(base_dir, base)):
         model["base"] = os.path.normpath(os.path.join(base_dir, base))  # a local base next to the curriculum

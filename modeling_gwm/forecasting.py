@@ -10,7 +10,10 @@ The history is put on the grid the adapter was trained on (the `frequency` recor
 dates for adapters without one). Each field keeps its own spacing on that grid (a quarterly field on a monthly grid
 every 3 steps): it is predicted only at the steps continuing that spacing from its last observation. Forecasts longer
 than the adapter's horizon are rolled out autoregressively: each chunk of `horizon` grid steps is fed back as observed
-input for the next chunk, on a window of the adapter's `context_len` steps.
+input for the next chunk (its MEDIAN), on a window of the adapter's `context_len` steps.
+
+The model predicts quantiles (the adapter's `quantile_levels`, 0.1 ... 0.9 by default): `forecast` returns the
+median, `forecast_quantiles` every level; `predict_windows` is the batched step both are built on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .configuration_gwm import DEFAULT_QUANTILE_LEVELS
 from .data import (
     DataError,
     FieldStats,
@@ -56,6 +60,7 @@ class AdapterSpec:
     horizon: int
     adapter_name: str | None = None
     frequency: str | None = None  # the pandas alias of the grid it was trained on; None for older adapters
+    quantile_levels: tuple[float, ...] = DEFAULT_QUANTILE_LEVELS  # what the value head predicts, sorted
 
     @classmethod
     def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
@@ -65,8 +70,9 @@ class AdapterSpec:
         if not fields:
             raise DataError(f"adapter {adapter_name or ''!s} declares no fields: it was not trained on data")
         frequency = next((f["frequency"] for f in loop_config.fields if f.get("frequency")), None)
+        levels = tuple(float(q) for q in gwm_config.get("quantile_levels", DEFAULT_QUANTILE_LEVELS))
         return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
-                   frequency)
+                   frequency, levels)
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
@@ -85,6 +91,27 @@ class AdapterSpec:
     def slots(self, names: list[str]) -> list[int]:
         order = list(self.fields)
         return [order.index(n) for n in names]
+
+    @property
+    def median_index(self) -> int:
+        """Position of the 0.5 level (the point forecast) among `quantile_levels`."""
+        return self.quantile_levels.index(0.5)
+
+    def check_levels(self, levels) -> list[float]:
+        """The requested quantile levels (None: every trained level), sorted; a level the adapter does not predict
+        is a DataError naming the ones it does."""
+        if levels is None:
+            return list(self.quantile_levels)
+        levels = [levels] if isinstance(levels, (int, float)) else list(levels)
+        try:
+            wanted = sorted({float(q) for q in levels})
+        except (TypeError, ValueError):
+            raise DataError(f"quantile levels must be numbers, got {levels!r}") from None
+        unknown = [q for q in wanted if not any(math.isclose(q, k, abs_tol=1e-9) for k in self.quantile_levels)]
+        if unknown or not wanted:
+            raise DataError(f"unknown quantile level(s) {unknown or levels}: this adapter predicts "
+                            f"{list(self.quantile_levels)}")
+        return [min(self.quantile_levels, key=lambda k: abs(k - q)) for q in wanted]
 
     def min_history(self) -> int:
         """Rows a forecast needs: one window of context_len steps minus the horizon it predicts."""
@@ -230,8 +257,20 @@ def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
 
 
 @torch.no_grad()
-def _predict(model, values: np.ndarray, slots: list[int], target: np.ndarray) -> np.ndarray:
-    """values (B, T, S) normalised with NaN where missing, target (B, T, S) bool -> predictions (B, T, S)."""
+def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndarray) -> np.ndarray:
+    """The batched forecasting step: many windows in one forward pass, in the adapter's normalised units.
+
+    Args:
+        model: a `PeftModel` (or the `GWMModel` in it) with the adapter to use active.
+        values: (B, T, S) float, transformed and normalised by the adapter's field statistics, NaN where missing.
+        slots: (S,) codec slot of each column (`AdapterSpec.slots(names)`).
+        target: (B, T, S) bool, the positions to predict (hidden from the input even when observed).
+
+    Returns:
+        (B, T, S, Q) float array of the quantiles at the adapter's `quantile_levels` (sorted), normalised units, at
+        every position (meaningful where `target` holds). Each window is scaled by its own visible context inside
+        the model, so windows of very different levels batch together.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -239,7 +278,7 @@ def _predict(model, values: np.ndarray, slots: list[int], target: np.ndarray) ->
     presence = torch.as_tensor(~np.isnan(values), device=device)
     target_t = torch.as_tensor(target, device=device)
     field_ids = torch.as_tensor(slots, device=device)
-    out = model(values=values_t, presence=presence, field_ids=field_ids, target_mask=target_t).predictions
+    out = model(values=values_t, presence=presence, field_ids=field_ids, target_mask=target_t).quantiles
     model.train(was_training)
     return out.float().cpu().numpy()
 
@@ -265,6 +304,26 @@ def forecast(model, history, horizon: int, *, time_column: str | None = None, fr
     spec = AdapterSpec.from_model(model)
     frame, freq = read_history(history, spec, time_column, freq)
     return _forecast_frame(model, spec, frame, freq, horizon)[0]
+
+
+def forecast_quantiles(model, history, horizon: int, *, quantile_levels=None, time_column: str | None = None,
+                       freq: str | None = None) -> pd.DataFrame:
+    """Quantile forecast of the `horizon` grid steps after `history`, in the data's own units.
+
+    Like `forecast` (same arguments, same index and NaN rules), with one column per (field, level):
+    `result["co2", 0.9]`, `result.xs(0.5, axis=1, level="level")` is `forecast`'s frame. `quantile_levels` is a
+    subset of the adapter's trained levels (default: all of them; anything else is a DataError).
+
+    Beyond the adapter's horizon the rollout feeds back the MEDIAN of each chunk, so later quantiles are those of
+    the model given the median path, not of the joint distribution. Transforms are inverted on each quantile path:
+    for change transforms (diff, pct_change, log_return) each level's changes are accumulated from the last raw
+    value, which is only an approximation of the quantiles of the accumulated sum (too narrow when changes are
+    independent, exact when they move together).
+    """
+    spec = AdapterSpec.from_model(model)
+    levels = spec.check_levels(quantile_levels)
+    frame, freq = read_history(history, spec, time_column, freq)
+    return _forecast_quantile_frame(model, spec, frame, freq, horizon, levels)[0]
 
 
 def _spacing(rows: np.ndarray) -> int:
@@ -297,11 +356,21 @@ def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarra
 
 def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int
                     ) -> tuple[pd.DataFrame, np.ndarray]:
-    """The forecast of a gridded (L, S) history and its (horizon, S) bool schedule (True where predicted)."""
+    """The median forecast of a gridded (L, S) history and its (horizon, S) bool schedule (True where predicted)."""
+    quantiles, schedule = _forecast_quantile_frame(model, spec, frame, freq, horizon, [0.5])
+    result = quantiles.xs(0.5, axis=1, level="level")
+    result.attrs["units"] = quantiles.attrs["units"]
+    return result, schedule
+
+
+def _forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int,
+                             levels: list[float]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The quantile forecast (horizon, S x levels) of a gridded (L, S) history and its (horizon, S) schedule."""
     check_forecast_request(len(frame), horizon, spec)
     names, length = list(frame.columns), len(frame)
     schedule = _schedule(frame, spec, horizon)  # (L + horizon, S)
     canvas = np.concatenate([_modelled(frame, spec), np.full((horizon, len(names)), np.nan)])  # (L + horizon, S)
+    quantiles = np.full(canvas.shape + (len(spec.quantile_levels),), np.nan)  # (L + horizon, S, Q)
     # a field whose next observation is due inside the history (e.g. the last quarter not yet published) is
     # predicted there first, so its forecast continues from it
     first = int(np.flatnonzero(schedule.any(axis=1))[0])
@@ -314,20 +383,25 @@ def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | N
         values = canvas[start:end][None].copy()  # (1, T, S)
         target = np.zeros(values.shape, dtype=bool)
         target[0, done - start:] = due
-        predictions = _predict(model, values, spec.slots(names), target)[0, done - start:]  # (steps, S)
-        canvas[done:end][due] = predictions[due]  # fed back only where the field is due
-    future = np.full((horizon, len(names)), np.nan)
+        predicted = predict_windows(model, values, spec.slots(names), target)[0, done - start:]  # (steps, S, Q)
+        quantiles[done:end][due] = predicted[due]
+        canvas[done:end][due] = predicted[due][:, spec.median_index]  # the median is fed back where due
+    picks = [spec.quantile_levels.index(q) for q in levels]
+    future = np.full((horizon, len(names), len(levels)), np.nan)  # (horizon, S, levels)
     for j, name in enumerate(names):
         stats, due = spec.fields[name], schedule[:, j]
         if not due.any():
             continue
         observed = frame[name].dropna()
         last_raw = float(observed.iloc[-1]) if stats.transform in CHANGE_TRANSFORMS else None
-        raw = np.full(length + horizon, np.nan)
-        # change transforms accumulate over the field's own consecutive observations, from its last raw value
-        raw[due] = invert_transform(denormalize(canvas[due, j], stats), stats.transform, last_raw)
-        future[:, j] = raw[length:]
-    result = pd.DataFrame(future, columns=names, index=_future_index(frame.index, freq, horizon))
+        for k, pick in enumerate(picks):
+            raw = np.full(length + horizon, np.nan)
+            # change transforms accumulate over the field's own consecutive observations, from its last raw value
+            raw[due] = invert_transform(denormalize(quantiles[due, j, pick], stats), stats.transform, last_raw)
+            future[:, j, k] = raw[length:]
+    columns = pd.MultiIndex.from_product([names, levels], names=["field", "level"])
+    result = pd.DataFrame(future.reshape(horizon, -1), columns=columns,
+                          index=_future_index(frame.index, freq, horizon))
     result.attrs["units"] = {name: spec.fields[name].unit for name in names}
     return result, schedule[length:]
 
@@ -345,8 +419,10 @@ def check_forecast_request(history_len: int, horizon, spec: AdapterSpec) -> None
 def impute(model, frame, *, time_column: str | None = None, freq: str | None = None) -> pd.DataFrame:
     """Fill the missing values (NaN, or steps absent from a gappy time grid) of the known fields of `frame`.
 
-    Windows of the adapter's `context_len` tile the series; in each, the missing positions are hidden and predicted
-    from everything observed around them (past and future). Fields with a change transform (diff, pct_change,
+    Each field is filled only at the grid steps where it would be observed by its own spacing (a quarterly field on a
+    monthly grid: its quarters, continued from its first observation; the steps in between stay NaN). Windows of the
+    adapter's `context_len` tile the series; in each, those positions are hidden and predicted (the median) from
+    everything observed around them (past and future). Fields with a change transform (diff, pct_change,
     log_return) are filled by accumulating predicted changes from the last observed value before each gap, and stay
     NaN before their first observation. Returns the frame on its regular grid with observed values unchanged.
     """
@@ -355,14 +431,19 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     names = list(raw.columns)
     normalised = _modelled(raw, spec)  # (L, S)
     missing = raw.isna().to_numpy()  # (L, S)
+    own_steps = np.zeros_like(missing)  # (L, S) where each field would be observed by its own spacing
+    for j in range(len(names)):
+        rows = np.flatnonzero(~missing[:, j])
+        own_steps[rows[0] % _spacing(rows)::_spacing(rows), j] = True
+    missing = missing & own_steps
     if not missing.any():
         return raw
     length, window = len(raw), min(spec.context_len, len(raw))
     starts = sorted({*range(0, length - window + 1, window), length - window})
     starts = [s for s in starts if missing[s:s + window].any()]
     values = np.stack([normalised[s:s + window] for s in starts])  # (B, T, S)
-    target = np.isnan(values)
-    predictions = _predict(model, values, spec.slots(names), target)  # (B, T, S)
+    target = np.stack([missing[s:s + window] for s in starts])  # (B, T, S)
+    predictions = predict_windows(model, values, spec.slots(names), target)[..., spec.median_index]  # (B, T, S)
     filled = normalised.copy()
     for b, s in enumerate(starts):
         part = filled[s:s + window]
@@ -375,9 +456,10 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
         if stats.transform not in CHANGE_TRANSFORMS:
             column[missing[:, j]] = invert_transform(modelled[missing[:, j]], stats.transform)
         else:
-            for t in np.flatnonzero(missing[:, j]):
-                if t > 0 and not np.isnan(column[t - 1]):
-                    column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[t - 1])[0]
+            spacing = _spacing(np.flatnonzero(~raw[name].isna().to_numpy()))
+            for t in np.flatnonzero(missing[:, j]):  # the change since the field's own previous step
+                if t >= spacing and not np.isnan(column[t - spacing]):
+                    column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[t - spacing])[0]
         out[name] = column
     return out
 
@@ -517,8 +599,12 @@ def _fmt(value: float) -> str:
 # ---------------------------------------------------------------------------------------------------- plots
 def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | os.PathLike | io.BytesIO,
                   actuals: pd.DataFrame | None = None, units: dict[str, str | None] | None = None,
-                  title: str | None = None, context: int | None = None) -> None:
-    """One subplot per field: the recent history, the forecast and (when given) the held-out actuals, as a PNG."""
+                  title: str | None = None, context: int | None = None, quantiles: pd.DataFrame | None = None,
+                  ) -> None:
+    """One subplot per field: the recent history, the forecast and (when given) the held-out actuals, as a PNG.
+
+    `quantiles` (a `forecast_quantiles` frame) adds the 10-90 % band around the forecast where it has those levels.
+    """
     from matplotlib.figure import Figure
 
     units = units or predictions.attrs.get("units") or {}
@@ -534,6 +620,11 @@ def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | 
         anchor = observed.iloc[-1:]
         if actuals is not None and name in actuals:
             ax.plot(*_joined(anchor, actuals[name]), color="#1f77b4", lw=1.4, marker="s", ms=3, label="actual")
+        band = [(name, q) for q in (0.1, 0.9)]
+        if quantiles is not None and all(c in quantiles.columns for c in band):
+            low, high = (quantiles[c].dropna() for c in band)
+            ax.fill_between(low.index, low.to_numpy(dtype=np.float64), high.reindex(low.index).to_numpy(np.float64),
+                            color="#d62728", alpha=0.18, lw=0, label="10-90 %")
         ax.plot(*_joined(anchor, predictions[name]), color="#d62728", lw=1.8, marker="o", ms=3,
                 label="GWM forecast")
         ax.axvspan(predictions.index[0], predictions.index[-1], color="#d62728", alpha=0.05, lw=0)
@@ -555,5 +646,5 @@ def _joined(anchor: pd.Series, series: pd.Series) -> tuple[pd.Index, np.ndarray]
 
 
 __all__ = ["AdapterSpec", "default_season", "error_metrics", "evaluate", "evaluation_json", "forecast",
-           "format_evaluation", "impute", "naive_forecast", "plot_forecast", "read_history",
-           "seasonal_naive_forecast"]
+           "forecast_quantiles", "format_evaluation", "impute", "naive_forecast", "plot_forecast", "predict_windows",
+           "read_history", "seasonal_naive_forecast"]

@@ -13,9 +13,10 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .base import FrozenBase, build_scratch_base, load_cogvideox_base, resolve_frozen_dtype
-from .canvas import FieldCodec, masked_mse, sinusoidal_encoding
+from .canvas import FieldCodec, pinball_loss, sinusoidal_encoding, window_scale
 from .configuration_gwm import GWMConfig
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer, check_adapter_fits
+from .loop.config import ADAPTER_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +30,19 @@ class GWMOutput(ModelOutput):
     """Output of [`GWMModel.forward`].
 
     Args:
-        loss: masked MSE over positions hidden for prediction that have ground truth (None without a target mask).
-        predictions: (B, T, F) predicted values in normalised units, for every position.
+        loss: mean pinball loss, in each window's scaled units, over the positions hidden for prediction that have
+            ground truth (None without a target mask).
+        predictions: (B, T, F) the median, in the input's (normalised) units, for every position.
+        quantiles: (B, T, F, Q) the predicted quantiles at `config.quantile_levels`, in the input's units.
+        position_loss: (B, T, F) pinball loss of every observed position (mean over levels, scaled units; 0 where
+            absent), so a trainer can sum it over its own mask and count (None without a target mask).
         hidden_states: (B, N, d_model) canvas output of the backbone.
     """
 
     loss: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
+    quantiles: torch.Tensor | None = None
+    position_loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
 
 
@@ -57,8 +64,9 @@ def _is_auto_dtype(config: GWMConfig) -> bool:
 class GWMModel(PreTrainedModel):
     """The seed's backbone plus a field codec.
 
-    values + presence -> codec -> canvas (B, N, d_model) -> time encoding -> proj_in -> every frozen block `n_loops`
-    times (the loop adapter) with one encoder token in the joint attention -> proj_out -> LayerNorm -> value head.
+    values + presence -> per-window scaling -> codec -> canvas (B, N, d_model) -> time encoding -> proj_in -> every
+    frozen block `n_loops` times (the loop adapter) with one encoder token in the joint attention -> proj_out ->
+    LayerNorm -> value head (quantiles) -> the window's scaling undone.
 
     Build it with [`GWMModel.from_pretrained`]. Without an adapter the blocks run once each; attach the loop adapter
     with `peft.get_peft_model(model, LoopConfig(...))` or load a trained one with `from_pretrained(base, adapter)`.
@@ -79,7 +87,8 @@ class GWMModel(PreTrainedModel):
         self.inner_dim = frozen_base.inner_dim
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)  # every model built from one config starts from the same adapter init
-        self.codec = FieldCodec(config.max_fields, config.d_model)
+        self.codec = FieldCodec(config.max_fields, config.d_model, n_quantiles=len(config.quantile_levels),
+                                stats_input=config.window_stats_input)
         self.proj_in = nn.Linear(config.d_model, self.inner_dim)
         self.encoder_token = EncoderToken(self.inner_dim)
         self.proj_out = nn.Linear(self.inner_dim, config.d_model)
@@ -88,6 +97,7 @@ class GWMModel(PreTrainedModel):
         self.transformer_blocks = frozen_base.blocks
         self.transformer_blocks.requires_grad_(False)
         self.register_buffer("block_temb", frozen_base.temb, persistent=False)  # (1, time_embed_dim)
+        self.register_buffer("quantile_levels", torch.tensor(config.quantile_levels), persistent=False)  # (Q,)
         self.post_init()
         if device is not None:
             self.to(device)
@@ -215,6 +225,11 @@ class GWMModel(PreTrainedModel):
     ) -> GWMOutput:
         """Predict every canvas position.
 
+        Each field of each sample is made scale-free first: a location and a scale from its visible positions only
+        (`config.window_scaling`, see `canvas.window_scale`), the codec sees `(x - loc) / scale`, the loss is taken
+        in those units (every window and field counts alike) and the quantiles are mapped back with the same
+        statistics, so outputs come in the input's units.
+
         Args:
             values: (B, T, F) normalised values (anything where `presence` is False).
             presence: (B, T, F) bool, True where the value was observed.
@@ -226,16 +241,26 @@ class GWMModel(PreTrainedModel):
         if field_ids is None:
             field_ids = torch.arange(n_fields, device=values.device)
         presence = presence.bool()
-        values = torch.where(presence, values, torch.zeros_like(values))  # NaN never reaches the network
+        values = torch.where(presence, values, torch.zeros_like(values)).float()  # NaN never reaches the network
         visible = presence if target_mask is None else presence & ~target_mask.bool()
-        canvas = self.codec.encode(values, visible, field_ids)  # (B, N, d_model)
+        loc, scale = window_scale(values, visible, self.config.window_scaling)  # (B, 1, F) each, from visible only
+        scaled = (values - loc) / scale  # (B, T, F)
+        window_stats = torch.stack([loc[:, 0], scale[:, 0].log()], dim=-1)  # (B, F, 2)
+        canvas = self.codec.encode(torch.where(visible, scaled, 0.0), visible, field_ids, window_stats)  # (B, N, D)
         time_index = torch.arange(steps, device=values.device).repeat_interleave(n_fields)  # (N,)
         hidden = self.backbone(canvas, time_index)  # (B, N, d_model)
-        predictions = self.codec.decode(hidden, steps)  # (B, T, F)
-        loss = None
+        quantiles = self.codec.decode(hidden, steps).float()  # (B, T, F, Q) scaled units
+        if not self.training:
+            quantiles = quantiles.sort(dim=-1).values  # no crossing quantiles at inference
+        loss = position_loss = None
         if target_mask is not None:
-            loss = masked_mse(predictions, values.float(), target_mask.bool() & presence)
-        output = GWMOutput(loss=loss, predictions=predictions, hidden_states=hidden)
+            scored = (target_mask.bool() & presence).float()  # (B, T, F)
+            position_loss = pinball_loss(quantiles, scaled, self.quantile_levels.float()) * presence  # (B, T, F)
+            loss = (position_loss * scored).sum() / scored.sum().clamp_min(1.0)
+        quantiles = quantiles * scale.unsqueeze(-1) + loc.unsqueeze(-1)  # (B, T, F, Q) input units
+        median = self.config.quantile_levels.index(0.5)
+        output = GWMOutput(loss=loss, predictions=quantiles[..., median], quantiles=quantiles,
+                           position_loss=position_loss, hidden_states=hidden)
         return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ inference in the data's own units
@@ -244,6 +269,12 @@ class GWMModel(PreTrainedModel):
         from .forecasting import forecast
 
         return forecast(self, history, horizon, **kwargs)
+
+    def forecast_quantiles(self, history, horizon: int, **kwargs):
+        """Quantile forecast in raw units, columns (field, level); see `modeling_gwm.forecasting.forecast_quantiles`."""
+        from .forecasting import forecast_quantiles
+
+        return forecast_quantiles(self, history, horizon, **kwargs)
 
     def impute(self, frame, **kwargs):
         """`frame` with its missing values filled; see `modeling_gwm.forecasting.impute`."""
@@ -324,7 +355,15 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
             f"{location} holds a {getattr(peft_config.peft_type, 'value', peft_config.peft_type)} adapter, "
             "not a GWM loop adapter (peft_type GWM_LOOP)."
         )
+    if peft_config.format_version != ADAPTER_FORMAT_VERSION:
+        found = "no format_version" if peft_config.format_version is None else \
+            f"format_version {peft_config.format_version}"
+        raise AdapterLoadError(
+            f"{location} has {found} (this GWM reads format_version {ADAPTER_FORMAT_VERSION}: scale-free windows "
+            "and quantile forecasts): it was made by an older GWM and needs retraining (gwm train / dag_train.py)."
+        )
     return peft_config
 
 
-__all__ = ["AdapterLoadError", "AdapterMismatchError", "GWMModel", "GWMOutput", "build_frozen_base"]
+__all__ = ["ADAPTER_FORMAT_VERSION", "AdapterLoadError", "AdapterMismatchError", "GWMModel", "GWMOutput",
+           "build_frozen_base"]

@@ -405,7 +405,8 @@ class DAGCurriculumTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, dataset: CanvasDataset, field_ids: torch.Tensor, horizon: int, max_windows: int) -> float:
-        """Forecast loss on held-out positions: the last `horizon` steps of validation windows are hidden."""
+        """Forecast loss on held-out positions: the last `horizon` steps of validation windows are hidden; the mean
+        pinball loss of the model's quantiles, in each window's scaled units (the training loss)."""
         if len(dataset) == 0:
             return float("nan")
         picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).round().long().unique()
@@ -420,9 +421,9 @@ class DAGCurriculumTrainer:
             target = torch.zeros_like(presence)
             target[:, -horizon:] = True
             with self.accelerator.autocast():
-                predictions = model(values, presence, field_ids=field_ids, target_mask=target).predictions
+                position_loss = model(values, presence, field_ids=field_ids, target_mask=target).position_loss
             scored = target & presence & batch.get("holdout", presence).to(presence.device)
-            sse += float(((predictions.float() - values) ** 2 * scored).sum())
+            sse += float((position_loss.float() * scored).sum())
             count += float(scored.sum())
         model.train(was_training)
         return sse / count if count else float("nan")
@@ -497,10 +498,10 @@ class DAGCurriculumTrainer:
             for micro in self._batch(data, node, node_index, state.step):
                 with acc.accumulate(ddp_model):
                     with acc.autocast():
-                        predictions = ddp_model(micro["values"], micro["presence"], field_ids=field_ids,
-                                                target_mask=micro["target_mask"]).predictions
+                        position_loss = ddp_model(micro["values"], micro["presence"], field_ids=field_ids,
+                                                  target_mask=micro["target_mask"]).position_loss
                     scored = micro["target_mask"] & micro["presence"]
-                    sse = ((predictions.float() - micro["values"]) ** 2 * scored).sum()
+                    sse = (position_loss.float() * scored).sum()  # summed pinball loss (scaled units)
                     if _inject_nan(name, state.step + 1):
                         sse = sse * float("nan")
                     scale = acc.num_processes * acc.gradient_accumulation_steps / micro["scored_total"]

@@ -163,3 +163,36 @@ def test_bad_input_in_a_subprocess_has_no_traceback(run, tmp_path, argv, message
     err = done.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith(f"gwm {argv[0]}: error: ") and message.format(run=run) in err, err
+
+
+# ---------------------------------------------------------------------------------------------------- quantiles
+def test_forecast_quantiles_writes_field_at_level_columns(run, tmp_path):
+    assert main(["forecast", "--adapter", str(run / "final"), "--data", str(ENSO), "--columns", MAP, "--horizon", "4",
+                 "--quantiles", "0.1", "0.5", "0.9", "--out", str(tmp_path / "q.csv"),
+                 "--plot", str(tmp_path / "q.png")]) == 0
+    table = pd.read_csv(tmp_path / "q.csv", index_col="date")
+    name = "climate.enso.nino12_sst"
+    assert list(table.columns) == [f"{name}@0.1", f"{name}@0.5", f"{name}@0.9"]
+    assert (table[f"{name}@0.1"] <= table[f"{name}@0.5"]).all() and (table[f"{name}@0.5"] <= table[f"{name}@0.9"]).all()
+    assert table[f"{name}@0.5"].between(15.0, 32.0).all()  # degrees Celsius
+    assert main(["forecast", "--adapter", str(run / "final"), "--data", str(ENSO), "--columns", MAP, "--horizon", "2",
+                 "--quantiles", "--out", str(tmp_path / "all.csv")]) == 0
+    assert pd.read_csv(tmp_path / "all.csv", index_col="date").shape == (2, 9)  # every trained level
+
+
+def test_unknown_quantile_level_and_old_adapter_exit_2_with_one_line(run, tmp_path, capsys):
+    argv = ["forecast", "--adapter", str(run / "final"), "--data", str(ENSO), "--columns", MAP, "--horizon", "2",
+            "--out", str(tmp_path / "p.csv")]
+    assert main([*argv, "--quantiles", "0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown quantile level(s) [0.25]: this adapter predicts [0.1," in err and "\n" not in err, err
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((run / "final" / "adapter_config.json").read_text())
+    del config["format_version"]
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    (old / "adapter_model.safetensors").write_bytes((run / "final" / "adapter_model.safetensors").read_bytes())
+    argv[2] = str(old)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gwm forecast: error: ") and "needs retraining" in err and "\n" not in err, err

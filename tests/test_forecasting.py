@@ -20,9 +20,11 @@ from modeling_gwm.forecasting import (  # noqa: E402
     default_season,
     error_metrics,
     evaluate,
+    forecast_quantiles,
     format_evaluation,
     naive_forecast,
     plot_forecast,
+    predict_windows,
     read_history,
     seasonal_naive_forecast,
 )
@@ -72,6 +74,61 @@ def test_forecast_rolls_out_beyond_the_horizon_in_raw_units(model):
     last = history["demo.gdp"].iloc[-1]
     assert np.all(np.abs(np.log(out["demo.gdp"] / last)) < 10 * (0.01 + 4 * 0.005))
     assert out.attrs["units"]["demo.level"] == "degC"
+
+
+def test_forecast_quantiles_columns_units_and_median(model):
+    history = _history()
+    out = forecast_quantiles(model, history, 5)
+    levels = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert list(out.columns) == [(f["name"], q) for f in FIELDS for q in levels]
+    assert out.columns.names == ["field", "level"]
+    assert np.isfinite(out.to_numpy()).all()
+    for name in ("demo.level", "demo.price", "demo.gdp"):  # sorted per step, in the data's units
+        assert (np.diff(out[name].to_numpy(), axis=1) >= -1e-9).all()
+    assert np.all(np.abs(out["demo.level", 0.5] - 10.0) < 4 * 2.0) and (out["demo.price"] > 0).all().all()
+    median = out.xs(0.5, axis=1, level="level")
+    pd.testing.assert_frame_equal(median, model.forecast(history, 5), check_names=False)
+    picked = model.forecast_quantiles(history, 5, quantile_levels=[0.9, 0.1])
+    assert list(picked.columns) == [(f["name"], q) for f in FIELDS for q in (0.1, 0.9)]
+    pd.testing.assert_frame_equal(picked, out.loc[:, picked.columns])
+
+
+def test_forecast_quantiles_unknown_level_is_one_clear_error(model):
+    with pytest.raises(DataError, match=r"unknown quantile level\(s\) \[0.25\]: this adapter predicts \[0.1, 0.2"):
+        forecast_quantiles(model, _history(), 3, quantile_levels=[0.25, 0.5])
+
+
+def test_predict_windows_batches_windows_of_any_level(model):
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, CONTEXT, 2))  # (B, T, S) normalised
+    values[2] += 1000.0  # a window far outside the training range
+    values[3, :5] = np.nan  # missing values
+    target = np.zeros(values.shape, dtype=bool)
+    target[:, -HORIZON:] = True
+    out = predict_windows(model, values, [0, 1], target)
+    assert out.shape == (4, CONTEXT, 2, 9) and np.isfinite(out).all()
+    assert (np.diff(out, axis=-1) >= 0).all()
+    assert np.all(np.abs(out[2, -HORIZON:] - 1000.0) < 50.0)  # scale-free: forecast near its own level
+    one = predict_windows(model, values[1:2], [0, 1], target[1:2])
+    np.testing.assert_allclose(out[1:2], one, atol=1e-5)  # batching does not mix windows
+
+
+def test_an_adapter_without_format_version_is_refused(model, tmp_path):
+    import json
+
+    from modeling_gwm import AdapterLoadError
+
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "node" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["format_version"] == 2
+    assert config["gwm_config"]["quantile_levels"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    GWMModel.from_pretrained(TINY_BASE_PATH, tmp_path / "node")  # loads
+    del config["format_version"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match="made by an older GWM and needs retraining") as info:
+        GWMModel.from_pretrained(TINY_BASE_PATH, tmp_path / "node")
+    assert "\n" not in str(info.value)
 
 
 def test_forecast_accepts_a_subset_of_fields_as_dict_or_dataset(model):
@@ -173,6 +230,16 @@ def test_impute_fills_only_missing_values(model):
                                gappy.set_index("date")[observed].to_numpy()[observed.to_numpy()])
     assert np.all(np.abs(filled["demo.level"].iloc[[3, 4, 20]] - 10.0) < 8.0)
     assert filled["demo.price"].iloc[10] > 0
+
+
+def test_impute_fills_a_coarser_field_only_at_its_own_steps(model):
+    history = _quarterly_gdp(30, phase=1)  # GDP at rows 1, 4, ..., 28
+    history.loc[[10, 11, 13], "demo.gdp"] = np.nan  # rows 10 and 13 are quarters, 11 is between two
+    history.loc[5, "demo.level"] = np.nan
+    filled = model.impute(history)
+    gdp = filled["demo.gdp"]
+    assert list(np.flatnonzero(gdp.notna())) == list(range(1, 30, 3))  # every quarter, nothing in between
+    assert np.isfinite(filled["demo.level"].iloc[5])
 
 
 def test_impute_places_gappy_dates_on_the_grid(model):

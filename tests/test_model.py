@@ -287,3 +287,103 @@ def test_budget_of_a_bare_model_and_its_table(tiny_base):
     assert table[0] == "| Component | Params | Trainable? |" and len(table) == 2 + len(rows)
     assert f"| proj_in | {16 * 64 + 64:,} (1.09K) | yes |" in table
     assert table[-1].startswith("| trainable % |") and table[-1].endswith("% |  |")
+
+
+# ------------------------------------------------------------------------------------------ scaling, quantiles
+def _scaled_canvas(model, values, presence, target):
+    """The canvas the codec builds for a batch (what the blocks see), captured by wrapping encode."""
+    seen = {}
+    original = model.codec.encode
+
+    def spy(*args, **kwargs):
+        seen["canvas"] = original(*args, **kwargs)
+        return seen["canvas"]
+
+    model.codec.encode = spy
+    try:
+        with torch.no_grad():
+            out = model(values, presence, target_mask=target)
+    finally:
+        del model.codec.encode
+    return seen["canvas"], out
+
+
+@pytest.mark.parametrize("scheme", ["last_value", "instance"])
+def test_window_scaling_is_invariant_to_an_affine_change_of_the_input(scheme, tiny_base):
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, window_scaling=scheme, window_stats_input=False).eval()
+    values, presence, target = _batch(steps=8)
+    canvas, out = _scaled_canvas(model, values, presence, target)
+    shifted_canvas, shifted = _scaled_canvas(model, 3.0 * values + 7.0, presence, target)
+    torch.testing.assert_close(shifted_canvas, canvas, atol=1e-4, rtol=1e-4)  # the blocks see the same canvas
+    torch.testing.assert_close(shifted.quantiles, 3.0 * out.quantiles + 7.0, atol=1e-4, rtol=1e-4)  # mapped back
+    torch.testing.assert_close(shifted.loss, out.loss, atol=1e-5, rtol=1e-5)  # the loss is scale-free
+
+
+@pytest.mark.parametrize("scheme", ["last_value", "instance", "mean_abs", "none"])
+def test_constant_single_and_empty_contexts_never_give_nan(scheme, tiny_base):
+    from modeling_gwm.canvas import window_scale
+
+    values = torch.zeros(3, 6, 2)  # (B, T, F)
+    values[0] = 5.0  # constant context
+    values[1, 2, :] = -4.0  # a single observation
+    visible = torch.ones(3, 6, 2, dtype=torch.bool)
+    visible[1] = False
+    visible[1, 2] = True
+    visible[2] = False  # nothing visible
+    loc, scale = window_scale(values, visible, scheme)
+    assert torch.isfinite(loc).all() and (scale > 0).all()
+    if scheme in ("last_value", "instance"):
+        assert scale[0].eq(1).all() and scale[1].eq(1).all() and scale[2].eq(1).all()  # one training std
+        assert loc[0].eq(5).all() and loc[1].eq(-4).all() and loc[2].eq(0).all()
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, window_scaling=scheme)
+    target = ~visible
+    out = model(values, torch.ones_like(visible), target_mask=target)
+    assert torch.isfinite(out.quantiles).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.codec.parameters() if p.grad is not None)
+
+
+def test_predictions_never_read_the_target_values(tiny_base):
+    model = GWMModel.from_pretrained(tiny_base, d_model=16).eval()
+    values, presence, target = _batch(steps=8)
+    changed = torch.where(target, values * 100.0 + 50.0, values)  # only the hidden positions differ
+    with torch.no_grad():
+        a = model(values, presence, target_mask=target)
+        b = model(changed, presence, target_mask=target)
+    torch.testing.assert_close(a.quantiles, b.quantiles, atol=0, rtol=0)
+    assert not torch.isclose(a.loss, b.loss)  # the loss does read them
+
+
+def test_pinball_loss_on_a_hand_checked_case():
+    from modeling_gwm.canvas import pinball_loss
+
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    quantiles = torch.tensor([[0.0, 1.0, 2.0]])  # (1, Q)
+    value = torch.tensor([1.5])  # errors y - q: 1.5, 0.5, -0.5
+    # 0.1 * 1.5 = 0.15; 0.5 * 0.5 = 0.25; (0.9 - 1) * -0.5 = 0.05 -> mean 0.15
+    torch.testing.assert_close(pinball_loss(quantiles, value, levels), torch.tensor([0.15]))
+
+
+def test_quantile_output_shape_sorted_and_median_is_the_prediction(tiny_base):
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, quantile_levels=[0.05, 0.5, 0.95]).eval()
+    values, presence, target = _batch(steps=6)
+    with torch.no_grad():
+        out = model(values, presence, target_mask=target)
+    assert out.quantiles.shape == (2, 6, 2, 3)  # (B, T, F, Q)
+    assert (out.quantiles.diff(dim=-1) >= 0).all()  # no crossing at inference
+    torch.testing.assert_close(out.predictions, out.quantiles[..., 1])
+    assert out.position_loss.shape == (2, 6, 2)
+
+
+@pytest.mark.parametrize("levels, message", [
+    ([0.1, 0.9], "must include 0.5"), ([0.5, 0.1], "sorted and unique"), ([0.0, 0.5], "strictly between 0 and 1"),
+    ("0.5", "list of numbers"), ([], "non-empty"),
+])
+def test_bad_quantile_levels_are_one_clear_error(levels, message):
+    with pytest.raises(ValueError, match=message):
+        GWMConfig(quantile_levels=levels)
+
+
+def test_bad_window_scaling_is_one_clear_error():
+    with pytest.raises(ValueError, match="window_scaling must be one of"):
+        GWMConfig(window_scaling="z")

@@ -9,6 +9,9 @@ from peft.config import PeftConfig
 PEFT_TYPE = "GWM_LOOP"
 DEFAULT_TARGET_MODULES = r".*transformer_blocks\.\d+"
 DEFAULT_MODULES_TO_SAVE = ["codec", "proj_in", "proj_out", "encoder_token", "norm_out"]
+# What an adapter's weights mean, recorded as `format_version` in adapter_config.json. 2: scale-free windows and a
+# quantile value head; adapters without it predate both and are refused on load (they need retraining).
+ADAPTER_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -44,6 +47,11 @@ class LoopConfig(PeftConfig):
     gwm_config: dict = field(
         default_factory=dict,
         metadata={"help": "The GWMConfig of the model the adapter was made on (set at creation), to rebuild it."},
+    )
+    format_version: int | None = field(
+        default=None,
+        metadata={"help": "What the weights mean (set at creation); adapters without it predate scale-free windows "
+                          "and quantile heads and are refused on load."},
     )
 
     def __post_init__(self):

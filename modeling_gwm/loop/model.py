@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner
 
-from .config import DEFAULT_TARGET_MODULES, LoopConfig
+from .config import ADAPTER_FORMAT_VERSION, DEFAULT_TARGET_MODULES, LoopConfig
 from .layer import LoopLayer
 
 
@@ -41,6 +41,10 @@ class LoopModel(BaseTuner):
             for key in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype"):
                 config.gwm_config.pop(key, None)
             config.gwm_config["n_loops"] = config.n_loops  # the adapter's own loop count, not the model default
+            # what forecasting reads without building the model (to_diff_dict leaves defaults out)
+            for key in ("quantile_levels", "window_scaling", "window_stats_input"):
+                config.gwm_config[key] = getattr(self.model.config, key)
+            config.format_version = ADAPTER_FORMAT_VERSION
         if self.model.config.backbone == "scratch":
             config.train_blocks = True  # random blocks carry no prior: they are trained with the adapter
         if len(config.fields) > self.model.config.max_fields:
