@@ -66,7 +66,7 @@ def forward_clock():
     """Seconds and calls spent in predict_df's batched model calls (everything else is gridding and frames)."""
     from modeling_gwm import predict_df as module
 
-    clock, inner = {"seconds": 0.0, "calls": 0}, module._predict_quantiles
+    clock, inner = {"seconds": 0.0, "calls": 0}, module.predict_windows
 
     def clocked(*args, **kwargs):
         start = time.perf_counter()
@@ -75,11 +75,11 @@ def forward_clock():
         finally:
             clock["seconds"] += time.perf_counter() - start
             clock["calls"] += 1
-    module._predict_quantiles = clocked
+    module.predict_windows = clocked
     try:
         yield clock
     finally:
-        module._predict_quantiles = inner
+        module.predict_windows = inner
 
 
 def count_flops(model, call) -> int:

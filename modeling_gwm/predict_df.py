@@ -7,8 +7,10 @@ column and one column per target, named by the adapter's dotted field names (or 
 snapped once, not once per item. The windows of all items are then stacked into (B, T, S) batches of at most
 `batch_size`, so 1,000 series cost a few forward passes, not 1,000.
 
-Items are independent: the result for an item is the result of `forecast` on that item's rows alone (up to float
-summation order in batched matmuls). Rollout beyond the adapter's horizon feeds back the median, batched across items.
+Items are independent: the result for an item is the result of `forecast_quantiles` on that item's rows alone (up
+to float summation order in batched matmuls; each window is scaled by its own context inside the model, so items of
+very different levels batch together). Rollout beyond the adapter's horizon feeds back the median, batched across
+items, so later quantiles are those given the median path (see `forecast_quantiles`).
 """
 
 from __future__ import annotations
@@ -26,24 +28,12 @@ from .forecasting import (
     AdapterSpec,
     _numeric,
     _offset,
-    _predict,
     _spacing,
     infer_frequency,
+    predict_windows,
 )
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------- the model
-def trained_quantile_levels(spec: AdapterSpec) -> tuple[float, ...]:
-    """The quantile levels the adapter's value head predicts; a point head predicts the median only."""
-    return tuple(float(q) for q in (getattr(spec, "quantile_levels", None) or (0.5,)))
-
-
-def _predict_quantiles(model, values: np.ndarray, slots: list[int], target: np.ndarray, n_levels: int) -> np.ndarray:
-    """values (B, T, S) normalised with NaN missing, target (B, T, S) bool -> (B, T, S, Q) in the same units."""
-    out = _predict(model, values, slots, target)  # (B, T, S) or (B, T, S, Q)
-    return out if out.ndim == 4 else np.repeat(out[..., None], n_levels, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- the input
@@ -212,12 +202,7 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
         raise ValueError(f"prediction_length must be a positive number of steps, got {prediction_length!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive number of windows, got {batch_size!r}")
-    trained = trained_quantile_levels(spec)
-    levels = list(trained) if quantile_levels is None else [float(q) for q in quantile_levels]
-    untrained = [q for q in levels if not any(np.isclose(q, trained))]
-    if untrained or not levels:
-        raise DataError(f"quantile level(s) {untrained or levels} were not trained; this adapter predicts "
-                        f"{list(trained)}")
+    levels = spec.check_levels(quantile_levels)  # sorted, each one of the adapter's trained levels
     if len(df) == 0:
         raise DataError("the frame has no rows")
     mapping = _targets(df, id_column, timestamp_column, target, spec)
@@ -230,24 +215,16 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
                         f"needs at least {spec.min_history()} (context_len {spec.context_len} - horizon "
                         f"{spec.horizon})" + (f"; {len(short) - 1} other item(s) are too short too" if len(short) > 1
                                               else ""))
-    quantiles = _rollout(model, spec, items, fields, horizon, len(trained), trained.index(_median(trained)),
-                         batch_size)
-    picked = [int(np.argmin(np.abs(np.asarray(trained) - q))) for q in levels]
-    return _long_frame(items, spec, fields, columns, quantiles, horizon, levels, picked, id_column,
-                       timestamp_column, trained.index(_median(trained)))
+    states = _rollout(model, spec, items, fields, horizon, batch_size)
+    return _long_frame(items, spec, fields, columns, states, horizon, levels, id_column, timestamp_column)
 
 
-def _median(levels: tuple[float, ...]) -> float:
-    return min(levels, key=lambda q: abs(q - 0.5))
+def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int) -> list:
+    """Per item: its present fields, schedule (L_i + horizon, S_i), fed-back canvas and quantiles (.., Q).
 
-
-def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, n_levels: int,
-             median: int, batch_size: int = 256) -> dict:
-    """Per item: its schedule and its predicted canvas, both (L_i + horizon, S_i), rolled out in batched chunks.
-
-    Mirrors `forecasting._forecast_frame` item by item: a chunk of `spec.horizon` steps from the item's first due
-    step, in a window of up to `context_len` steps ending with it, the medians fed back where a field is due. Items
-    of one chunk round are stacked with the others that share their present fields and window length.
+    Mirrors `forecasting._forecast_quantile_frame` item by item: a chunk of `spec.horizon` steps from the item's
+    first due step, in a window of up to `context_len` steps ending with it, the medians fed back where a field is
+    due. Items of one chunk round are stacked with the others that share their present fields and window length.
     """
     states = []  # per item: (present field indices, schedule (L+H, S_i), canvas (L+H, S_i), quantiles (L+H, S_i, Q))
     for i in range(len(items.ids)):
@@ -271,7 +248,8 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
                             "adapter's context_len): nothing to forecast from")
         canvas = np.concatenate([np.stack(columns, axis=1), np.full((horizon, len(present)), np.nan)])
         first = int(np.flatnonzero(schedule.any(axis=1))[0])
-        states.append((tuple(present), schedule, canvas, np.full(canvas.shape + (n_levels,), np.nan), first))
+        quantiles = np.full(canvas.shape + (len(spec.quantile_levels),), np.nan)  # (L + H, S_i, Q)
+        states.append((tuple(present), schedule, canvas, quantiles, first))
     for round_ in range(max((s[2].shape[0] - s[4] + spec.horizon - 1) // spec.horizon for s in states)):
         groups = defaultdict(list)  # (present fields, window length) -> [(item, start, done, end)]
         for i, (present, schedule, canvas, _, first) in enumerate(states):
@@ -291,33 +269,33 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
                 target = np.zeros(values.shape, dtype=bool)
                 for k, (i, start, done, end) in enumerate(chunk):
                     target[k, done - start:] = states[i][1][done:end]
-                predicted = _predict_quantiles(model, values, slots, target, n_levels)  # (B, T, S_i, Q)
+                predicted = predict_windows(model, values, slots, target)  # (B, T, S_i, Q)
                 for k, (i, start, done, end) in enumerate(chunk):
                     due = states[i][1][done:end]  # (steps, S_i)
                     states[i][3][done:end][due] = predicted[k, done - start:][due]
-                    states[i][2][done:end][due] = predicted[k, done - start:][due][:, median]  # fed back: median
-    return {"states": states}
+                    states[i][2][done:end][due] = predicted[k, done - start:][due][:, spec.median_index]  # fed back
+    return states
 
 
-def _long_frame(items: _Items, spec: AdapterSpec, fields: list[str], columns: list[str], rolled: dict,
-                horizon: int, levels: list[float], picked: list[int], id_column: str, timestamp_column: str,
-                median: int) -> pd.DataFrame:
+def _long_frame(items: _Items, spec: AdapterSpec, fields: list[str], columns: list[str], states: list,
+                horizon: int, levels: list[float], id_column: str, timestamp_column: str) -> pd.DataFrame:
     """(item, target, step) rows in the data's own units, items in order of first appearance."""
     future = pd.date_range(items.grid[0], periods=len(items.grid) + horizon, freq=items.freq)
     ids, times, names, blocks = [], [], [], []
-    for i, (present, schedule, _, quantiles, _) in enumerate(rolled["states"]):
+    picks = [spec.median_index, *(spec.quantile_levels.index(q) for q in levels)]
+    for i, (present, schedule, _, quantiles, _) in enumerate(states):
         length = int(items.lengths[i])
         raw = items.values[items.offsets[i]:items.offsets[i + 1]]
         last_position = int(items.first[i]) + length - 1
         for k, j in enumerate(present):
             stats, due = spec.fields[fields[j]], schedule[:, k]
-            out = np.full((length + horizon, len(picked) + 1), np.nan)
+            out = np.full((length + horizon, len(picks)), np.nan)
             if due.any():
                 last_raw = None
                 if stats.transform in CHANGE_TRANSFORMS:
                     last_raw = float(raw[np.flatnonzero(~np.isnan(raw[:, j]))[-1], j])
-                # change transforms accumulate each level's path from the last raw value, as forecast does
-                for c, q in enumerate([median, *picked]):
+                # change transforms accumulate each level's path from the last raw value, as forecast_quantiles does
+                for c, q in enumerate(picks):
                     out[due, c] = invert_transform(denormalize(quantiles[due, k, q], stats), stats.transform,
                                                    last_raw)
             blocks.append(out[length:])
@@ -332,4 +310,4 @@ def _long_frame(items: _Items, spec: AdapterSpec, fields: list[str], columns: li
     return frame
 
 
-__all__ = ["predict_df", "trained_quantile_levels"]
+__all__ = ["predict_df"]

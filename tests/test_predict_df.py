@@ -15,7 +15,6 @@ from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
 from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
 from modeling_gwm.data import DataError  # noqa: E402
 from modeling_gwm.forecasting import AdapterSpec  # noqa: E402
-from modeling_gwm.predict_df import trained_quantile_levels  # noqa: E402
 
 FIELDS = [
     {"name": "demo.level", "mean": 10.0, "std": 2.0, "transform": "none", "unit": "degC", "frequency": "MS"},
@@ -55,8 +54,9 @@ def _items() -> pd.DataFrame:
 def test_output_is_long_format_with_a_column_per_quantile(model):
     df = _items()
     out = model.predict_df(df, target="demo.level", prediction_length=7)
-    levels = [str(q) for q in trained_quantile_levels(AdapterSpec.from_model(model))]
-    assert list(out.columns) == ["item_id", "timestamp", "target_name", *dict.fromkeys(["predictions", *levels])]
+    levels = [str(q) for q in AdapterSpec.from_model(model).quantile_levels]
+    assert levels == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+    assert list(out.columns) == ["item_id", "timestamp", "target_name", "predictions", *levels]
     assert list(out["item_id"].unique()) == list(df["item_id"].unique())  # items in order of first appearance
     assert len(out) == 4 * 7 and (out["target_name"] == "demo.level").all()
     for name, rows in out.groupby("item_id"):
@@ -69,13 +69,18 @@ def test_batched_forecasts_equal_one_forecast_per_item(model):
     df = _items()
     out = model.predict_df(df, prediction_length=8, batch_size=2)  # every field; several batches per round
     for name, history in df.groupby("item_id"):
-        alone = model.forecast(history.drop(columns="item_id"), 8, time_column="timestamp")
+        history = history.drop(columns="item_id")
+        alone = model.forecast(history, 8, time_column="timestamp")
+        quantiles = model.forecast_quantiles(history, 8, time_column="timestamp")
         rows = out[out["item_id"] == name]
         assert sorted(rows["target_name"].unique()) == sorted(alone.columns)  # "d" has no price rows
         for field in alone.columns:
             got = rows[rows["target_name"] == field]
             assert list(got["timestamp"]) == list(alone.index)
             np.testing.assert_allclose(got["predictions"], alone[field], rtol=1e-5, atol=1e-6, equal_nan=True)
+            for level in (0.1, 0.5, 0.9):
+                np.testing.assert_allclose(got[str(level)], quantiles[field, level], rtol=1e-5, atol=1e-6,
+                                           equal_nan=True)
     # the quarterly field of "c" is due only at its own quarters, as forecast says
     assert out.loc[(out["item_id"] == "c") & (out["target_name"] == "demo.gdp"), "predictions"].notna().sum() == 3
 
@@ -96,12 +101,14 @@ def test_windows_of_all_items_share_one_forward_pass(model):
 
 def test_quantiles_are_sorted_and_the_median_is_the_prediction(model):
     out = model.predict_df(_items(), target="demo.level", prediction_length=5)
-    levels = [c for c in out.columns if c.replace(".", "", 1).isdigit()]
-    assert levels and all(np.diff([float(q) for q in levels]) > 0)
+    levels = list(out.columns[4:])
+    assert all(np.diff([float(q) for q in levels]) > 0)
     quantiles = out[levels].to_numpy()
     assert np.all(np.diff(quantiles, axis=1) >= 0)
-    if "0.5" in levels:
-        np.testing.assert_allclose(out["predictions"], out["0.5"])
+    np.testing.assert_allclose(out["predictions"], out["0.5"])
+    picked = model.predict_df(_items(), target="demo.level", prediction_length=5, quantile_levels=[0.9, 0.1])
+    assert list(picked.columns[4:]) == ["0.1", "0.9"]
+    np.testing.assert_allclose(picked[["0.1", "0.9"]], out[["0.1", "0.9"]])
 
 
 def test_a_target_mapping_names_columns_by_the_users_names(model):
@@ -134,7 +141,7 @@ def _bad(kind: str) -> tuple[pd.DataFrame, dict]:
     ("no_id", "no id_column 'item_id' in the frame; columns are ['timestamp', 'demo.level']"),
     ("no_time", "no timestamp_column 'timestamp' in the frame; columns are ['item_id', 'ds', 'demo.level']"),
     ("short", "item 'tiny' has 4 steps on the 'MS' grid; this adapter needs at least 9 (context_len 12 - horizon 3)"),
-    ("levels", "quantile level(s) [0.33] were not trained"),
+    ("levels", "unknown quantile level(s) [0.33]: this adapter predicts [0.1, 0.2,"),
     ("duplicates", "1 duplicate (item_id, timestamp) row(s), e.g. item 'a' at 2000-04-01"),
     ("text", "column 'demo.level' is not numeric (e.g. 'warm')"),
     ("field", "unknown field(s) ['sst']: this adapter knows"),
