@@ -16,15 +16,13 @@ items, so later quantiles are those given the median path (see `forecast_quantil
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from .data import DataError, FieldStats, denormalize, invert_transform, normalize, regular_grid, snap
+from .data import DataError, denormalize, normalize, regular_grid, snap
 from .forecasting import (
-    CHANGE_TRANSFORMS,
     AdapterSpec,
     _numeric,
     _offset,
@@ -130,39 +128,55 @@ def _gridded(df: pd.DataFrame, id_column: str, timestamp_column: str, columns: l
     lengths = last - first + 1
     offsets = np.r_[0, np.cumsum(lengths)]
     flat = offsets[codes] + position - first[codes]  # (rows,) row of each observation in the flat array
-    observed = ~np.isnan(values)
-    sums = np.zeros((offsets[-1], len(columns)))
-    counts = np.zeros((offsets[-1], len(columns)))
-    np.add.at(sums, flat, np.where(observed, values, 0.0))
-    np.add.at(counts, flat, observed)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        gridded = sums / counts  # (sum L_i, S) mean of the rows in each period, NaN where none
-    if len(np.unique(flat)) < len(flat):
-        logger.warning("%d rows averaged into %d periods of the %r grid", len(flat), len(np.unique(flat)), freq)
+    gridded = np.full((offsets[-1], len(columns)), np.nan)  # (sum L_i, S)
+    merged = int((np.diff(flat) == 0).sum())  # flat rows ascend: rows of one period are neighbours
+    if not merged:
+        gridded[flat] = values
+    else:  # the mean of the rows in each period, NaN where none
+        logger.warning("%d rows averaged into %d periods of the %r grid", len(flat), len(flat) - merged, freq)
+        observed = ~np.isnan(values)
+        for j in range(len(columns)):
+            sums = np.bincount(flat, np.where(observed[:, j], values[:, j], 0.0), minlength=offsets[-1])
+            counts = np.bincount(flat, observed[:, j], minlength=offsets[-1])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                gridded[:, j] = sums / counts
     return _Items(np.asarray(ids), grid, first, lengths, offsets, gridded, freq)
 
 
-def _modelled_column(raw: np.ndarray, stats: FieldStats, where: str) -> np.ndarray:
-    """(L,) raw -> (L,) transformed and normalised, as `forecasting._modelled` (changes between observations)."""
-    transform, rows = stats.transform, np.flatnonzero(~np.isnan(raw))
-    observed = raw[rows]
-    if transform in ("log", "log_return") and (observed <= 0).any():
-        raise DataError(f"{where}: transform {transform!r} needs positive values, found {float(observed.min())!r}")
-    if transform == "pct_change" and (observed[:-1] == 0).any():
-        raise DataError(f"{where}: transform 'pct_change' divides by the previous value, found 0; use diff")
-    if transform == "none":
-        modelled = raw
-    elif transform == "log":
-        modelled = np.log(raw)
-    else:
-        modelled = np.full_like(raw, np.nan)
-        if transform == "diff":
-            modelled[rows[1:]] = np.diff(observed)
-        elif transform == "pct_change":
-            modelled[rows[1:]] = observed[1:] / observed[:-1] - 1.0
-        else:  # log_return
-            modelled[rows[1:]] = np.diff(np.log(observed))
-    return normalize(modelled, stats)
+def _modelled(items: _Items, spec: AdapterSpec, fields: list[str]) -> np.ndarray:
+    """(sum L_i, S) raw -> transformed and normalised, as `forecasting._modelled` on each item alone: change
+    transforms act between consecutive observations of one item, never across two items."""
+    item_of = np.repeat(np.arange(len(items.ids)), items.lengths)  # (sum L_i,)
+    out = np.full_like(items.values, np.nan)
+    for j, name in enumerate(fields):
+        stats, raw = spec.fields[name], items.values[:, j]
+        rows = np.flatnonzero(~np.isnan(raw))
+        observed = raw[rows]
+        pairs = item_of[rows[1:]] == item_of[rows[:-1]]  # (obs - 1,) consecutive observations of one item
+        bad = observed <= 0 if stats.transform in ("log", "log_return") else np.zeros(len(rows), dtype=bool)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise DataError(f"item {items.ids[item_of[rows[k]]]!r}, field {name!r}: transform {stats.transform!r} "
+                            f"needs positive values, found {float(observed[k])!r}")
+        if stats.transform == "pct_change" and (pairs & (observed[:-1] == 0)).any():
+            k = int(np.argmax(pairs & (observed[:-1] == 0)))
+            raise DataError(f"item {items.ids[item_of[rows[k]]]!r}, field {name!r}: transform 'pct_change' divides "
+                            "by the previous value, found 0; use diff")
+        if stats.transform == "none":
+            modelled = raw
+        elif stats.transform == "log":
+            modelled = np.log(raw)
+        else:
+            previous, current = observed[:-1][pairs], observed[1:][pairs]
+            modelled = np.full_like(raw, np.nan)
+            if stats.transform == "diff":
+                modelled[rows[1:][pairs]] = current - previous
+            elif stats.transform == "pct_change":
+                modelled[rows[1:][pairs]] = current / previous - 1.0
+            else:  # log_return
+                modelled[rows[1:][pairs]] = np.log(current) - np.log(previous)
+        out[:, j] = normalize(modelled, stats)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- predict_df
@@ -215,96 +229,129 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
                         f"needs at least {spec.min_history()} (context_len {spec.context_len} - horizon "
                         f"{spec.horizon})" + (f"; {len(short) - 1} other item(s) are too short too" if len(short) > 1
                                               else ""))
-    states = _rollout(model, spec, items, fields, horizon, batch_size)
-    return _long_frame(items, spec, fields, columns, states, horizon, levels, id_column, timestamp_column)
+    rolled = _rollout(model, spec, items, fields, horizon, batch_size)
+    return _long_frame(items, spec, fields, columns, rolled, horizon, levels, id_column, timestamp_column)
 
 
-def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int) -> list:
-    """Per item: its present fields, schedule (L_i + horizon, S_i), fed-back canvas and quantiles (.., Q).
+@dataclass
+class _Rollout:
+    """Every item's last 2 * context_len grid steps and its future, right-aligned: column `2 * context_len` is each
+    item's first future step. Windows never reach further back (an item's first due step is at most context_len
+    steps after its last observation of a fresh field, and a window spans context_len steps)."""
+
+    history: int  # 2 * context_len: columns of history kept
+    present: np.ndarray  # (N, S) bool: the field has a value in the item (else: absent, no output rows)
+    last: np.ndarray  # (N, S) the item's row of the field's last observation (-1 when absent)
+    due: np.ndarray  # (N, W, S) bool: predicted there (the field's own spacing continued from its last observation)
+    quantiles: np.ndarray  # (N, W, S, Q) normalised, where due
+
+
+def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int) -> _Rollout:
+    """Roll every item out, batched: the windows of all items at one chunk round go through shared forward passes.
 
     Mirrors `forecasting._forecast_quantile_frame` item by item: a chunk of `spec.horizon` steps from the item's
     first due step, in a window of up to `context_len` steps ending with it, the medians fed back where a field is
-    due. Items of one chunk round are stacked with the others that share their present fields and window length.
+    due. A batch holds items with the same present fields and the same window length (shorter only for items
+    shorter than context_len).
     """
-    states = []  # per item: (present field indices, schedule (L+H, S_i), canvas (L+H, S_i), quantiles (L+H, S_i, Q))
-    for i in range(len(items.ids)):
-        length = int(items.lengths[i])
-        raw = items.values[items.offsets[i]:items.offsets[i + 1]]  # (L, S) view
-        present, columns, due = [], [], []
-        for j, name in enumerate(fields):
-            rows = np.flatnonzero(~np.isnan(raw[:, j]))
-            if len(rows) == 0:
-                continue  # absent from this item, as a column with no value is for forecast
-            present.append(j)
-            columns.append(_modelled_column(raw[:, j], spec.fields[name], f"item {items.ids[i]!r}, field {name!r}"))
-            schedule = np.zeros(length + horizon, dtype=bool)
-            if rows[-1] >= length - spec.context_len:  # else stale: nothing to forecast from
-                step = _spacing(rows)
-                schedule[rows[-1] + step::step] = True
-            due.append(schedule)
-        schedule = np.stack(due, axis=1)  # (L + H, S_i)
-        if not schedule.any():
-            raise DataError(f"item {items.ids[i]!r}: no field is observed in its last {spec.context_len} steps (the "
-                            "adapter's context_len): nothing to forecast from")
-        canvas = np.concatenate([np.stack(columns, axis=1), np.full((horizon, len(present)), np.nan)])
-        first = int(np.flatnonzero(schedule.any(axis=1))[0])
-        quantiles = np.full(canvas.shape + (len(spec.quantile_levels),), np.nan)  # (L + H, S_i, Q)
-        states.append((tuple(present), schedule, canvas, quantiles, first))
-    for round_ in range(max((s[2].shape[0] - s[4] + spec.horizon - 1) // spec.horizon for s in states)):
-        groups = defaultdict(list)  # (present fields, window length) -> [(item, start, done, end)]
-        for i, (present, schedule, canvas, _, first) in enumerate(states):
-            done = first + round_ * spec.horizon
-            if done >= canvas.shape[0]:
-                continue
-            end = min(done + spec.horizon, canvas.shape[0])
-            if not schedule[done:end].any():
-                continue
-            start = max(0, end - spec.context_len)
-            groups[present, end - start].append((i, start, done, end))
-        for (present, _), members in groups.items():
-            slots = spec.slots([fields[j] for j in present])
+    context, n, n_fields = spec.context_len, len(items.ids), len(fields)
+    history = 2 * context
+    width = history + horizon
+    starts, lengths = items.offsets[:-1], items.lengths
+    # per (item, field): observations, first and last observed row, the field's own spacing
+    observed = ~np.isnan(items.values)  # (sum L_i, S)
+    row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
+    counts = np.add.reduceat(observed.astype(np.int64), starts, axis=0)  # (N, S)
+    last = np.maximum.reduceat(np.where(observed, row[:, None], -1), starts, axis=0)  # (N, S)
+    first = np.minimum.reduceat(np.where(observed, row[:, None], np.iinfo(np.int64).max), starts, axis=0)
+    spacing = np.ones((n, n_fields), dtype=np.int64)
+    for i, j in zip(*np.nonzero((counts > 1) & (last - first + 1 != counts))):  # gappy: the median gap
+        spacing[i, j] = _spacing(np.flatnonzero(observed[starts[i]:starts[i] + lengths[i], j]))
+    present = counts > 0
+    fresh = present & (last >= lengths[:, None] - context)  # else stale: nothing to forecast from
+    if (present & ~fresh).any():
+        logger.warning("%d (item, field) pairs have no observation in the last %d steps of their item: not forecast "
+                       "(NaN)", int((present & ~fresh).sum()), context)
+    # schedule, right-aligned: local row r of item i is column r - L_i + history
+    column = np.arange(width)[None, :, None]
+    last_column = (last - lengths[:, None] + history)[:, None, :]  # (N, 1, S)
+    due = fresh[:, None, :] & (column > last_column) & ((column - last_column) % spacing[:, None, :] == 0)
+    any_due = due.any(axis=2)  # (N, W)
+    idle = np.flatnonzero(~any_due.any(axis=1))
+    if len(idle):
+        raise DataError(f"item {items.ids[idle[0]]!r}: no field is observed in its last {context} steps (the "
+                        f"adapter's context_len): nothing to forecast from")
+    # the canvas: the last `history` rows of every item (NaN before an item's first row), then the future
+    flat_rows = starts[:, None] + lengths[:, None] - history + np.arange(history)  # (N, history)
+    inside = flat_rows >= starts[:, None]
+    canvas = np.full((n, width, n_fields), np.nan)
+    canvas[:, :history][inside] = _modelled(items, spec, fields)[flat_rows[inside]]
+    quantiles = np.full(canvas.shape + (len(spec.quantile_levels),), np.nan)  # (N, W, S, Q)
+    signatures, group = np.unique(present, axis=0, return_inverse=True)
+    group = group.ravel()  # (N,) which present-field signature
+    first_due = np.argmax(any_due, axis=1)  # (N,)
+    row_zero = np.maximum(0, history - lengths)  # (N,) column of each item's first row
+    cumulative = np.concatenate([np.zeros((n, 1), dtype=np.int64), np.cumsum(any_due, axis=1)], axis=1)
+    for round_ in range(int(np.max(-(-(width - first_due) // spec.horizon)))):
+        done = first_due + round_ * spec.horizon  # (N,)
+        end = np.minimum(done + spec.horizon, width)
+        live = (done < width) & (cumulative[np.arange(n), end] > cumulative[np.arange(n), np.minimum(done, width)])
+        begin = np.maximum(row_zero, end - context)
+        key = group * (context + 1) + (end - begin)  # same fields and same window length batch together
+        for value in np.unique(key[live]):
+            members = np.flatnonzero(live & (key == value))
+            fields_in = np.flatnonzero(signatures[group[members[0]]])  # (S_g,)
+            slots = spec.slots([fields[j] for j in fields_in])
+            steps = int(end[members[0]] - begin[members[0]])
             for b in range(0, len(members), batch_size):
-                chunk = members[b:b + batch_size]
-                values = np.stack([states[i][2][start:end] for i, start, _, end in chunk])  # (B, T, S_i)
-                target = np.zeros(values.shape, dtype=bool)
-                for k, (i, start, done, end) in enumerate(chunk):
-                    target[k, done - start:] = states[i][1][done:end]
-                predicted = predict_windows(model, values, slots, target)  # (B, T, S_i, Q)
-                for k, (i, start, done, end) in enumerate(chunk):
-                    due = states[i][1][done:end]  # (steps, S_i)
-                    states[i][3][done:end][due] = predicted[k, done - start:][due]
-                    states[i][2][done:end][due] = predicted[k, done - start:][due][:, spec.median_index]  # fed back
-    return states
+                chunk = members[b:b + batch_size]  # (B,)
+                cells = (chunk[:, None, None], begin[chunk, None, None] + np.arange(steps)[None, :, None],
+                         fields_in[None, None, :])  # index (B, T, S_g) of the windows in the canvas
+                values = canvas[cells]  # (B, T, S_g)
+                target = due[cells] & (cells[1] >= done[chunk, None, None])
+                predicted = predict_windows(model, values, slots, target)  # (B, T, S_g, Q)
+                canvas[cells] = np.where(target, predicted[..., spec.median_index], values)  # median fed back
+                quantiles[cells] = np.where(target[..., None], predicted, quantiles[cells])
+    return _Rollout(history, present, last, due, quantiles)
 
 
-def _long_frame(items: _Items, spec: AdapterSpec, fields: list[str], columns: list[str], states: list,
+def _long_frame(items: _Items, spec: AdapterSpec, fields: list[str], columns: list[str], rolled: _Rollout,
                 horizon: int, levels: list[float], id_column: str, timestamp_column: str) -> pd.DataFrame:
-    """(item, target, step) rows in the data's own units, items in order of first appearance."""
+    """(item, target, step) rows in the data's own units, items in order of first appearance.
+
+    Change transforms accumulate each level's path from the item's last raw value, as `forecast_quantiles` does.
+    """
     future = pd.date_range(items.grid[0], periods=len(items.grid) + horizon, freq=items.freq)
-    ids, times, names, blocks = [], [], [], []
     picks = [spec.median_index, *(spec.quantile_levels.index(q) for q in levels)]
-    for i, (present, schedule, _, quantiles, _) in enumerate(states):
-        length = int(items.lengths[i])
-        raw = items.values[items.offsets[i]:items.offsets[i + 1]]
-        last_position = int(items.first[i]) + length - 1
-        for k, j in enumerate(present):
-            stats, due = spec.fields[fields[j]], schedule[:, k]
-            out = np.full((length + horizon, len(picks)), np.nan)
-            if due.any():
-                last_raw = None
-                if stats.transform in CHANGE_TRANSFORMS:
-                    last_raw = float(raw[np.flatnonzero(~np.isnan(raw[:, j]))[-1], j])
-                # change transforms accumulate each level's path from the last raw value, as forecast_quantiles does
-                for c, q in enumerate(picks):
-                    out[due, c] = invert_transform(denormalize(quantiles[due, k, q], stats), stats.transform,
-                                                   last_raw)
-            blocks.append(out[length:])
-            ids.append(np.repeat(items.ids[i:i + 1], horizon))
-            times.append(np.arange(last_position + 1, last_position + 1 + horizon))
-            names.append(np.full(horizon, columns[j], dtype=object))
-    values = np.concatenate(blocks)  # (rows, 1 + levels)
-    frame = pd.DataFrame({id_column: np.concatenate(ids), timestamp_column: future[np.concatenate(times)],
-                          "target_name": np.concatenate(names), "predictions": values[:, 0]})
+    item_index, field_index, positions, blocks = [], [], [], []
+    for j, name in enumerate(fields):
+        stats, members = spec.fields[name], np.flatnonzero(rolled.present[:, j])
+        due = rolled.due[members, :, j][..., None]  # (M, W, 1)
+        modelled = denormalize(rolled.quantiles[members, :, j][..., picks], stats)  # (M, W, 1 + levels)
+        if stats.transform == "none":
+            raw = modelled
+        elif stats.transform == "log":
+            raw = np.exp(modelled)
+        else:  # accumulated over the field's due steps only, from its last observed raw value
+            last_raw = items.values[items.offsets[members] + rolled.last[members, j], j][:, None, None]  # (M, 1, 1)
+            if stats.transform == "diff":
+                raw = last_raw + np.cumsum(np.where(due, modelled, 0.0), axis=1)
+            elif stats.transform == "pct_change":
+                raw = last_raw * np.cumprod(np.where(due, 1.0 + modelled, 1.0), axis=1)
+            else:  # log_return
+                raw = last_raw * np.exp(np.cumsum(np.where(due, modelled, 0.0), axis=1))
+        blocks.append(np.where(due, raw, np.nan)[:, rolled.history:].reshape(-1, len(picks)))  # (M * horizon, ..)
+        item_index.append(np.repeat(members, horizon))
+        field_index.append(np.full(len(members) * horizon, j))
+        positions.append((items.first[members, None] + items.lengths[members, None] + np.arange(horizon)).ravel())
+    item_index, field_index = np.concatenate(item_index), np.concatenate(field_index)
+    step = np.tile(np.arange(horizon), len(item_index) // horizon)  # blocks are (item, step) row-major
+    order = np.lexsort((step, field_index, item_index))
+    values = np.concatenate(blocks)[order]  # (rows, 1 + levels)
+    frame = pd.DataFrame({id_column: items.ids[item_index[order]],
+                          timestamp_column: future[np.concatenate(positions)[order]],
+                          "target_name": np.asarray(columns, dtype=object)[field_index[order]],
+                          "predictions": values[:, 0]})
     for c, q in enumerate(levels):
         frame[str(q)] = values[:, c + 1]
     return frame

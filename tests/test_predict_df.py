@@ -42,12 +42,16 @@ def _item(name: str, steps: int, start: str, seed: int) -> pd.DataFrame:
 
 
 def _items() -> pd.DataFrame:
-    """Four items of different lengths and end dates, rows shuffled; one quarterly GDP, one without price."""
+    """Four items of different lengths and end dates, rows shuffled; one quarterly GDP, one without price, one with
+    a gap and two rows in one month."""
     frames = [_item("b", 30, "2000-01-01", 0), _item("a", 14, "2003-05-01", 1), _item("c", 40, "1998-07-01", 2),
               _item("d", 25, "2001-02-01", 3)]
     frames[2].loc[frames[2].index % 3 != 1, "demo.gdp"] = np.nan  # GDP every third month
     frames[3]["demo.price"] = np.nan  # an item without this field at all
     frames[0] = frames[0].drop(index=[7, 8])  # two months absent from the time column
+    extra = frames[0].iloc[[20]].assign(**{"demo.level": 3.0})
+    extra["timestamp"] += pd.Timedelta(days=14)
+    frames[0] = pd.concat([frames[0], extra])  # a second row in one month: averaged, as forecast does
     return pd.concat(frames, ignore_index=True).sample(frac=1.0, random_state=0)
 
 
