@@ -195,7 +195,7 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
         prediction_length: grid steps to predict after each item's last period (default: the adapter's horizon);
             beyond the horizon the forecast is rolled out chunk by chunk, feeding back the median.
         quantile_levels: levels to report, among those the adapter was trained on (default: all of them).
-        batch_size: windows per forward pass (bounds memory; the results do not depend on it).
+        batch_size: windows per forward pass (bounds memory; results agree across sizes up to float rounding).
         freq: the grid's pandas alias when the adapter records none and the timestamps do not say.
 
     Returns:
