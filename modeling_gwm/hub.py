@@ -257,7 +257,7 @@ def _finish_axes(ax, values: list[float]) -> None:
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
-    ax.set_ylabel("masked MSE (normalised units)")
+    ax.set_ylabel("pinball loss (window-scaled units)")
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
 

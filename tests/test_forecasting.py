@@ -93,6 +93,27 @@ def test_forecast_quantiles_columns_units_and_median(model):
     pd.testing.assert_frame_equal(picked, out.loc[:, picked.columns])
 
 
+def test_forecast_plot_draws_the_10_90_band(model):
+    import io
+
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+
+    history = _history()
+    quantiles = forecast_quantiles(model, history, 5)
+    drawn = []
+    original = Figure.savefig
+    Figure.savefig = lambda fig, *a, **k: drawn.append(fig) or original(fig, *a, **k)
+    try:
+        buffer = io.BytesIO()
+        plot_forecast(history.set_index("date"), quantiles.xs(0.5, axis=1, level="level"), buffer, quantiles=quantiles)
+    finally:
+        Figure.savefig = original
+    assert buffer.getvalue()[:4] == b"\x89PNG"
+    bands = [c for ax in drawn[0].axes for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 3  # one 10-90 % band per field
+
+
 def test_forecast_quantiles_unknown_level_is_one_clear_error(model):
     with pytest.raises(DataError, match=r"unknown quantile level\(s\) \[0.25\]: this adapter predicts \[0.1, 0.2"):
         forecast_quantiles(model, _history(), 3, quantile_levels=[0.25, 0.5])
