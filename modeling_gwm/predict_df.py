@@ -81,6 +81,11 @@ def _timestamps(column: pd.Series, name: str) -> pd.DatetimeIndex:
     return times
 
 
+def _item(value) -> str:
+    """An item id as the user wrote it: 8, not np.int64(8)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 @dataclass
 class _Items:
     """All items on the adapter's grid, as one flat (sum L_i, S) array cut by `offsets`."""
@@ -109,7 +114,7 @@ def _gridded(df: pd.DataFrame, id_column: str, timestamp_column: str, columns: l
     if repeated.any():
         at = int(np.flatnonzero(repeated)[0])
         raise DataError(f"{int(repeated.sum())} duplicate ({id_column}, {timestamp_column}) row(s), e.g. item "
-                        f"{ids[codes[at]]!r} at {times[at]}: give each item one row per time")
+                        f"{_item(ids[codes[at]])} at {times[at]}: give each item one row per time")
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])  # (N,) first row of each item
     if spec.frequency and freq and _offset(freq) != _offset(spec.frequency):
         raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on; leave "
@@ -156,12 +161,12 @@ def _modelled(items: _Items, spec: AdapterSpec, fields: list[str]) -> np.ndarray
         bad = observed <= 0 if stats.transform in ("log", "log_return") else np.zeros(len(rows), dtype=bool)
         if bad.any():
             k = int(np.argmax(bad))
-            raise DataError(f"item {items.ids[item_of[rows[k]]]!r}, field {name!r}: transform {stats.transform!r} "
+            raise DataError(f"item {_item(items.ids[item_of[rows[k]]])}, field {name!r}: transform {stats.transform!r} "
                             f"needs positive values, found {float(observed[k])!r}")
         if stats.transform == "pct_change" and (pairs & (observed[:-1] == 0)).any():
             k = int(np.argmax(pairs & (observed[:-1] == 0)))
-            raise DataError(f"item {items.ids[item_of[rows[k]]]!r}, field {name!r}: transform 'pct_change' divides "
-                            "by the previous value, found 0; use diff")
+            raise DataError(f"item {_item(items.ids[item_of[rows[k]]])}, field {name!r}: transform 'pct_change' "
+                            "divides by the previous value, found 0; use diff")
         if stats.transform == "none":
             modelled = raw
         elif stats.transform == "log":
@@ -225,8 +230,8 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
     short = np.flatnonzero(items.lengths < spec.min_history())
     if len(short):
         i = int(short[0])
-        raise DataError(f"item {items.ids[i]!r} has {items.lengths[i]} steps on the {items.freq!r} grid; this adapter "
-                        f"needs at least {spec.min_history()} (context_len {spec.context_len} - horizon "
+        raise DataError(f"item {_item(items.ids[i])} has {items.lengths[i]} steps on the {items.freq!r} grid; this "
+                        f"adapter needs at least {spec.min_history()} (context_len {spec.context_len} - horizon "
                         f"{spec.horizon})" + (f"; {len(short) - 1} other item(s) are too short too" if len(short) > 1
                                               else ""))
     rolled = _rollout(model, spec, items, fields, horizon, batch_size)
@@ -279,7 +284,7 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
     any_due = due.any(axis=2)  # (N, W)
     idle = np.flatnonzero(~any_due.any(axis=1))
     if len(idle):
-        raise DataError(f"item {items.ids[idle[0]]!r}: no field is observed in its last {context} steps (the "
+        raise DataError(f"item {_item(items.ids[idle[0]])}: no field is observed in its last {context} steps (the "
                         f"adapter's context_len): nothing to forecast from")
     # the canvas: the last `history` rows of every item (NaN before an item's first row), then the future
     flat_rows = starts[:, None] + lengths[:, None] - history + np.arange(history)  # (N, history)

@@ -159,3 +159,15 @@ def test_bad_input_is_one_clear_line(model, kind, message):
     assert "\n" not in str(info.value)
     if kind != "length":
         assert isinstance(info.value, DataError)
+
+
+def test_an_item_with_nothing_recent_is_named_and_a_stale_field_is_nan(model):
+    df = pd.concat([_item(7, 30, "2000-01-01", 0), _item(8, 30, "2000-01-01", 1)])  # integer ids
+    df.loc[(df["item_id"] == 8) & (df["timestamp"] >= "2001-01-01"), "demo.gdp"] = np.nan  # 18 steps stale
+    out = model.predict_df(df, prediction_length=2)
+    stale = out[(out["item_id"] == 8) & (out["target_name"] == "demo.gdp")]
+    assert len(stale) == 2 and stale["predictions"].isna().all()
+    assert out.drop(index=stale.index)["predictions"].notna().all()
+    df.loc[(df["item_id"] == 8) & (df["timestamp"] >= "2001-01-01"), ["demo.level", "demo.price"]] = np.nan
+    with pytest.raises(DataError, match="item 8: no field is observed in its last 12 steps"):
+        model.predict_df(df, prediction_length=2)
