@@ -241,8 +241,8 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
 @dataclass
 class _Rollout:
     """Every item's last 2 * context_len grid steps and its future, right-aligned: column `2 * context_len` is each
-    item's first future step. Windows never reach further back (an item's first due step is at most context_len
-    steps after its last observation of a fresh field, and a window spans context_len steps)."""
+    item's first future step. Windows never reach further back: an item's first due step follows the last
+    observation of a field seen in its last context_len steps, and a window is context_len steps ending after it."""
 
     history: int  # 2 * context_len: columns of history kept
     present: np.ndarray  # (N, S) bool: the field has a value in the item (else: absent, no output rows)
