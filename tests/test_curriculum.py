@@ -60,7 +60,19 @@ CASES = {
     "unknown key": (lambda s: s["nodes"][0].update(epochs=3), r"node 'macro': unknown key\(s\) \['epochs'\]"),
     "unknown field": (lambda s: s["nodes"][0].update(fields=["macro.us.gold"]), r"node 'macro': field 'macro.us.gold'"),
     "merge on root": (lambda s: s["nodes"][0].update(merge={"method": "linear"}), r"node 'macro': 'merge' is only"),
+    "no median level": (lambda s: s["model"].update(quantile_levels=[0.1, 0.9]),
+                        r"model.quantile_levels must include 0.5"),
+    "level out of range": (lambda s: s["model"].update(quantile_levels=[0.5, 1.5]),
+                           r"model.quantile_levels must lie strictly between 0 and 1"),
 }
+
+
+def test_model_block_sets_quantile_levels_and_window_scaling(tmp_path):
+    spec = tiny_curriculum()
+    spec["model"].update(quantile_levels=[0.05, 0.5, 0.95], window_scaling="instance")
+    curriculum = load_curriculum(write_curriculum(tmp_path, spec))
+    assert curriculum.model["quantile_levels"] == [0.05, 0.5, 0.95]
+    assert curriculum.model["window_scaling"] == "instance"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
