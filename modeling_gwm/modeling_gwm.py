@@ -364,6 +364,12 @@ class GWMModel(PreTrainedModel):
 
         return impute(self, frame, **kwargs)
 
+    def predict_df(self, df, **kwargs):
+        """Quantile forecasts of every item of a long-format frame, batched; see `modeling_gwm.predict_df`."""
+        from .predict_df import predict_df
+
+        return predict_df(self, df, **kwargs)
+
 
 def build_frozen_base(config: GWMConfig, architecture: dict | None = None,
                       dtype: torch.dtype = torch.float32) -> FrozenBase:

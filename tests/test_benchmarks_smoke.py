@@ -128,3 +128,14 @@ def test_forecast_bench_holds_out_the_tails_and_scores_gwm_against_the_baselines
     assert aggregate["mase"]["seasonal_naive"] == pytest.approx(1.0) and aggregate["mase"]["gwm"] > 0
     assert 0.0 <= aggregate["share_beats_naive"] <= 1.0
     assert {"date", "cpu", "command"} <= set(written["machine"]) and written["wall_s"] > 0
+
+
+def test_predict_df_bench_times_small_and_large_runs_and_splits_forward_time(bench, tmp_path):
+    out = tmp_path / "predict_df.json"
+    result = bench("bench_predict_df").main(["--smoke", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["ratio"] == pytest.approx(result["ratio"])
+    assert (written["small"]["items"], written["large"]["items"]) == (2, 20)
+    assert written["large"]["forward_gflop"] == pytest.approx(10 * written["small"]["forward_gflop"], rel=0.2)
+    assert written["small"]["forward_calls_per_run"] == written["large"]["forward_calls_per_run"]  # batched
+    assert {"date", "cpu", "torch", "torch_threads", "command"} <= set(written["machine"])
