@@ -190,10 +190,25 @@ def _fp16_trainer(tmp_path: Path, scaler, **kwargs) -> DAGCurriculumTrainer:
     return trainer
 
 
+class _OverflowOnce(torch.amp.GradScaler):
+    """The CPU GradScaler whose first scaled loss overflows, as a fp16 backward at too high a scale does. (A huge
+    init_scale alone does not overflow for sure: the pinball loss's gradients are bounded, and 2^127 times them can
+    stay inside float32.)"""
+
+    overflowed = False
+
+    def scale(self, outputs):
+        scaled = super().scale(outputs)
+        if not self.overflowed:
+            self.overflowed = True
+            return scaled * float("inf")
+        return scaled
+
+
 def test_fp16_overflow_is_skipped_by_gradscaler_not_stopped_nor_counted(tmp_path, fresh_accelerator_state):
-    """A scale of 2^127 makes the first scaled backward pass overflow for sure: GradScaler skips that step and backs
-    off to 2^17; the node neither stops (default --nonfinite stop) nor counts a skip, and trains on."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-110, growth_interval=1000)
+    """The first scaled backward pass overflows: GradScaler skips that step and backs off from 2^127 to 2^17; the
+    node neither stops (default --nonfinite stop) nor counts a skip, and trains on."""
+    scaler = _OverflowOnce("cpu", init_scale=2.0**127, backoff_factor=2.0**-110, growth_interval=1000)
     _fp16_trainer(tmp_path, scaler).run()
     metrics = json.loads((tmp_path / "o" / "a" / "metrics.json").read_text())
     history = metrics["history"]

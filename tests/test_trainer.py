@@ -110,9 +110,15 @@ def test_two_processes_give_the_adapters_of_one_at_the_same_global_batch(tmp_pat
     assert two.returncode == 0, two.stderr[-3000:]
     for name in NODES:  # one DDP group of two, not two processes each training alone on the full batch
         assert json.loads((tmp_path / "two" / name / "metrics.json").read_text())["settings"]["processes"] == 2
-    # measured with real DDP (gloo): at most 8e-6 apart here and on the demo's 120 steps per node (gradient
-    # summation order across processes, amplified by Adam); adapter weights are of order 1
-    assert _max_difference(_adapters(tmp_path / "one"), _adapters(tmp_path / "two")) <= 1e-4
+    # measured with real DDP (gloo): every tensor at most 1e-6 apart here (gradient summation order across
+    # processes, amplified by Adam; adapter weights are of order 1) but the value head's bias, 4.3e-4 apart: its
+    # pinball gradient is a sum of per-position steps (tau or tau - 1 by the sign of each error), so a last-bit
+    # difference in one error flips one term, and Adam turns that into part of one learning-rate step
+    one, two = _adapters(tmp_path / "one"), _adapters(tmp_path / "two")
+    head_bias = {n: {k: t for k, t in a.items() if k.endswith("value_head.bias")} for n, a in one.items()}
+    rest = {n: {k: t for k, t in a.items() if not k.endswith("value_head.bias")} for n, a in one.items()}
+    assert _max_difference(rest, two) <= 1e-4
+    assert _max_difference(head_bias, two) <= 0.005  # one step of the curriculum's learning rate
 
 
 @pytest.mark.slow
