@@ -108,3 +108,12 @@ def test_forecast_bench_holds_out_the_tails_and_scores_gwm_against_the_baselines
     assert aggregate["mase"]["seasonal_naive"] == pytest.approx(1.0) and aggregate["mase"]["gwm"] > 0
     assert 0.0 <= aggregate["share_beats_naive"] <= 1.0
     assert {"date", "cpu", "command"} <= set(written["machine"]) and written["wall_s"] > 0
+
+
+def test_scaling_comparison_trains_on_truncated_series_and_scores_the_hold_out(bench, tmp_path):
+    out = tmp_path / "scaling.json"
+    assert bench("compare_scaling").main(["--smoke", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert [row["config"] for row in written["aggregate"]] == ["none", "last_value"]
+    fields = written["runs"][0]["fields"]
+    assert len(fields) == 7 and all(v["model"] > 0 and v["naive"] > 0 for v in fields.values())
