@@ -110,6 +110,22 @@ def test_forecast_bench_holds_out_the_tails_and_scores_gwm_against_the_baselines
     assert {"date", "cpu", "command"} <= set(written["machine"]) and written["wall_s"] > 0
 
 
+def test_forecast_bench_validation_mode_never_reads_the_test_tail(bench, tmp_path):
+    import pandas as pd
+
+    written = bench("bench_forecast").main(["--smoke", "--validation", "--direct", "--set", "seasonal_lag_input=true",
+                                            "--output_dir", str(tmp_path / "run")])
+    horizon = {"airline": 18, "nile": 6}
+    for name, spec in written["curriculum"]["sources"].items():
+        full = pd.read_csv(BENCHMARKS.parent / "configuration" / "data" / Path(spec["path"]).name)
+        scored = pd.read_csv(Path(spec["path"]).parent / f"scored_{Path(spec['path']).name}")
+        trained = pd.read_csv(spec["path"])
+        assert len(scored) == len(full) - horizon[name] and len(trained) == len(full) - 2 * horizon[name]
+        assert scored["date"].iloc[-1] < full["date"].iloc[-horizon[name]]  # the test tail is read by nothing
+    assert written["curriculum"]["model"]["seasonal_lag_input"] is True
+    assert [n["horizon"] for n in written["curriculum"]["nodes"]] == [18, 6]  # --direct: one window per hold-out
+
+
 def test_scaling_comparison_trains_on_truncated_series_and_scores_the_hold_out(bench, tmp_path):
     out = tmp_path / "scaling.json"
     assert bench("compare_scaling").main(["--smoke", "--out", str(out)]) == 0
