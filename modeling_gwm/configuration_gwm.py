@@ -71,7 +71,7 @@ class GWMConfig(PretrainedConfig):
             How each field of each window is made scale-free before the codec, from its visible context only:
             `"last_value"` (location = last visible value, scale = std of the visible context), `"instance"`
             (mean and std, RevIN), `"mean_abs"` (location 0, scale = mean absolute value, Chronos) or `"none"`.
-            Predictions are mapped back with the same statistics. Chosen by `benchmarks/compare_scaling.py`.
+            Predictions are mapped back with the same statistics. Chosen by measurement (README, "Scale-free windows").
         window_stats_input (`bool`, defaults to `True`):
             Feed each field's window location and log-scale (in the adapter's normalised units) to the codec, so
             the level that the scaling removes is still known to the model.

@@ -124,12 +124,3 @@ def test_forecast_bench_validation_mode_never_reads_the_test_tail(bench, tmp_pat
         assert scored["date"].iloc[-1] < full["date"].iloc[-horizon[name]]  # the test tail is read by nothing
     assert written["curriculum"]["model"]["seasonal_lag_input"] is True
     assert [n["horizon"] for n in written["curriculum"]["nodes"]] == [18, 6]  # --direct: one window per hold-out
-
-
-def test_scaling_comparison_trains_on_truncated_series_and_scores_the_hold_out(bench, tmp_path):
-    out = tmp_path / "scaling.json"
-    assert bench("compare_scaling").main(["--smoke", "--out", str(out)]) == 0
-    written = json.loads(out.read_text())
-    assert [row["config"] for row in written["aggregate"]] == ["none", "last_value"]
-    fields = written["runs"][0]["fields"]
-    assert len(fields) == 7 and all(v["model"] > 0 and v["naive"] > 0 for v in fields.values())
