@@ -31,6 +31,8 @@ from _common import DATA_DIR, REPO, TINY_BASE, machine, print_machine, write_jso
 DEMO = REPO / "configuration" / "curricula" / "demo.yaml"
 HOLDOUT = {"MS": 18, "QS": 8, "YS": 6}  # the M4 competition's horizons by frequency
 NODES = {"MS": "monthly", "QS": "quarterly", "YS": "yearly"}
+# the windows validated with direct forecasts (benchmarks/README.md section 6): about three seasons or 2H
+DIRECT_CONTEXT = {"MS": 36, "QS": 24, "YS": 24}
 MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep", "quantile_levels",
               "window_scaling", "window_stats_input", "seasonal_lag_input"}
 # the series the demo does not declare: (source, file, frequency, {column: (field, unit)}); transform: none
@@ -102,9 +104,10 @@ def curriculum_yaml(sources: dict, split: dict, args) -> dict:
         members = [name for name, spec in sources.items() if spec["frequency"] == freq]
         if members:
             nodes.append({"name": node, "description": f"Every {node} series.", "sources": members})
-            if args.direct:  # forecast the whole hold-out in one window instead of rolling out horizon-step chunks
+            if not args.rollout:  # forecast the whole hold-out in one window instead of rolling out chunks
+                context = args.context_len or DIRECT_CONTEXT[freq]
                 nodes[-1]["horizon"] = HOLDOUT[freq]
-                nodes[-1]["context_len"] = max(defaults["context_len"], 2 * HOLDOUT[freq])  # context >= horizon
+                nodes[-1]["context_len"] = context if context > HOLDOUT[freq] else 2 * HOLDOUT[freq]
     return {"description": "bench_forecast: one root per frequency on the truncated series", "model": model,
             "defaults": defaults, "sources": declared, "nodes": nodes}
 
@@ -222,9 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
                         help="override a model key (base, window_scaling, ...) or a default (learning_rate, horizon, "
                              "forecast_probability, ...) of the demo")
-    parser.add_argument("--direct", action="store_true",
-                        help="each node's horizon is its frequency's hold-out H (one window, no rollout), "
-                             "its context_len at least 2H")
+    parser.add_argument("--rollout", action="store_true",
+                        help="every node takes the demo's (or the flags') context_len and horizon and longer tails are "
+                             "rolled out; default: each node's horizon is its hold-out H (one window, the demo's "
+                             "choice), context 36 monthly, 24 quarterly and yearly (or --context_len, at least H + 1)")
+    parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
     parser.add_argument("--validation", action="store_true",
                         help="tune: train on series[:-2H], score on series[-2H:-H]; the test tail is never read")
     parser.add_argument("--methods", nargs="+", default=None,
