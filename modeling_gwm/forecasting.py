@@ -358,7 +358,7 @@ def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | N
                     ) -> tuple[pd.DataFrame, np.ndarray]:
     """The median forecast of a gridded (L, S) history and its (horizon, S) bool schedule (True where predicted)."""
     quantiles, schedule = _forecast_quantile_frame(model, spec, frame, freq, horizon, [0.5])
-    result = quantiles.xs(0.5, axis=1, level="level")
+    result = quantiles.xs(0.5, axis=1, level="level").rename_axis(columns=None)  # (horizon, S), as before quantiles
     result.attrs["units"] = quantiles.attrs["units"]
     return result, schedule
 
