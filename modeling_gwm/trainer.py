@@ -373,7 +373,7 @@ class DAGCurriculumTrainer:
         node = self.curriculum.node(name)
         model = self._ensure_model()
         model.config.context_len, model.config.horizon = node.context_len, node.horizon
-        model.config.season_period = season_period(next((f["frequency"] for f in fields_meta), None))
+        model.config.season_period = season_period(next((f.get("frequency") for f in fields_meta), None))
         config = LoopConfig(n_loops=node.n_loops, fields=fields_meta)
         if self.peft_model is None:
             self.peft_model = get_peft_model(model, config, adapter_name=name)
