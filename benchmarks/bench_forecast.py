@@ -31,6 +31,10 @@ from _common import DATA_DIR, REPO, TINY_BASE, machine, print_machine, write_jso
 DEMO = REPO / "configuration" / "curricula" / "demo.yaml"
 HOLDOUT = {"MS": 18, "QS": 8, "YS": 6}  # the M4 competition's horizons by frequency
 NODES = {"MS": "monthly", "QS": "quarterly", "YS": "yearly"}
+# the windows validated with direct forecasts (benchmarks/README.md section 6): about three seasons or 2H
+DIRECT_CONTEXT = {"MS": 36, "QS": 24, "YS": 24}
+MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep", "quantile_levels",
+              "window_scaling", "window_stats_input", "seasonal_lag_input"}
 # the series the demo does not declare: (source, file, frequency, {column: (field, unit)}); transform: none
 EXTRA = [
     ("airline", "airline_passengers_monthly.csv", "MS", {"passengers": ("transport.air.passengers", "thousands")}),
@@ -56,17 +60,26 @@ def declared_sources() -> dict:
     return sources
 
 
-def truncate(sources: dict, folder: Path) -> dict[str, dict]:
-    """Write each source's CSV without its held-out tail into `folder`; -> {source: {"train", "full", "holdout"}}."""
+def truncate(sources: dict, folder: Path, validation: bool = False) -> dict[str, dict]:
+    """Write each source's CSV without its held-out tail into `folder`; -> {source: {"train", "full", "holdout"}}.
+
+    With `validation`, the test tail (the last H steps) is dropped first and never read by anything: the model trains
+    on series[:-2H] and is scored on series[-2H:-H] ("full" is then the series without its test tail). Every choice
+    of settings is made in this mode; the test mode is run once with the chosen ones.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     split = {}
     for name, spec in sources.items():
         full = pd.read_csv(DATA_DIR / spec["path"])
         holdout = HOLDOUT[spec["frequency"]]
+        if validation:
+            full = full.iloc[:-holdout]
+            full.to_csv(folder / f"scored_{spec['path']}", index=False)
         train = full.iloc[:-holdout]
         train.to_csv(folder / spec["path"], index=False)
         assert pd.to_datetime(train["date"]).max() < pd.to_datetime(full["date"]).iloc[-holdout]
-        split[name] = {"train": str(folder / spec["path"]), "full": str(DATA_DIR / spec["path"]), "holdout": holdout}
+        scored = folder / f"scored_{spec['path']}" if validation else DATA_DIR / spec["path"]
+        split[name] = {"train": str(folder / spec["path"]), "full": str(scored), "holdout": holdout}
     return split
 
 
@@ -80,12 +93,21 @@ def curriculum_yaml(sources: dict, split: dict, args) -> dict:
     model = {**demo["model"], "base": str(TINY_BASE)}
     if args.d_model is not None:
         model["d_model"] = args.d_model
+    for item in args.set or []:  # KEY=VALUE (YAML value) on the model block or the defaults
+        key, _, value = item.partition("=")
+        (model if key in MODEL_KEYS else defaults)[key] = yaml.safe_load(value)
+    if model["base"] != str(TINY_BASE):
+        model["base"] = str(Path(model["base"]).resolve())
     declared = {name: {**spec, "path": split[name]["train"]} for name, spec in sources.items()}
     nodes = []
     for freq, node in NODES.items():
         members = [name for name, spec in sources.items() if spec["frequency"] == freq]
         if members:
             nodes.append({"name": node, "description": f"Every {node} series.", "sources": members})
+            if not args.rollout:  # forecast the whole hold-out in one window instead of rolling out chunks
+                context = args.context_len or DIRECT_CONTEXT[freq]
+                nodes[-1]["horizon"] = HOLDOUT[freq]
+                nodes[-1]["context_len"] = context if context > HOLDOUT[freq] else 2 * HOLDOUT[freq]
     return {"description": "bench_forecast: one root per frequency on the truncated series", "model": model,
             "defaults": defaults, "sources": declared, "nodes": nodes}
 
@@ -200,6 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--d_model", type=int, default=None, help="canvas width (default: the demo's)")
     parser.add_argument("--n_loops", type=int, default=None, help="loops per block (default: the demo's)")
     parser.add_argument("--context_len", type=int, default=None, help="window length (default: the demo's)")
+    parser.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="override a model key (base, window_scaling, ...) or a default (learning_rate, horizon, "
+                             "forecast_probability, ...) of the demo")
+    parser.add_argument("--rollout", action="store_true",
+                        help="every node takes the demo's (or the flags') context_len and horizon and longer tails are "
+                             "rolled out; default: each node's horizon is its hold-out H (one window, the demo's "
+                             "choice), context 36 monthly, 24 quarterly and yearly (or --context_len, at least H + 1)")
+    parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
+    parser.add_argument("--validation", action="store_true",
+                        help="tune: train on series[:-2H], score on series[-2H:-H]; the test tail is never read")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="baselines (default: all; auto_ets/auto_arima need statsforecast)")
     parser.add_argument("--output_dir", default=None, help="run folder (default: a temporary one, removed)")
@@ -224,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gwm-bench-forecast-") as scratch:
         workdir = Path(args.output_dir or scratch)
-        split = truncate(sources, workdir / "truncated")
+        split = truncate(sources, workdir / "truncated", args.validation)
         config = curriculum_yaml(sources, split, args)
         config_path = workdir / "bench_forecast.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -246,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
             per_seed.append(scored)
     wall = time.perf_counter() - start
     summary = summarise(per_seed, baselines)
-    print(f"\nHeld-out tails (monthly 18, quarterly 8, yearly 6 steps), {len(baselines)} fields; MASE scaled by the "
+    print(("\nVALIDATION (series[-2H:-H], trained on series[:-2H]; test tails unread). " if args.validation else "")
+          + f"\nHeld-out tails (monthly 18, quarterly 8, yearly 6 steps), {len(baselines)} fields; MASE scaled by the "
           "in-sample seasonal-naive error; WQL over quantiles 0.1 ... 0.9 (n/a: the method gives no quantiles)\n")
     print(table(summary, len(args.seeds)))
     print(f"\nwall time: {wall:.0f} s for {len(args.seeds)} seed(s) (training and evaluation)")

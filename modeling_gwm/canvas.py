@@ -60,6 +60,33 @@ def window_scale(values: torch.Tensor, visible: torch.Tensor, scheme: str) -> tu
     return loc, scale
 
 
+# season length in grid steps by the grid's pandas offset (its name without anchor); anything else has no season here
+SEASON_PERIODS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "B": 5, "h": 24, "H": 24}
+
+
+def season_period(frequency: str | None) -> int:
+    """Steps per season of a grid frequency ("MS" -> 12, "QS" -> 4, "D" -> 7); 0 for none known (yearly, "2MS")."""
+    if not frequency:
+        return 0
+    import pandas as pd
+
+    offset = pd.tseries.frequencies.to_offset(frequency)
+    return SEASON_PERIODS.get(offset.name.split("-")[0], 0) if offset.n == 1 else 0
+
+
+def seasonal_lag(values: torch.Tensor, visible: torch.Tensor, period: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every position, the most recent VISIBLE value of its field k * period steps earlier (k = 1, 2, ...):
+    values, visible (B, T, F) -> lag (B, T, F) (0 where none), has_lag (B, T, F) bool."""
+    lag, has = torch.zeros_like(values), torch.zeros_like(visible, dtype=torch.bool)
+    steps = values.size(1)
+    for shift in range(period, steps, period) if period > 0 else ():
+        earlier_visible = nn.functional.pad(visible[:, :-shift], (0, 0, shift, 0))  # (B, T, F), False for t < shift
+        earlier = nn.functional.pad(values[:, :-shift], (0, 0, shift, 0))
+        take = earlier_visible.bool() & ~has
+        lag, has = torch.where(take, earlier, lag), has | take
+    return lag, has
+
+
 class FieldCodec(nn.Module):
     """Values in, embeddings out (and the value head back).
 
@@ -69,7 +96,8 @@ class FieldCodec(nn.Module):
     field list, which is what lets adapters with different fields merge.
     """
 
-    def __init__(self, max_fields: int, d_model: int, n_quantiles: int = 1, stats_input: bool = False):
+    def __init__(self, max_fields: int, d_model: int, n_quantiles: int = 1, stats_input: bool = False,
+                 lag_input: bool = False):
         super().__init__()
         self.value_encoder = nn.Sequential(nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.field_embedding = nn.Embedding(max_fields, d_model)
@@ -82,10 +110,17 @@ class FieldCodec(nn.Module):
         if self.stats_encoder is not None:
             nn.init.zeros_(self.stats_encoder.weight)
             nn.init.zeros_(self.stats_encoder.bias)
+        # the seasonal lag (value, has-lag flag), zero-initialised likewise
+        self.lag_encoder = nn.Linear(2, d_model) if lag_input else None
+        if self.lag_encoder is not None:
+            nn.init.zeros_(self.lag_encoder.weight)
+            nn.init.zeros_(self.lag_encoder.bias)
 
     def encode(self, values: torch.Tensor, visible: torch.Tensor, field_ids: torch.Tensor,
-               window_stats: torch.Tensor | None = None) -> torch.Tensor:
-        # values, visible: (B, T, F); field_ids: (F,) or (B, F) codec slots; window_stats: (B, F, 2) loc, log scale
+               window_stats: torch.Tensor | None = None, lag: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        # values, visible: (B, T, F); field_ids: (F,) or (B, F) codec slots; window_stats: (B, F, 2) loc, log scale;
+        # lag: (B, T, F) seasonal-lag values and (B, T, F) bool has-lag
         batch, steps, n_fields = values.shape
         value_part = self.value_encoder(values.float().unsqueeze(-1))  # (B, T, F, D)
         value_part = torch.where(visible.unsqueeze(-1), value_part, self.mask_embedding)  # (B, T, F, D)
@@ -94,6 +129,10 @@ class FieldCodec(nn.Module):
             field_part = field_part.unsqueeze(1)  # (B, 1, F, D)
         if self.stats_encoder is not None and window_stats is not None:
             field_part = field_part + self.stats_encoder(window_stats.float()).unsqueeze(1)  # (B, 1, F, D)
+        if self.lag_encoder is not None and lag is not None:
+            lag_values, has_lag = lag
+            lag_in = torch.stack([torch.where(has_lag, lag_values, 0.0), has_lag.float()], dim=-1)  # (B, T, F, 2)
+            value_part = value_part + self.lag_encoder(lag_in.float())  # (B, T, F, D)
         return (value_part + field_part).reshape(batch, steps * n_fields, -1)  # (B, N, D)
 
     def decode(self, hidden: torch.Tensor, steps: int) -> torch.Tensor:

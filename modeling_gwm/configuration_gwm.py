@@ -77,10 +77,17 @@ class GWMConfig(PretrainedConfig):
             How each field of each window is made scale-free before the codec, from its visible context only:
             `"last_value"` (location = last visible value, scale = std of the visible context), `"instance"`
             (mean and std, RevIN), `"mean_abs"` (location 0, scale = mean absolute value, Chronos) or `"none"`.
-            Predictions are mapped back with the same statistics. Chosen by `benchmarks/compare_scaling.py`.
+            Predictions are mapped back with the same statistics. Chosen by measurement (README, "Scale-free windows").
         window_stats_input (`bool`, defaults to `True`):
             Feed each field's window location and log-scale (in the adapter's normalised units) to the codec, so
             the level that the scaling removes is still known to the model.
+        seasonal_lag_input (`bool`, defaults to `False`):
+            Feed every canvas position the most recent visible value of its field one (or two, three...) seasons
+            earlier, in the window's scaled units (the lag inputs of DeepAR): a forecast position then sees what
+            seasonal-naive would predict for it and needs no attention path to find it.
+        season_period (`int`, defaults to 0):
+            The season in grid steps for `seasonal_lag_input` (12 on a monthly grid, 4 quarterly, 7 daily; 0: none).
+            The trainer sets it from each node's grid frequency and records it in the adapter.
     """
 
     model_type = "gwm"
@@ -107,6 +114,8 @@ class GWMConfig(PretrainedConfig):
         quantile_levels: list[float] | tuple[float, ...] = DEFAULT_QUANTILE_LEVELS,
         window_scaling: str = "last_value",
         window_stats_input: bool = True,
+        seasonal_lag_input: bool = False,
+        season_period: int = 0,
         **kwargs,
     ):
         if backbone not in BACKBONES:
@@ -130,6 +139,12 @@ class GWMConfig(PretrainedConfig):
         self.quantile_levels = check_quantile_levels(quantile_levels)
         self.window_scaling = window_scaling
         self.window_stats_input = window_stats_input
+        if not isinstance(seasonal_lag_input, bool):
+            raise ValueError(f"GWMConfig: seasonal_lag_input must be true or false, got {seasonal_lag_input!r}")
+        if isinstance(season_period, bool) or not isinstance(season_period, int) or season_period < 0:
+            raise ValueError(f"GWMConfig: season_period must be a non-negative integer, got {season_period!r}")
+        self.seasonal_lag_input = seasonal_lag_input
+        self.season_period = season_period
         self.base_model_name_or_path = base_model_name_or_path
         self.backbone = backbone
         self.d_model = d_model

@@ -90,7 +90,7 @@ _DEFAULT_KEYS = _NODE_KEYS - {"name", "parents", "sources", "fields", "descripti
 _MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep",
                "gradient_checkpointing", "scratch_num_layers", "scratch_num_attention_heads",
                "scratch_attention_head_dim", "scratch_time_embed_dim", "gradient_checkpointing_granularity",
-               "quantile_levels", "window_scaling", "window_stats_input"}
+               "quantile_levels", "window_scaling", "window_stats_input", "seasonal_lag_input"}
 
 
 @dataclass

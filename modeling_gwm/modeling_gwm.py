@@ -15,7 +15,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .base import FrozenBase, build_scratch_base, cast_at_block_boundary, load_cogvideox_base, resolve_frozen_dtype
-from .canvas import FieldCodec, pinball_loss, sinusoidal_encoding, window_scale
+from .canvas import FieldCodec, pinball_loss, seasonal_lag, sinusoidal_encoding, window_scale
 from .configuration_gwm import GWMConfig
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer, check_adapter_fits
 from .loop.config import ADAPTER_FORMAT_VERSION
@@ -100,7 +100,7 @@ class GWMModel(PreTrainedModel):
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)  # every model built from one config starts from the same adapter init
         self.codec = FieldCodec(config.max_fields, config.d_model, n_quantiles=len(config.quantile_levels),
-                                stats_input=config.window_stats_input)
+                                stats_input=config.window_stats_input, lag_input=config.seasonal_lag_input)
         self.proj_in = nn.Linear(config.d_model, self.inner_dim)
         self.encoder_token = EncoderToken(self.inner_dim)
         self.proj_out = nn.Linear(self.inner_dim, config.d_model)
@@ -328,7 +328,8 @@ class GWMModel(PreTrainedModel):
         loc, scale = window_scale(values, visible, self.config.window_scaling)  # (B, 1, F) each, from visible only
         scaled = (values - loc) / scale  # (B, T, F)
         window_stats = torch.stack([loc[:, 0], scale[:, 0].log()], dim=-1)  # (B, F, 2)
-        canvas = self.codec.encode(torch.where(visible, scaled, 0.0), visible, field_ids, window_stats)  # (B, N, D)
+        lag = seasonal_lag(scaled, visible, self.config.season_period) if self.config.seasonal_lag_input else None
+        canvas = self.codec.encode(torch.where(visible, scaled, 0.0), visible, field_ids, window_stats, lag)  # (B,N,D)
         time_index = torch.arange(steps, device=values.device).repeat_interleave(n_fields)  # (N,)
         hidden = self.backbone(canvas, time_index)  # (B, N, d_model)
         quantiles = self.codec.decode(hidden, steps).float()  # (B, T, F, Q) scaled units

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .canvas import season_period
 from .configuration_gwm import DEFAULT_BASE
 from .curriculum import Curriculum, CurriculumError, MergeSpec, TrainingNode
 from .data import CanvasDataset, DataError, DataSource, NodeData, build_node_data, collate_canvas
@@ -447,6 +448,7 @@ class DAGCurriculumTrainer:
         node = self.curriculum.node(name)
         model = self._ensure_model()
         model.config.context_len, model.config.horizon = node.context_len, node.horizon
+        model.config.season_period = season_period(next((f.get("frequency") for f in fields_meta), None))
         config = LoopConfig(n_loops=node.n_loops, fields=fields_meta)
         if self.peft_model is None:
             self.peft_model = get_peft_model(model, config, adapter_name=name)

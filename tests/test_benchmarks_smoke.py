@@ -106,15 +106,6 @@ def test_init_geometry_reports_half_updates_at_init(bench, tmp_path):
     assert result["vs_identity_backbone"] > 0 and result["vs_bare_model"] > 0
 
 
-def test_scaling_comparison_trains_on_truncated_series_and_scores_the_hold_out(bench, tmp_path):
-    out = tmp_path / "scaling.json"
-    assert bench("compare_scaling").main(["--smoke", "--out", str(out)]) == 0
-    written = json.loads(out.read_text())
-    assert [row["config"] for row in written["aggregate"]] == ["none", "last_value"]
-    fields = written["runs"][0]["fields"]
-    assert len(fields) == 7 and all(v["model"] > 0 and v["naive"] > 0 for v in fields.values())
-
-
 def test_forecast_bench_holds_out_the_tails_and_scores_gwm_against_the_baselines(bench, tmp_path):
     out = tmp_path / "forecast.json"
     bench("bench_forecast").main(["--smoke", "--output_dir", str(tmp_path / "run"), "--out", str(out)])
@@ -139,3 +130,19 @@ def test_predict_df_bench_times_small_and_large_runs_and_splits_forward_time(ben
     assert written["large"]["forward_gflop"] == pytest.approx(10 * written["small"]["forward_gflop"], rel=0.2)
     assert written["small"]["forward_calls_per_run"] == written["large"]["forward_calls_per_run"]  # batched
     assert {"date", "cpu", "torch", "torch_threads", "command"} <= set(written["machine"])
+
+
+def test_forecast_bench_validation_mode_never_reads_the_test_tail(bench, tmp_path):
+    import pandas as pd
+
+    written = bench("bench_forecast").main(["--smoke", "--validation", "--direct", "--set", "seasonal_lag_input=true",
+                                            "--output_dir", str(tmp_path / "run")])
+    horizon = {"airline": 18, "nile": 6}
+    for name, spec in written["curriculum"]["sources"].items():
+        full = pd.read_csv(BENCHMARKS.parent / "configuration" / "data" / Path(spec["path"]).name)
+        scored = pd.read_csv(Path(spec["path"]).parent / f"scored_{Path(spec['path']).name}")
+        trained = pd.read_csv(spec["path"])
+        assert len(scored) == len(full) - horizon[name] and len(trained) == len(full) - 2 * horizon[name]
+        assert scored["date"].iloc[-1] < full["date"].iloc[-horizon[name]]  # the test tail is read by nothing
+    assert written["curriculum"]["model"]["seasonal_lag_input"] is True
+    assert [n["horizon"] for n in written["curriculum"]["nodes"]] == [18, 6]  # --direct: one window per hold-out

@@ -395,3 +395,30 @@ def test_bad_quantile_levels_are_one_clear_error(levels, message):
 def test_bad_window_scaling_is_one_clear_error():
     with pytest.raises(ValueError, match="window_scaling must be one of"):
         GWMConfig(window_scaling="z")
+
+
+def test_seasonal_lag_is_the_latest_visible_value_whole_seasons_back_and_grids_know_their_season():
+    from modeling_gwm.canvas import season_period, seasonal_lag
+
+    values = torch.arange(10.0).view(1, 10, 1)  # (B, T, F)
+    visible = torch.ones(1, 10, 1, dtype=torch.bool)
+    visible[0, 7:] = False  # the forecast part
+    visible[0, 3] = False  # a gap one season before step 6: step 6 reaches two seasons back
+    lag, has = seasonal_lag(values, visible, period=3)
+    assert has[0, :, 0].tolist() == [False] * 3 + [True] * 7
+    assert lag[0, 3:, 0].tolist() == [0.0, 1.0, 2.0, 0.0, 4.0, 5.0, 6.0]
+    assert [season_period(f) for f in ("MS", "QS", "D", "W", "h", "YS", "2MS", None)] == [12, 4, 7, 52, 24, 0, 0, 0]
+
+
+def test_seasonal_lag_input_never_reads_the_target_values(tiny_base):
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, seasonal_lag_input=True, season_period=2).eval()
+    torch.nn.init.normal_(model.codec.lag_encoder.weight)  # zero at init: make it matter
+    values, presence, target = _batch(steps=8)
+    changed = torch.where(target, values * 100.0 + 50.0, values)
+    with torch.no_grad():
+        a = model(values, presence, target_mask=target)
+        b = model(changed, presence, target_mask=target)
+    torch.testing.assert_close(a.quantiles, b.quantiles, atol=0, rtol=0)
+    model.config.season_period = 0  # no season: the lag input is empty and the output changes
+    with torch.no_grad():
+        assert not torch.allclose(model(values, presence, target_mask=target).quantiles, a.quantiles)
