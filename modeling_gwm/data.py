@@ -439,7 +439,9 @@ def regular_grid(first: pd.Timestamp, last: pd.Timestamp, freq: str, where: str 
     Refuses (naming `where`) a grid of more than MAX_GRID_STEPS steps before allocating it: `frequency: ns` on
     monthly data would be about 10**17 steps.
     """
-    steps = (last - first) / _mean_step(freq)
+    # in seconds of Python datetimes: pandas 2's nanosecond Timedelta overflows past 292 years (sunspots: 1700-2008)
+    span = (last.to_pydatetime(warn=False) - first.to_pydatetime(warn=False)).total_seconds()
+    steps = span / (_mean_step(freq) / pd.Timedelta(seconds=1))
     if steps > MAX_GRID_STEPS:
         raise DataError(f"{where}: {first} to {last} at frequency {freq!r} is {steps:.3g} steps, over the limit of "
                         f"{MAX_GRID_STEPS}; check 'frequency' (e.g. D, W, MS, QS, YS)")
