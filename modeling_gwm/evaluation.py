@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .data import DataError
-from .forecasting import MAX_FORECAST_STEPS, AdapterSpec, _forecast_quantile_frame, _spacing, check_finite, read_history
+from .forecasting import AdapterSpec, _forecast_quantile_frame, _spacing, check_finite, check_steps, read_history
 
 logger = logging.getLogger(__name__)
 
@@ -270,11 +270,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
 
 
 def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or holdout <= 0:
-        raise ValueError(f"holdout must be a positive number of steps, got {holdout!r}")
-    if holdout > MAX_FORECAST_STEPS:
-        raise ValueError(f"holdout {holdout} is over the limit of {MAX_FORECAST_STEPS} steps "
-                         "(forecasting.MAX_FORECAST_STEPS); hold out fewer steps")
+    check_steps("holdout", holdout)
     if length - holdout < spec.min_history():
         raise DataError(f"the data has {length} steps; holding out {holdout} leaves {length - holdout}, fewer than "
                         f"the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "

@@ -431,13 +431,18 @@ def check_finite(values: np.ndarray, due: np.ndarray, names: list[str], spec: Ad
             "use an earlier checkpoint or retrain it")
 
 
+def check_steps(name: str, steps) -> None:
+    """A forecast length (horizon, hold-out) is a positive integer of at most MAX_FORECAST_STEPS grid steps."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
+        raise ValueError(f"{name} must be a positive number of steps, got {steps!r}")
+    if steps > MAX_FORECAST_STEPS:
+        raise ValueError(f"{name} {steps} is over the limit of {MAX_FORECAST_STEPS} steps "
+                         f"(forecasting.MAX_FORECAST_STEPS); ask for fewer steps")
+
+
 def check_forecast_request(history_len: int, horizon, spec: AdapterSpec) -> None:
     """The one-line errors for a horizon that is not a positive integer or a history too short for one window."""
-    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon <= 0:
-        raise ValueError(f"horizon must be a positive number of steps, got {horizon!r}")
-    if horizon > MAX_FORECAST_STEPS:
-        raise ValueError(f"horizon {horizon} is over the limit of {MAX_FORECAST_STEPS} steps "
-                         "(forecasting.MAX_FORECAST_STEPS); forecast fewer steps")
+    check_steps("horizon", horizon)
     if history_len < spec.min_history():
         raise DataError(f"the history has {history_len} steps; this adapter needs at least {spec.min_history()} "
                         f"(context_len {spec.context_len} - horizon {spec.horizon})")

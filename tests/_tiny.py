@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,3 +44,23 @@ def write_curriculum(folder: os.PathLike, spec: dict | None = None, name: str = 
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(spec or tiny_curriculum(), sort_keys=False))
     return path
+
+
+def canvas_batch(seed: int = 0):
+    """A small random canvas batch (B=2, T=6, F=3): values, presence, and a target mask on the last two steps."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(2, 6, 3, generator=g)  # (B, T, F)
+    presence = torch.rand(2, 6, 3, generator=g) > 0.1
+    target = torch.zeros_like(presence)
+    target[:, -2:] = True
+    return values, presence, target
+
+
+def train_steps(peft_model, steps: int = 3, seed: int = 0) -> None:
+    """Real optimizer steps on the active adapter, so it differs from its initialisation."""
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.05)
+    values, presence, target = canvas_batch(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        peft_model(values, presence, target_mask=target).loss.backward()
+        optimizer.step()

@@ -12,6 +12,7 @@ import warnings
 import peft
 import pytest
 import torch
+from _tiny import canvas_batch, train_steps
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 
@@ -25,32 +26,13 @@ SCRATCH = dict(scratch_num_layers=2, scratch_attention_head_dim=8)
 ADAPTER_PARTS = (".loop_emb.", ".loop_emb_enc.", ".loop_gate.", ".modules_to_save.")
 
 
-def _batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randn(2, 6, 3, generator=g)  # (B, T, F)
-    presence = torch.rand(2, 6, 3, generator=g) > 0.1
-    target = torch.zeros_like(presence)
-    target[:, -2:] = True
-    return values, presence, target
-
-
 def _peft_model(tiny_base, adapter_name: str = "default", n_loops: int = 2, **overrides):
     model = GWMModel.from_pretrained(tiny_base, d_model=D_MODEL, **overrides)
     return peft.get_peft_model(model, LoopConfig(n_loops=n_loops, fields=FIELDS), adapter_name=adapter_name)
 
 
-def _train(peft_model, steps: int = 3, seed: int = 0) -> None:
-    """A few real optimizer steps, so saved adapters differ from the initialisation."""
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.05)
-    values, presence, target = _batch(seed)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        peft_model(values, presence, target_mask=target).loss.backward()
-        optimizer.step()
-
-
 def _predict(model) -> torch.Tensor:
-    values, presence, _ = _batch(seed=7)
+    values, presence, _ = canvas_batch(seed=7)
     with torch.no_grad():
         return model(values, presence).predictions
 
@@ -59,7 +41,7 @@ def _predict(model) -> torch.Tensor:
 def saved_adapter(tmp_path, tiny_base):
     """A trained cogvideox adapter on disk and the predictions of the model that saved it."""
     peft_model = _peft_model(tiny_base)
-    _train(peft_model)
+    train_steps(peft_model)
     peft_model.eval()
     folder = tmp_path / "adapter"
     peft_model.save_pretrained(folder)
@@ -76,9 +58,9 @@ def narrow_base(tmp_path_factory) -> str:
 @pytest.mark.parametrize("backbone", ["cogvideox", "scratch"])
 def test_only_adapter_parameters_require_and_receive_gradients(tiny_base, backbone):
     peft_model = _peft_model(tiny_base, backbone=backbone, **SCRATCH)
-    _train(peft_model, steps=1)  # off the zero init, so every path carries gradient
+    train_steps(peft_model, steps=1)  # off the zero init, so every path carries gradient
     peft_model.zero_grad(set_to_none=True)
-    values, presence, target = _batch()
+    values, presence, target = canvas_batch()
     peft_model(values, presence, target_mask=target).loss.backward()
     parts = ADAPTER_PARTS + ((".loop_block.",) if backbone == "scratch" else ())  # scratch trains block copies
     assert any(".loop_block." in n for n, _ in peft_model.named_parameters()) == (backbone == "scratch")
@@ -99,7 +81,7 @@ def test_frozen_weights_are_bit_identical_after_optimizer_steps(tiny_base, froze
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     # Every parameter handed to the optimizer, with weight decay: frozen ones must still not move.
     optimizer = torch.optim.AdamW(peft_model.parameters(), lr=0.05, weight_decay=0.1)
-    values, presence, target = _batch()
+    values, presence, target = canvas_batch()
     for _ in range(3):
         optimizer.zero_grad()
         peft_model(values, presence, target_mask=target).loss.backward()
@@ -150,7 +132,7 @@ def test_saving_is_offline_safe_and_silent(tmp_path, tiny_base):
 @pytest.mark.parametrize("backbone", ["cogvideox", "scratch"])
 def test_save_then_gwm_from_pretrained_reproduces_outputs_exactly(tmp_path, tiny_base, backbone):
     peft_model = _peft_model(tiny_base, backbone=backbone, **SCRATCH)
-    _train(peft_model)
+    train_steps(peft_model)
     peft_model.eval()
     expected = _predict(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
@@ -179,9 +161,9 @@ def test_peft_model_from_pretrained_loads_the_same_adapter(saved_adapter, tiny_b
 def test_two_adapters_on_one_base_differ_and_switch_without_touching_the_base(tiny_base):
     peft_model = _peft_model(tiny_base, adapter_name="first")
     peft_model.add_adapter("second", LoopConfig(n_loops=3, fields=FIELDS))
-    _train(peft_model, seed=1)  # "first" is active
+    train_steps(peft_model, seed=1)  # "first" is active
     peft_model.set_adapter("second")
-    _train(peft_model, seed=2)
+    train_steps(peft_model, seed=2)
     peft_model.eval()
     base = {n: (p.data_ptr(), p.detach().clone()) for n, p in peft_model.named_parameters() if ".base_layer." in n}
     out_second = _predict(peft_model)
@@ -202,7 +184,7 @@ def test_two_adapters_on_one_base_differ_and_switch_without_touching_the_base(ti
 
 def test_delete_adapter_removes_it_and_leaves_the_other_intact(tiny_base):
     peft_model = _peft_model(tiny_base, adapter_name="first")
-    _train(peft_model)
+    train_steps(peft_model)
     peft_model.eval()
     expected = _predict(peft_model)
     peft_model.add_adapter("second", LoopConfig(n_loops=3, fields=FIELDS))
@@ -290,7 +272,7 @@ def test_copying_an_adapter_under_a_new_name_carries_everything_it_trained(tiny_
     """A DAG fork: the parent's state dict set into a child adapter of another name gives the parent's function,
     trained scratch block copies included."""
     peft_model = _peft_model(tiny_base, adapter_name="parent", backbone="scratch", **SCRATCH)
-    _train(peft_model)
+    train_steps(peft_model)
     peft_model.eval()
     expected = _predict(peft_model)
     state = peft.get_peft_model_state_dict(peft_model, adapter_name="parent")

@@ -9,7 +9,7 @@ import sys
 import peft
 import pytest
 import torch
-from _tiny import tiny_curriculum, write_curriculum
+from _tiny import canvas_batch, tiny_curriculum, train_steps, write_curriculum
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
@@ -25,27 +25,8 @@ def _model(tiny_base) -> GWMModel:
     return GWMModel.from_pretrained(tiny_base, d_model=D_MODEL)
 
 
-def _batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randn(2, 6, 3, generator=g)  # (B, T, F)
-    presence = torch.rand(2, 6, 3, generator=g) > 0.1
-    target = torch.zeros_like(presence)
-    target[:, -2:] = True
-    return values, presence, target
-
-
-def _train(peft_model, steps: int = 2, seed: int = 0) -> None:
-    """Real optimizer steps on the active adapter, so it differs from its initialisation."""
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.05)
-    values, presence, target = _batch(seed)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        peft_model(values, presence, target_mask=target).loss.backward()
-        optimizer.step()
-
-
 def _predict(model) -> torch.Tensor:
-    values, presence, _ = _batch(seed=7)
+    values, presence, _ = canvas_batch(seed=7)
     with torch.no_grad():
         return model.eval()(values, presence).predictions
 
@@ -67,7 +48,7 @@ def test_unload_of_a_fresh_adapter_gives_back_the_plain_model_exactly(tiny_base)
 
 def test_unload_of_a_trained_adapter_keeps_its_modules_and_drops_the_loop(tiny_base):
     peft_model = peft.get_peft_model(_model(tiny_base), LoopConfig(n_loops=2, fields=FIELDS))
-    _train(peft_model)
+    train_steps(peft_model, steps=2)
     looped = _predict(peft_model)
     trained_proj_in = peft_model.base_model.model.proj_in.modules_to_save["default"].weight.detach().clone()
     plain = peft_model.unload()
@@ -93,9 +74,9 @@ def _two_trained_adapters(tiny_base):
     peft_model = peft.get_peft_model(_model(tiny_base), LoopConfig(n_loops=2, fields=FIELDS[:2]), adapter_name="a")
     peft_model.add_adapter("b", LoopConfig(n_loops=2, fields=FIELDS[1:]))
     peft_model.add_adapter("init", LoopConfig(n_loops=2, fields=FIELDS[:2]))  # the common seeded initialisation
-    _train(peft_model, seed=1)
+    train_steps(peft_model, steps=2, seed=1)
     peft_model.set_adapter("b")
-    _train(peft_model, seed=2)
+    train_steps(peft_model, steps=2, seed=2)
     return peft_model
 
 
