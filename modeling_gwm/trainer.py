@@ -40,20 +40,16 @@ from .io_utils import (
     atomic_move_file,
     atomic_replace_dir,
     atomic_save_safetensors,
-    atomic_write_bytes,
     atomic_write_json,
     read_json,
 )
-from .locking import NodeBusyError, node_lock, output_lock
 from .loop import LoopConfig
 from .masking import sample_target_mask
 from .merging import align_fields, merge_adapters
 from .modeling_gwm import GWMModel
+from .run_folder import ADAPTER_FILES, NodeBusyError, RunFolder, node_lock
 
 logger = get_logger(__name__)
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-COMPLETE_MARKER = "COMPLETE"
 
 
 _TRACKERS = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available, "wandb": is_wandb_available}
@@ -181,7 +177,8 @@ class DAGCurriculumTrainer:
             self.model_config["backbone"] = backbone
         if pretrained_model_id is not None:
             self.model_config["base"] = pretrained_model_id
-        self.output_dir = os.path.abspath(output_dir)
+        self.run_folder = RunFolder(output_dir)
+        self.output_dir = str(self.run_folder.path)
         self.seed = seed
         self.resume = resume
         self.max_steps = max_steps
@@ -227,12 +224,10 @@ class DAGCurriculumTrainer:
         return [n for n in order if n in wanted]
 
     def node_dir(self, name: str) -> str:
-        return os.path.join(self.output_dir, name)
+        return str(self.run_folder.node_dir(name))
 
     def is_complete(self, name: str) -> bool:
-        folder = self.node_dir(name)
-        return os.path.isfile(os.path.join(folder, COMPLETE_MARKER)) and all(
-            os.path.isfile(os.path.join(folder, f)) for f in ADAPTER_FILES)
+        return self.run_folder.is_complete(name)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -254,9 +249,9 @@ class DAGCurriculumTrainer:
             self.check_unchanged(selected)
         os.makedirs(self.output_dir, exist_ok=True)
         if acc.is_main_process:
-            with output_lock(self.output_dir):
+            with self.run_folder.lock():
                 dag = self._load_dag()
-                atomic_write_json(self._dag_path, dag)
+                self.run_folder.write_dag(dag)
         else:
             dag = self._load_dag()
         if acc.log_with:
@@ -357,15 +352,10 @@ class DAGCurriculumTrainer:
                                       f"that changed since the run started: {shown}; pass --allow_changed_config to "
                                       "continue with the new settings, or use a new --output_dir")
 
-    @property
-    def _dag_path(self) -> str:
-        return os.path.join(self.output_dir, "dag.json")
-
     def _load_dag(self) -> dict:
-        dag = read_json(self._dag_path) if os.path.isfile(self._dag_path) else {}
-        if not isinstance(dag.setdefault("nodes", {}), dict) or not all(
-                isinstance(entry, dict) for entry in dag["nodes"].values()):
-            raise ValueError(f"{self._dag_path}: 'nodes' must map node names to objects; restore or delete the file")
+        """dag.json as on disk, brought up to date with the curriculum (order, kinds, parents, merges, done nodes)."""
+        dag = self.run_folder.read_dag()
+        dag.setdefault("nodes", {})
         dag.update({"curriculum": self.curriculum.path, "order": self.curriculum.order(), "seed": self.seed,
                     "base": self.model_config.get("base", DEFAULT_BASE), "sink": self.curriculum.sink()})
         for name in self.curriculum.order():
@@ -382,10 +372,10 @@ class DAGCurriculumTrainer:
     def _update_dag(self, dag: dict, name: str, **values) -> None:
         dag["nodes"][name].update(values)
         if self.accelerator.is_main_process:
-            with output_lock(self.output_dir):  # another job may be updating other nodes right now
+            with self.run_folder.lock():  # another job may be updating other nodes right now
                 current = self._load_dag()
                 current["nodes"][name].update(dag["nodes"][name])
-                atomic_write_json(self._dag_path, current)
+                self.run_folder.write_dag(current)
 
     @contextlib.contextmanager
     def _claim_node(self, name: str):
@@ -461,10 +451,8 @@ class DAGCurriculumTrainer:
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model, adapter_name=name).items()}
 
     def _parent_state(self, parent: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-        folder = self.node_dir(parent)
-        config = read_json(os.path.join(folder, "adapter_config.json"))
-        fields = [f["name"] for f in config["fields"]]
-        return load_file(os.path.join(folder, "adapter_model.safetensors")), fields
+        state = load_file(self.run_folder.node_dir(parent) / "adapter_model.safetensors")
+        return state, self.run_folder.adapter_fields(parent)
 
     def start_state(self, name: str, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Root: the seeded init. Fork: the parent's adapter. Join: the weighted merge of the parents."""
@@ -656,12 +644,11 @@ class DAGCurriculumTrainer:
         if self.write_cards and acc.is_main_process:
             from .hub import write_node_card
 
-            with output_lock(self.output_dir):  # it also rewrites the run's index card and plot
+            with self.run_folder.lock():  # it also rewrites the run's index card and plot
                 write_node_card(self.output_dir, name)
         _crash_point("before_complete", name)
         if acc.is_main_process:
-            atomic_write_bytes(os.path.join(folder, COMPLETE_MARKER), b"complete\n")
-            shutil.rmtree(os.path.join(folder, "checkpoint"), ignore_errors=True)
+            self.run_folder.mark_complete(name)
         acc.wait_for_everyone()
         logger.info(f"node {name}: done, train loss {_fmt_loss(metrics['train_loss_start'])} -> "
                     f"{_fmt_loss(metrics['train_loss_end'])}, val loss {val_start:.4f} -> {val_end:.4f} "
@@ -748,13 +735,8 @@ class DAGCurriculumTrainer:
 
     def _write_final(self, dag: dict) -> None:
         sink = self.curriculum.sink()
-        if not self.accelerator.is_main_process or not self.is_complete(sink):
-            return
-        with output_lock(self.output_dir):  # two jobs finishing at once must not share the staging folder
-            staging = os.path.join(self.output_dir, ".final.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(self.node_dir(sink), staging, ignore=shutil.ignore_patterns("checkpoint", ".*"))
-            atomic_replace_dir(staging, os.path.join(self.output_dir, "final"))
+        if self.accelerator.is_main_process and self.is_complete(sink):
+            self.run_folder.write_final(sink)
 
 
 def _config_changes(recorded: dict, current: dict, prefix: str = "") -> list[str]:

@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
-from modeling_gwm.locking import NodeBusyError, node_lock
+from modeling_gwm.run_folder import NodeBusyError, node_lock
 from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -45,11 +45,11 @@ def _check_output_dir(args, curriculum) -> None:
     card and plot, one folder per node, final/, runs/ and .locks/ in --output_dir (see io_utils.check_output_dir).
     """
     from modeling_gwm.io_utils import check_output_dir
+    from modeling_gwm.run_folder import RUN_WRITES
 
     inputs = {"--config": args.config, "--base": args.base or curriculum.model.get("base"),
               **{f"source {name!r}": source.path for name, source in curriculum.sources.items()}}
-    writes = ["dag.json", "README.md", "loss_curves.png", "runs", ".locks", "final", ".final.tmp", ".final.old",
-              *(node.name for node in curriculum.nodes)]
+    writes = [*RUN_WRITES, *(node.name for node in curriculum.nodes)]
     check_output_dir("--output_dir", args.output_dir, writes, inputs)
 
 

@@ -1,0 +1,153 @@
+"""The run folder (`--output_dir`): the one place that knows its layout, its markers and its locks.
+
+    <output_dir>/
+    ├── dag.json  README.md  loss_curves.png   the run: order, status, parents, merge and retention per node; index card
+    ├── <node>/    adapter_config.json  adapter_model.safetensors  metrics.json  README.md  loss_curve.png  COMPLETE
+    │              checkpoint/ while the node trains (removed when it completes)
+    ├── final/     a copy of the sink node's folder
+    ├── runs/      accelerate's trackers (tensorboard, ...)
+    └── .locks/    <node>.lock and output.lock (filelock; the OS drops a lock when its process dies, SIGKILL included)
+
+Trainer, cards, Hub transfer and the CLI ask a `RunFolder` for paths and state instead of re-deriving them. A node is
+complete when its adapter files and the `COMPLETE` marker (written last) are all there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json, read_json
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+NODE_FILES = (*ADAPTER_FILES, "README.md", "loss_curve.png", "metrics.json")  # what a node publishes
+RUN_FILES = ("README.md", "dag.json", "loss_curves.png")  # what the run publishes at the repo root
+COMPLETE_MARKER = "COMPLETE"
+DAG_FILE = "dag.json"
+FINAL_NODE = "final"
+CHECKPOINT_DIR = "checkpoint"
+LOCK_DIR = ".locks"
+# Every name the trainer creates in the run folder besides one folder per node (for the output-path guards).
+RUN_WRITES = (DAG_FILE, "README.md", "loss_curves.png", "runs", LOCK_DIR, FINAL_NODE, ".final.tmp", ".final.old")
+
+
+class NodeBusyError(RuntimeError):
+    """Another live process is training the same node into the same output directory."""
+
+
+class RunFolder:
+    """Paths, markers, `dag.json` (read-modify-write under a lock), node locks and `final/` of one run folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(os.path.abspath(os.fspath(path)))
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ paths and state
+    @property
+    def dag_path(self) -> Path:
+        return self.path / DAG_FILE
+
+    def exists(self) -> bool:
+        """Whether this is a run folder (it has a dag.json)."""
+        return self.dag_path.is_file()
+
+    def require(self) -> RunFolder:
+        if not self.exists():
+            raise FileNotFoundError(f"{self.path} is not a GWM run folder (no {DAG_FILE})")
+        return self
+
+    def node_dir(self, name: str) -> Path:
+        return self.path / name
+
+    def checkpoint_dir(self, name: str) -> Path:
+        return self.node_dir(name) / CHECKPOINT_DIR
+
+    def has_adapter(self, name: str) -> bool:
+        return all((self.node_dir(name) / f).is_file() for f in ADAPTER_FILES)
+
+    def is_complete(self, name: str) -> bool:
+        return (self.node_dir(name) / COMPLETE_MARKER).is_file() and self.has_adapter(name)
+
+    def read_node_json(self, name: str, filename: str) -> dict:
+        """`<node>/<filename>` (metrics.json, adapter_config.json) as a dict; a clear error if it is not JSON."""
+        return read_json(self.node_dir(name) / filename)
+
+    def adapter_fields(self, name: str) -> list[str]:
+        """The field names a saved node adapter holds, in its slot order."""
+        return [f["name"] for f in self.read_node_json(name, "adapter_config.json")["fields"]]
+
+    # ------------------------------------------------------------------ dag.json
+    def read_dag(self) -> dict:
+        """dag.json as a dict ({} before the first write); 'nodes' must map names to objects."""
+        dag = read_json(self.dag_path) if self.dag_path.is_file() else {}
+        nodes = dag.get("nodes", {})
+        if not isinstance(nodes, dict) or not all(isinstance(entry, dict) for entry in nodes.values()):
+            raise ValueError(f"{self.dag_path}: 'nodes' must map node names to objects; restore or delete the file")
+        return dag
+
+    def write_dag(self, dag: dict) -> None:
+        """Replace dag.json atomically; call inside `lock()` when other jobs may share the folder."""
+        atomic_write_json(self.dag_path, dag)
+
+    def published_nodes(self, dag: dict) -> list[str]:
+        """Every node of `dag` whose adapter files are on disk, in run order, then `final` when it exists."""
+        names = list(dict.fromkeys([*(dag.get("order") or []), *(dag.get("nodes") or {})]))
+        return [n for n in [*names, FINAL_NODE] if self.has_adapter(n)]
+
+    # ------------------------------------------------------------------ locks
+    def lock(self) -> FileLock:
+        """Serialise short read-modify-write sections on run-level files (dag.json, final/, the index card)."""
+        path = self.path / LOCK_DIR / "output.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(path)
+
+    # ------------------------------------------------------------------ finishing
+    def mark_complete(self, name: str) -> None:
+        """Written last: from here on the node counts as done; its checkpoint is no longer needed."""
+        atomic_write_bytes(self.node_dir(name) / COMPLETE_MARKER, b"complete\n")
+        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+
+    def write_final(self, sink: str) -> None:
+        """Copy the sink node's folder to `final/` (atomically; two jobs finishing at once take turns)."""
+        with self.lock():
+            staging = self.path / ".final.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(self.node_dir(sink), staging, ignore=shutil.ignore_patterns(CHECKPOINT_DIR, ".*"))
+            atomic_replace_dir(staging, self.path / FINAL_NODE)
+
+
+@contextlib.contextmanager
+def node_lock(output_dir: str | os.PathLike, name: str) -> Iterator[None]:
+    """Claim `<output_dir>/.locks/<node>.lock` for training `name`; `NodeBusyError` at once if a live process holds it.
+
+    The holder writes its pid into the lock file (filelock never truncates it), so a refusal names the holder.
+    """
+    folder = RunFolder(output_dir).path
+    path = folder / LOCK_DIR / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise NodeBusyError(f"node {name!r} is already being trained into {folder} by {_holder(path)} "
+                            f"(lock {path}); wait for that job or use another --output_dir") from None
+    try:
+        path.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        yield
+    finally:
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "another process"
+    return f"process {pid}" if pid.isdigit() else "another process"
