@@ -109,9 +109,9 @@ def _check_outputs(args, *flags: str) -> None:
 
     Each `--flag` value of `args` must not be an input (--data, the --adapter or base folder, a run's folder), nor lie
     in an adapter or run folder, nor name the same file as another output, and its folder must be writable: a long
-    run cannot destroy what the user owns or fail at its last step (see `io_utils.check_output_file`).
+    run cannot destroy what the user owns or fail at its last step (see `output_paths.check_output_file`).
     """
-    from .io_utils import OutputPathError, check_output_file
+    from .output_paths import OutputPathError, check_output_file
 
     adapter = getattr(args, "adapter", None)
     inputs = {"--data": getattr(args, "data", None), "--adapter": adapter, "--base": getattr(args, "base", None),
@@ -145,7 +145,8 @@ def _write_atomic(flag: str, path: str, render) -> None:
     """Write what `render(buffer)` puts in a BytesIO to `path` in one rename: never a half-written file."""
     import io
 
-    from .io_utils import OutputPathError, atomic_write_bytes
+    from .io_utils import atomic_write_bytes
+    from .output_paths import OutputPathError
 
     buffer = io.BytesIO()
     render(buffer)

@@ -42,9 +42,9 @@ def _check_output_dir(args, curriculum) -> None:
     """Refuse, before any work, an --output_dir that is an input or whose writes would overwrite one.
 
     Inputs are the curriculum file, every local data file and a local base; the trainer writes dag.json, the run
-    card and plot, one folder per node, final/, runs/ and .locks/ in --output_dir (see io_utils.check_output_dir).
+    card and plot, one folder per node, final/, runs/ and .locks/ in --output_dir (see output_paths.check_output_dir).
     """
-    from modeling_gwm.io_utils import check_output_dir
+    from modeling_gwm.output_paths import check_output_dir
     from modeling_gwm.run_folder import RUN_WRITES
 
     inputs = {"--config": args.config, "--base": args.base or curriculum.model.get("base"),
