@@ -1,7 +1,8 @@
 """The frozen base: CogVideoX transformer blocks loaded from a diffusers checkpoint, or scratch blocks.
 
 Only the transformer blocks and one time embedding survive loading. Everything else of the video model (patch
-embedding, output head) is dropped, so the base costs exactly its blocks' memory.
+embedding, output head) is dropped, so the base costs exactly its blocks' memory. `build_frozen_base` picks the
+base a `GWMConfig` names.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ init + Σ w_i Δ_i, for those who want to add (or, with a negative weight, subtr
 come from PEFT's `peft.utils.merge_utils`. Field embeddings are aligned by field *name* first: a field the child
 shares with several parents gets their weighted average (shares renormalised over the parents that have it); a
 field only one parent has is copied from it (under task_arithmetic: init + that parent's weighted delta).
+
+The merge vocabulary a curriculum's join names (`MergeSpec`, `MERGE_METHODS`) lives here; curriculum.py imports it.
 """
 
 from __future__ import annotations
