@@ -25,9 +25,8 @@ from _common import machine, mib, print_machine, print_table, rss_now_bytes, sum
 
 from modeling_gwm import GWMConfig, GWMModel
 from modeling_gwm.base import COGVIDEOX_ARCHITECTURES, FrozenBase, load_cogvideox_base
-from modeling_gwm.curriculum import MERGE_METHODS, MergeSpec
 from modeling_gwm.loop import LoopConfig
-from modeling_gwm.merging import merge_adapters
+from modeling_gwm.merging import MERGE_METHODS, MergeSpec, merge_adapters
 
 SHORT_NAMES = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
 

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _LAZY = {
-    "AdapterLoadError": "modeling_gwm",
+    "AdapterLoadError": "adapter_files",
     "GWMModel": "modeling_gwm",
     "GWMOutput": "modeling_gwm",
     "GWMConfig": "configuration_gwm",
@@ -26,7 +26,7 @@ _LAZY = {
     "LoopModel": "loop",
     "DAGCurriculumTrainer": "trainer",
     "Curriculum": "curriculum",
-    "MergeSpec": "curriculum",
+    "MergeSpec": "merging",
     "TrainingNode": "curriculum",
     "load_curriculum": "curriculum",
 }

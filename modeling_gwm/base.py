@@ -1,7 +1,8 @@
 """The frozen base: CogVideoX transformer blocks loaded from a diffusers checkpoint, or scratch blocks.
 
 Only the transformer blocks and one time embedding survive loading. Everything else of the video model (patch
-embedding, output head) is dropped, so the base costs exactly its blocks' memory.
+embedding, output head) is dropped, so the base costs exactly its blocks' memory. `build_frozen_base` picks the
+base a `GWMConfig` names.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .configuration_gwm import GWMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +194,31 @@ def build_scratch_base(num_layers: int, num_attention_heads: int, attention_head
                        seed: int = 0, dtype: torch.dtype = torch.float32) -> FrozenBase:
     """Randomly initialised blocks (seeded, so every process builds the same ones), in `dtype`."""
     inner_dim = num_attention_heads * attention_head_dim
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    blocks = nn.ModuleList([ScratchBlock(inner_dim, num_attention_heads, time_embed_dim) for _ in range(num_layers)])
-    temb = torch.randn(1, time_embed_dim) / math.sqrt(time_embed_dim)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
+        torch.manual_seed(seed)
+        blocks = nn.ModuleList([ScratchBlock(inner_dim, num_attention_heads, time_embed_dim)
+                                for _ in range(num_layers)])
+        temb = torch.randn(1, time_embed_dim) / math.sqrt(time_embed_dim)
     return FrozenBase(blocks=blocks.to(dtype), temb=temb, inner_dim=inner_dim, source="scratch")
+
+
+def build_frozen_base(config: GWMConfig, architecture: dict | None = None,
+                      dtype: torch.dtype = torch.float32) -> FrozenBase:
+    """The frozen blocks a config asks for, in `dtype`; `backbone="cogvideox"` falls back to scratch without
+    diffusers."""
+    backbone = config.backbone
+    if backbone == "cogvideox":
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            logger.warning("diffusers is not installed: falling back to the scratch backbone (pip install diffusers).")
+            config.backbone = backbone = "scratch"
+    if backbone == "cogvideox":
+        return load_cogvideox_base(config.base_model_name_or_path, config.block_timestep, architecture=architecture,
+                                   dtype=dtype)
+    return build_scratch_base(config.scratch_num_layers, config.scratch_num_attention_heads,
+                              config.scratch_attention_head_dim, config.scratch_time_embed_dim, seed=config.seed,
+                              dtype=dtype)
 
 
 def make_tiny_cogvideox(path: str | os.PathLike, seed: int = 0, **overrides) -> str:
@@ -205,15 +229,14 @@ def make_tiny_cogvideox(path: str | os.PathLike, seed: int = 0, **overrides) -> 
     """
     from diffusers import CogVideoXTransformer3DModel
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    transformer = CogVideoXTransformer3DModel(**{**TINY_ARCHITECTURE, **overrides})
-    # Unit-gain random weights (std 1/sqrt(fan_in)): attention logits of order one, so the random blocks route
-    # information selectively, as trained ones do; a small-std init would make every attention map uniform.
-    with torch.no_grad():
-        for param in transformer.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, param.shape[1] ** -0.5)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
+        torch.manual_seed(seed)
+        transformer = CogVideoXTransformer3DModel(**{**TINY_ARCHITECTURE, **overrides})
+        # Unit-gain random weights (std 1/sqrt(fan_in)): attention logits of order one, so the random blocks route
+        # information selectively, as trained ones do; a small-std init would make every attention map uniform.
+        with torch.no_grad():
+            for param in transformer.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, param.shape[1] ** -0.5)
     transformer.save_pretrained(os.path.join(path, "transformer"))
     return str(path)

@@ -159,8 +159,8 @@ def _write_atomic(flag: str, path: str, render) -> None:
 
 def _spec(adapter: str, subfolder: str | None):
     """The adapter's fields and window from its adapter_config.json alone (fast: no weights, no base)."""
+    from .adapter_files import load_adapter_config
     from .forecasting import AdapterSpec
-    from .modeling_gwm import load_adapter_config
 
     return AdapterSpec.from_config(load_adapter_config(adapter, subfolder=subfolder), adapter_name=adapter)
 
@@ -413,12 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .adapter_files import AdapterLoadError
     from .base import BaseLoadError
     from .curriculum import CurriculumError
     from .data import DataError
     from .hub import HubOfflineError
     from .loop import AdapterMismatchError
-    from .modeling_gwm import AdapterLoadError
 
     return (DataError, AdapterLoadError, AdapterMismatchError, BaseLoadError, CurriculumError, HubOfflineError,
             ValueError, FileNotFoundError)

@@ -29,6 +29,36 @@ def check_quantile_levels(levels, where: str = "GWMConfig: quantile_levels") -> 
     return levels
 
 
+def _checked_values(*, backbone, frozen_dtype, granularity, d_model, n_loops, max_fields, context_len, max_time_steps,
+                    horizon, window_scaling, window_stats_input, quantile_levels, seasonal_lag_input,
+                    season_period) -> list[float]:
+    """`GWMConfig`'s arguments checked in one place, each error naming its field; returns the checked levels."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"GWMConfig: backbone must be one of {BACKBONES}, got {backbone!r}")
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise ValueError(f"GWMConfig: frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype!r}")
+    if granularity not in CHECKPOINTING_GRANULARITIES:
+        raise ValueError(f"GWMConfig: gradient_checkpointing_granularity must be one of "
+                         f"{CHECKPOINTING_GRANULARITIES}, got {granularity!r}")
+    for name, value in [("d_model", d_model), ("n_loops", n_loops), ("max_fields", max_fields),
+                        ("context_len", context_len), ("max_time_steps", max_time_steps)]:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"GWMConfig: {name} must be a positive integer, got {value!r}")
+    if not isinstance(horizon, int) or not 0 <= horizon < context_len:
+        raise ValueError(f"GWMConfig: horizon must be an integer in [0, context_len={context_len}), "
+                         f"got {horizon!r}")
+    if window_scaling not in WINDOW_SCALINGS:
+        raise ValueError(f"GWMConfig: window_scaling must be one of {WINDOW_SCALINGS}, got {window_scaling!r}")
+    if not isinstance(window_stats_input, bool):
+        raise ValueError(f"GWMConfig: window_stats_input must be true or false, got {window_stats_input!r}")
+    levels = check_quantile_levels(quantile_levels)
+    if not isinstance(seasonal_lag_input, bool):
+        raise ValueError(f"GWMConfig: seasonal_lag_input must be true or false, got {seasonal_lag_input!r}")
+    if isinstance(season_period, bool) or not isinstance(season_period, int) or season_period < 0:
+        raise ValueError(f"GWMConfig: season_period must be a non-negative integer, got {season_period!r}")
+    return levels
+
+
 class GWMConfig(PretrainedConfig):
     r"""
     Configuration of a [`GWMModel`]. It holds every hyper-parameter of the model; the model reads nothing else.
@@ -118,31 +148,14 @@ class GWMConfig(PretrainedConfig):
         season_period: int = 0,
         **kwargs,
     ):
-        if backbone not in BACKBONES:
-            raise ValueError(f"GWMConfig: backbone must be one of {BACKBONES}, got {backbone!r}")
-        if frozen_dtype not in FROZEN_DTYPES:
-            raise ValueError(f"GWMConfig: frozen_dtype must be one of {FROZEN_DTYPES}, got {frozen_dtype!r}")
-        if gradient_checkpointing_granularity not in CHECKPOINTING_GRANULARITIES:
-            raise ValueError(f"GWMConfig: gradient_checkpointing_granularity must be one of "
-                             f"{CHECKPOINTING_GRANULARITIES}, got {gradient_checkpointing_granularity!r}")
-        for name, value in [("d_model", d_model), ("n_loops", n_loops), ("max_fields", max_fields),
-                            ("context_len", context_len), ("max_time_steps", max_time_steps)]:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GWMConfig: {name} must be a positive integer, got {value!r}")
-        if not isinstance(horizon, int) or not 0 <= horizon < context_len:
-            raise ValueError(f"GWMConfig: horizon must be an integer in [0, context_len={context_len}), "
-                             f"got {horizon!r}")
-        if window_scaling not in WINDOW_SCALINGS:
-            raise ValueError(f"GWMConfig: window_scaling must be one of {WINDOW_SCALINGS}, got {window_scaling!r}")
-        if not isinstance(window_stats_input, bool):
-            raise ValueError(f"GWMConfig: window_stats_input must be true or false, got {window_stats_input!r}")
-        self.quantile_levels = check_quantile_levels(quantile_levels)
+        self.quantile_levels = _checked_values(
+            backbone=backbone, frozen_dtype=frozen_dtype, granularity=gradient_checkpointing_granularity,
+            d_model=d_model, n_loops=n_loops, max_fields=max_fields, context_len=context_len,
+            max_time_steps=max_time_steps, horizon=horizon, window_scaling=window_scaling,
+            window_stats_input=window_stats_input, quantile_levels=quantile_levels,
+            seasonal_lag_input=seasonal_lag_input, season_period=season_period)
         self.window_scaling = window_scaling
         self.window_stats_input = window_stats_input
-        if not isinstance(seasonal_lag_input, bool):
-            raise ValueError(f"GWMConfig: seasonal_lag_input must be true or false, got {seasonal_lag_input!r}")
-        if isinstance(season_period, bool) or not isinstance(season_period, int) or season_period < 0:
-            raise ValueError(f"GWMConfig: season_period must be a non-negative integer, got {season_period!r}")
         self.seasonal_lag_input = seasonal_lag_input
         self.season_period = season_period
         self.base_model_name_or_path = base_model_name_or_path

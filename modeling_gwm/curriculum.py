@@ -14,39 +14,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import yaml
 
 from .data import DataError, DataSource
+from .merging import MERGE_METHODS, MergeSpec, normalised_merge_weights
 
-MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no ".": PEFT keys adapters by name in ParameterDicts
 RESERVED_NAMES = {"final", "checkpoint", "runs", "logs"}
 
 
 class CurriculumError(ValueError):
     """A broken curriculum; the message names the file and the node."""
-
-
-def normalised_merge_weights(method: str, weights: list[float] | None, count: int) -> list[float]:
-    """The weights a merge really applies: shares summing to 1, except `task_arithmetic`, which sums raw deltas.
-
-    So `linear` with weights [1, 1] is the average of the parents, and `task_arithmetic` with [1, 1] is
-    init + Δa + Δb. Callers validate first (a positive sum where weights are shares).
-    """
-    weights = [1.0] * count if weights is None else [float(w) for w in weights]
-    if method == "task_arithmetic":
-        return weights
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
-@dataclass
-class MergeSpec:
-    """How a join combines its parents' adapters (task vectors from the shared init, merged with PEFT's merge_utils)."""
-
-    method: str = "linear"
-    # One per parent, in parent order (default: equal). Shares, normalised to sum 1, for every method but
-    # `task_arithmetic`, which applies them as given: init + Σ w_i Δ_i.
-    weights: list[float] | None = None
-    density: float = 0.5  # kept fraction for ties / dare_* / magnitude_prune
-    majority_sign_method: str = "total"  # ties / dare_ties: "total" or "frequency"
 
 
 @dataclass

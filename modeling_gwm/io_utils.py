@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,21 +45,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = str(path)
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[tuple[int, str]]:
+    """Yield (open descriptor, name) of a temporary file next to `path`; once the block has written it, it is renamed
+    over `path` in one step (and the folder synced); if the block fails, it is removed and `path` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield fd, tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with _replacing(str(path)) as (fd, _), os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -66,21 +74,12 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                             metadata: dict[str, str] | None = None) -> None:
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _temp_file(path)
-    os.close(fd)
-    try:
+    with _replacing(str(path)) as (fd, tmp):
+        os.close(fd)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.chmod(tmp, _FILE_MODE)  # safetensors writes a new 0600 file in place of ours
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
 
 
 def atomic_move_file(source: str | os.PathLike, target: str | os.PathLike) -> None:

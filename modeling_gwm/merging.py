@@ -6,19 +6,49 @@ init + Σ w_i Δ_i, for those who want to add (or, with a negative weight, subtr
 come from PEFT's `peft.utils.merge_utils`. Field embeddings are aligned by field *name* first: a field the child
 shares with several parents gets their weighted average (shares renormalised over the parents that have it); a
 field only one parent has is copied from it (under task_arithmetic: init + that parent's weighted delta).
+
+The merge vocabulary a curriculum's join names (`MergeSpec`, `MERGE_METHODS`) lives here; curriculum.py imports it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from peft.utils import merge_utils
 
-from .curriculum import MERGE_METHODS, MergeSpec, normalised_merge_weights
-
+# peft is imported where a merge runs, not here: curriculum.py imports MergeSpec from this module and stays light.
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 FIELD_EMBEDDING_KEY = "codec.field_embedding.weight"
 
 
+def normalised_merge_weights(method: str, weights: list[float] | None, count: int) -> list[float]:
+    """The weights a merge really applies: shares summing to 1, except `task_arithmetic`, which sums raw deltas.
+
+    So `linear` with weights [1, 1] is the average of the parents, and `task_arithmetic` with [1, 1] is
+    init + Δa + Δb. Callers validate first (a positive sum where weights are shares).
+    """
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if method == "task_arithmetic":
+        return weights
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+@dataclass
+class MergeSpec:
+    """How a join combines its parents' adapters (task vectors from the shared init, merged with PEFT's merge_utils)."""
+
+    method: str = "linear"
+    # One per parent, in parent order (default: equal). Shares, normalised to sum 1, for every method but
+    # `task_arithmetic`, which applies them as given: init + Σ w_i Δ_i.
+    weights: list[float] | None = None
+    density: float = 0.5  # kept fraction for ties / dare_* / magnitude_prune
+    majority_sign_method: str = "total"  # ties / dare_ties: "total" or "frequency"
+
+
 def _merge_tensors(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+    from peft.utils import merge_utils
+
     if spec.method in ("linear", "task_arithmetic"):  # the same sum; only the weights' normalisation differs
         return merge_utils.task_arithmetic(deltas, weights)
     if spec.method in ("ties", "dare_ties"):
@@ -35,6 +65,8 @@ def _ties(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) ->
     *average* (Σ w_i Δ_i / Σ w_i over those parents). PEFT's versions divide Σ w_i Δ_i by the count instead, which
     with shares summing to 1 would shrink the merge by the number of parents; with equal shares both agree exactly
     with the paper's disjoint mean. Trimming and sign election are PEFT's own functions."""
+    from peft.utils import merge_utils
+
     if spec.density >= 1:  # nothing to trim (PEFT would warn once per tensor)
         pruned = deltas
     elif spec.method == "ties":
@@ -90,8 +122,14 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
                 raise ValueError(f"parent #{i + 1} adapter tensor {key} has shape {tuple(tensor.shape)}, the child "
                                  f"expects {tuple(init[key].shape)} (different n_loops or base?)")
     aligned, holds = zip(*(align_fields(s, f, child_fields, init) for s, f in zip(parents, parent_fields)))
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # DARE's random drop, seeded; the caller's generator is left as it was
+        torch.manual_seed(seed)
+        return _merge_aligned(aligned, holds, init, weights, spec)
+
+
+def _merge_aligned(aligned: tuple[dict[str, torch.Tensor], ...], holds: tuple[torch.Tensor, ...],
+                   init: dict[str, torch.Tensor], weights: list[float], spec: MergeSpec) -> dict[str, torch.Tensor]:
+    """init + the merged deltas of field-aligned parent states; field rows merge over the parents that hold them."""
     merged = {}
     weight_tensor = torch.tensor(weights, dtype=torch.float32)
     for key, start in init.items():
@@ -100,11 +138,11 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
         if key.endswith(FIELD_EMBEDDING_KEY):
             table = start.clone()
             for row in range(start.size(0)):
-                owners = [i for i in range(len(parents)) if holds[i][row]]
+                owners = [i for i in range(len(aligned)) if holds[i][row]]
                 if not owners:
                     continue
                 row_weights = weight_tensor[owners]
-                if len(owners) < len(parents) and spec.method != "task_arithmetic":
+                if len(owners) < len(aligned) and spec.method != "task_arithmetic":
                     # shares over the parents that have the field; if those all weigh 0, an even split among them
                     total = row_weights.sum()
                     row_weights = row_weights / total if total > 0 else torch.full_like(row_weights, 1 / len(owners))
@@ -112,5 +150,4 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
             merged[key] = table
         else:
             merged[key] = start + _merge_tensors(deltas, weight_tensor, spec)
-    torch.random.set_rng_state(generator_state)
     return merged

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
@@ -14,17 +12,17 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .base import FrozenBase, build_scratch_base, cast_at_block_boundary, load_cogvideox_base, resolve_frozen_dtype
+from .adapter_files import (
+    AdapterLoadError,
+    _check_adapter_weights,
+    _expected_adapter_shapes,
+    _saved_model_file,
+    load_adapter_config,
+)
+from .base import FrozenBase, build_frozen_base, cast_at_block_boundary, resolve_frozen_dtype
 from .canvas import FieldCodec, pinball_loss, seasonal_lag, sinusoidal_encoding, window_scale
 from .configuration_gwm import GWMConfig
-from .loop import AdapterMismatchError, LoopConfig, LoopLayer, check_adapter_fits
-from .loop.config import ADAPTER_FORMAT_VERSION
-
-logger = logging.getLogger(__name__)
-
-
-class AdapterLoadError(OSError):
-    """An adapter folder is missing files, holds a foreign PEFT method or a damaged weights file."""
+from .loop import LoopLayer, check_adapter_fits
 
 
 class ModelLoadError(OSError):
@@ -97,15 +95,14 @@ class GWMModel(PreTrainedModel):
             frozen_base = build_frozen_base(config, dtype=frozen_dtype)  # read straight in its dtype
         self.base_source = frozen_base.source
         self.inner_dim = frozen_base.inner_dim
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(config.seed)  # every model built from one config starts from the same adapter init
-        self.codec = FieldCodec(config.max_fields, config.d_model, n_quantiles=len(config.quantile_levels),
-                                stats_input=config.window_stats_input, lag_input=config.seasonal_lag_input)
-        self.proj_in = nn.Linear(config.d_model, self.inner_dim)
-        self.encoder_token = EncoderToken(self.inner_dim)
-        self.proj_out = nn.Linear(self.inner_dim, config.d_model)
-        self.norm_out = nn.LayerNorm(config.d_model)
-        torch.random.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
+            torch.manual_seed(config.seed)  # every model built from one config starts from the same adapter init
+            self.codec = FieldCodec(config.max_fields, config.d_model, n_quantiles=len(config.quantile_levels),
+                                    stats_input=config.window_stats_input, lag_input=config.seasonal_lag_input)
+            self.proj_in = nn.Linear(config.d_model, self.inner_dim)
+            self.encoder_token = EncoderToken(self.inner_dim)
+            self.proj_out = nn.Linear(self.inner_dim, config.d_model)
+            self.norm_out = nn.LayerNorm(config.d_model)
         self.transformer_blocks = cast_at_block_boundary(frozen_base.blocks.to(frozen_dtype))  # no-op if loaded so
         self.transformer_blocks.requires_grad_(False)
         self.register_buffer("block_temb", frozen_base.temb, persistent=False)  # (1, time_embed_dim)
@@ -175,21 +172,17 @@ class GWMModel(PreTrainedModel):
             if config is None:
                 config = GWMConfig(**({"base_model_name_or_path": str(base)} if base else {}), **config_overrides)
             return cls(config, device=device)
+        return cls._from_adapter(base, adapter, subfolder, revision, token, adapter_name, is_trainable, device,
+                                 config_overrides)
 
+    @classmethod
+    def _from_adapter(cls, base, adapter, subfolder, revision, token, adapter_name, is_trainable, device, overrides):
+        """The model an adapter's config describes (on `base` if given), its weights checked, then loaded by PEFT."""
         if not os.path.isdir(adapter):  # a Hub id: fetch (or find in the HF cache) just the adapter files
-            from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-            from .hub import download_adapter
-
-            try:
-                validate_repo_id(str(adapter))
-            except HFValidationError:
-                raise AdapterLoadError(f"No adapter folder at {adapter} (and it is not a Hub repo id).") from None
-
-            adapter = download_adapter(str(adapter), subfolder=subfolder, revision=revision, token=token)
+            adapter = _download_adapter(adapter, subfolder, revision, token)
             subfolder = revision = None
         loop_config = load_adapter_config(adapter, subfolder=subfolder, revision=revision, token=token)
-        gwm_kwargs = {**loop_config.gwm_config, **config_overrides}
+        gwm_kwargs = {**loop_config.gwm_config, **overrides}
         if base is not None:
             gwm_kwargs["base_model_name_or_path"] = str(base)
         model = cls(GWMConfig(**gwm_kwargs), device=device)
@@ -372,246 +365,20 @@ class GWMModel(PreTrainedModel):
         return predict_df(self, df, **kwargs)
 
 
-def build_frozen_base(config: GWMConfig, architecture: dict | None = None,
-                      dtype: torch.dtype = torch.float32) -> FrozenBase:
-    """The frozen blocks a config asks for, in `dtype`; `backbone="cogvideox"` falls back to scratch without
-    diffusers."""
-    backbone = config.backbone
-    if backbone == "cogvideox":
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            logger.warning("diffusers is not installed: falling back to the scratch backbone (pip install diffusers).")
-            config.backbone = backbone = "scratch"
-    if backbone == "cogvideox":
-        return load_cogvideox_base(config.base_model_name_or_path, config.block_timestep, architecture=architecture,
-                                   dtype=dtype)
-    return build_scratch_base(config.scratch_num_layers, config.scratch_num_attention_heads,
-                              config.scratch_attention_head_dim, config.scratch_time_embed_dim, seed=config.seed,
-                              dtype=dtype)
+def _download_adapter(adapter, subfolder: str | None, revision: str | None, token) -> str:
+    """The local folder of a Hub adapter's files (fetched, or found in the HF cache); a non-id is no adapter."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-
-def _saved_model_file(location, filename: str, subfolder: str | None, revision: str | None, token,
-                      hub_options: dict) -> str | None:
-    """Path of `filename` of a model saved by `GWMModel.save_pretrained` (local folder or Hub repo), else None.
-    For config.json, a config of another model type (or a CogVideoX checkpoint, which has none) is not ours."""
-    local = os.path.join(str(location), subfolder or "", filename)
-    if os.path.isdir(str(location)):
-        path = local if os.path.isfile(local) else None
-    else:
-        from transformers.utils.hub import cached_file
-
-        try:
-            path = cached_file(str(location), filename, subfolder=subfolder or "", revision=revision, token=token,
-                               _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False, **hub_options)
-        except (OSError, ValueError):  # not a repo id, gated, unreachable: not a saved GWM model
-            return None
-    if path is None or filename != "config.json":
-        return path
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return path if json.load(handle).get("model_type") == GWMConfig.model_type else None
-    except (OSError, ValueError):
-        return None
-
-
-def _expected_adapter_shapes(model: GWMModel, loop_config: LoopConfig, where: str) -> dict[str, tuple[int, ...]]:
-    """The tensors (names as PEFT saves them, shapes) an adapter of `loop_config` holds for `model`.
-
-    Derived from the built model, not hard-coded: the modules to save are read off the model, the looped blocks'
-    tensors off a `LoopLayer` made for the config, so a change of the codec or the loop layer follows by itself.
-    Also refuses `target_modules` / `modules_to_save` that select anything but the frozen blocks / GWM modules.
-    """
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    config_file = os.path.join(where, "adapter_config.json")
-    prefix = "base_model.model."
-    block_names = {f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))}
-    for name, _ in model.named_modules():
-        if name and name not in block_names and check_target_module_exists(loop_config, name):
-            raise AdapterLoadError(f"{config_file}: target_modules {loop_config.target_modules!r} selects module "
-                                   f"{name!r}; the loop adapter wraps whole transformer blocks only "
-                                   "(transformer_blocks.<i>)")
-    top = {name for name, _ in model.named_children()} - {"transformer_blocks"}
-    saved = loop_config.modules_to_save or []
-    unknown = [m for m in saved if m not in top]
-    if unknown:
-        raise AdapterLoadError(f"{config_file}: modules_to_save names {unknown}, which are not GWM modules "
-                               f"(valid: {sorted(top)})")
-    shapes = {f"{prefix}{m}.{k}": tuple(v.shape) for m in saved for k, v in getattr(model, m).state_dict().items()}
-    probe = LoopLayer(nn.Linear(1, 1), "probe", replace(loop_config, train_blocks=False), inner_dim=model.inner_dim)
-    layer_shapes = {k.replace(".probe", ""): tuple(v.shape) for k, v in probe.named_parameters()
-                    if not k.startswith("base_layer.")}  # loop_emb, loop_emb_enc, loop_gate
-    for i, block in enumerate(model.transformer_blocks):
-        if not check_target_module_exists(loop_config, f"transformer_blocks.{i}"):
-            continue
-        shapes |= {f"{prefix}transformer_blocks.{i}.{k}": v for k, v in layer_shapes.items()}
-        if loop_config.train_blocks:
-            shapes |= {f"{prefix}transformer_blocks.{i}.loop_block.{k}": tuple(v.shape)
-                       for k, v in block.state_dict().items()}
-    return shapes
-
-
-def _check_adapter_weights(folder: str, loop_config: LoopConfig, arch: dict[str, int],
-                           expected: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Check the weights file against the model from its header alone: a config edited by hand cannot hide a
-    different n_loops, width, block count or canvas width, and a damaged file is named before PEFT reads it.
-
-    With `expected` (`_expected_adapter_shapes`), every tensor must be there with its shape and nothing else may be:
-    PEFT would stop on a missing key or a wrong shape with a traceback, and load unknown tensors silently."""
-    from safetensors import safe_open
-
-    path = os.path.join(folder, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        raise AdapterLoadError(f"No adapter_model.safetensors in {folder}: the adapter has no weights.")
-    try:
-        with safe_open(path, framework="pt") as weights:
-            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
-    except Exception as err:  # safetensors raises its own error type on damaged files
-        raise AdapterLoadError(f"Adapter weights {path} are unreadable (truncated or not a safetensors file): "
-                               f"{err}") from None
-    prefix = "base_model.model."
-    loop_shapes = {k: v for k, v in shapes.items() if k.startswith(prefix + "transformer_blocks.")
-                   and k.endswith(".loop_emb")}
-    wrong = []
-    if len(loop_shapes) != arch["num_blocks"]:
-        wrong.append(f"{len(loop_shapes)} looped blocks (model has {arch['num_blocks']})")
-    loop_shape = (loop_config.n_loops, arch["inner_dim"])
-    for shape in sorted(set(loop_shapes.values()) - {loop_shape}):
-        wrong.append(f"loop embeddings of shape {shape} (n_loops {loop_config.n_loops} and inner_dim "
-                     f"{arch['inner_dim']} expect {loop_shape})")
-    proj_in = shapes.get(prefix + "proj_in.weight")
-    if proj_in is not None and proj_in != (arch["inner_dim"], arch["d_model"]):
-        wrong.append(f"proj_in of shape {proj_in} (model expects {(arch['inner_dim'], arch['d_model'])})")
-    if wrong:
-        raise AdapterMismatchError(f"Adapter weights {path} do not fit this model: " + "; ".join(wrong) + ".")
-    if expected is None:
-        return
-    missing = sorted(set(expected) - set(shapes))
-    extra = sorted(set(shapes) - set(expected))
-    misshapen = sorted(k for k in set(expected) & set(shapes) if shapes[k] != expected[k])
-
-    def some(keys: list[str]) -> str:
-        return ", ".join(k.removeprefix(prefix) for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3
-                                                                      else "")
-
-    if extra:
-        wrong.append(f"{len(extra)} unknown tensor(s) {some(extra)}")
-    if missing:
-        wrong.append(f"{len(missing)} missing tensor(s) {some(missing)}")
-    for key in misshapen[:3]:
-        wrong.append(f"{key.removeprefix(prefix)} of shape {shapes[key]} (model expects {expected[key]})")
-    if wrong:
-        raise AdapterMismatchError(f"Adapter weights {path} do not fit this model: " + "; ".join(wrong) + ".")
-
-
-def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
-                        token: str | bool | None = None) -> LoopConfig:
-    """Read an adapter's `adapter_config.json`, refusing anything that is not a GWM loop adapter."""
-    from peft import PeftConfig
-
-    location = f"{adapter}" + (f" (subfolder {subfolder})" if subfolder else "")
-    local = os.path.isdir(adapter)
-    config_file = os.path.join(adapter, subfolder or "", "adapter_config.json")
-    if local and not os.path.isfile(config_file):
-        raise AdapterLoadError(f"No adapter_config.json in {location}: not a GWM adapter folder.")
-    if local:
-        _check_raw_adapter_config(config_file)
-    try:
-        peft_config = PeftConfig.from_pretrained(str(adapter), subfolder=subfolder, revision=revision, token=token)
-    except ValueError as err:
-        raise AdapterLoadError(f"{location}/adapter_config.json is not a valid PEFT adapter config: {err}") from None
-    except OSError as err:
-        raise AdapterLoadError(f"Could not fetch the adapter {location}: {str(err).splitlines()[0]}") from None
-    except (TypeError, KeyError, AttributeError) as err:  # a hand-edited file PEFT's reader trips over
-        raise AdapterLoadError(f"{location}/adapter_config.json is not a valid PEFT adapter config: "
-                               f"{type(err).__name__}: {err}") from None
-    if not isinstance(peft_config, LoopConfig):
-        raise AdapterLoadError(
-            f"{location} holds a {getattr(peft_config.peft_type, 'value', peft_config.peft_type)} adapter, "
-            "not a GWM loop adapter (peft_type GWM_LOOP)."
-        )
-    if peft_config.format_version != ADAPTER_FORMAT_VERSION:
-        found = "no format_version" if peft_config.format_version is None else \
-            f"format_version {peft_config.format_version}"
-        raise AdapterLoadError(
-            f"{location} has {found} (this GWM reads format_version {ADAPTER_FORMAT_VERSION}: scale-free windows "
-            "and quantile forecasts): it was made by an older GWM and needs retraining (gwm train / dag_train.py)."
-        )
-    _check_loop_config(peft_config, config_file if local else f"{location}/adapter_config.json")
-    return peft_config
-
-
-# What a hand-edited adapter_config.json may ask the model to allocate: far above any real model, far below RAM.
-ADAPTER_CONFIG_LIMITS = {"max_fields": 65_536, "d_model": 65_536, "n_loops": 1_024, "context_len": 1_000_000,
-                         "max_time_steps": 1_000_000}
-
-
-def _check_raw_adapter_config(path: str) -> None:
-    """The JSON must be an object with a known string peft_type (PEFT's reader raises TypeError/KeyError else)."""
-    import json
-
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from .hub import download_adapter
 
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise AdapterLoadError(f"{path} must hold a JSON object, not {type(raw).__name__}")
-    peft_type = raw.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise AdapterLoadError(f"{path}: peft_type {peft_type!r} is not a PEFT method; a GWM adapter has peft_type "
-                               "GWM_LOOP")
-
-
-def _check_loop_config(config: LoopConfig, path: str) -> None:
-    """Every value a loop adapter's config feeds to the model, checked with one line naming the file and key."""
-    from .data import DataError, FieldStats
-
-    def bad(key: str, why: str) -> AdapterLoadError:
-        return AdapterLoadError(f"{path}: {key} {why}")
-
-    if not isinstance(config.fields, list):
-        raise bad("fields", f"must be a list of {{name, mean, std, transform}} objects, got {config.fields!r:.60}")
-    names = []
-    for i, entry in enumerate(config.fields):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise bad(f"fields[{i}]", f"must be an object with a 'name' string, got {entry!r:.60}")
-        try:
-            FieldStats.from_dict(entry)
-        except (DataError, TypeError, ValueError) as err:
-            raise bad(f"fields[{i}]", str(err)) from None
-        names.append(entry["name"])
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise bad("fields", f"names {repeated} more than once")
-    target = config.target_modules
-    if not (isinstance(target, str) or (isinstance(target, (list, set)) and all(isinstance(t, str) for t in target))):
-        raise bad("target_modules", f"must be a regex or a list of module names, got {target!r:.60}")
-    if config.modules_to_save is not None and not (isinstance(config.modules_to_save, list) and all(
-            isinstance(m, str) for m in config.modules_to_save)):
-        raise bad("modules_to_save", f"must be a list of module names, got {config.modules_to_save!r:.60}")
-    if not isinstance(config.gwm_config, dict):
-        raise bad("gwm_config", f"must be an object (the model's GWMConfig), got {config.gwm_config!r:.60}")
-    limits = {"n_loops": config.n_loops, **{k: config.gwm_config[k] for k in ADAPTER_CONFIG_LIMITS
-                                            if k in config.gwm_config}}
-    for key, value in limits.items():
-        where = key if key == "n_loops" else f"gwm_config.{key}"
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ADAPTER_CONFIG_LIMITS[key]:
-            raise bad(where, f"must be an integer in 1..{ADAPTER_CONFIG_LIMITS[key]}, got {value!r}")
-    try:
-        gwm_config = GWMConfig(**config.gwm_config)
-    except (TypeError, ValueError) as err:
-        raise bad("gwm_config", str(err)) from None
-    if len(names) > gwm_config.max_fields:
-        raise bad("fields", f"has {len(names)} entries, more than gwm_config.max_fields={gwm_config.max_fields}")
+        validate_repo_id(str(adapter))
+    except HFValidationError:
+        raise AdapterLoadError(f"No adapter folder at {adapter} (and it is not a Hub repo id).") from None
+    return download_adapter(str(adapter), subfolder=subfolder, revision=revision, token=token)
 
 
 AutoModel.register(GWMConfig, GWMModel, exist_ok=True)  # here, not in __init__: the package imports lazily
 
 
-__all__ = ["ADAPTER_FORMAT_VERSION", "AdapterLoadError", "AdapterMismatchError", "GWMModel", "GWMOutput",
-           "ModelLoadError", "build_frozen_base"]
+__all__ = ["GWMModel", "GWMOutput", "ModelLoadError"]

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .canvas import season_period
 from .configuration_gwm import DEFAULT_BASE
-from .curriculum import Curriculum, CurriculumError, MergeSpec, TrainingNode
+from .curriculum import Curriculum, CurriculumError, TrainingNode
 from .data import CanvasDataset, DataError, DataSource, NodeData, build_node_data, collate_canvas
 from .io_utils import (
     atomic_move_file,
@@ -45,7 +45,7 @@ from .io_utils import (
 )
 from .loop import LoopConfig
 from .masking import sample_target_mask
-from .merging import align_fields, merge_adapters
+from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
 from .run_folder import ADAPTER_FILES, NodeBusyError, RunFolder, node_lock
 

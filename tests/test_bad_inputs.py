@@ -25,13 +25,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from modeling_gwm import commands
+from modeling_gwm.adapter_files import AdapterLoadError, load_adapter_config
 from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
 from modeling_gwm.configuration_gwm import GWMConfig
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.data import DataError, DataSource, build_node_data
 from modeling_gwm.forecasting import AdapterSpec, NonFiniteForecastError, forecast, read_history
 from modeling_gwm.loop import AdapterMismatchError
-from modeling_gwm.modeling_gwm import AdapterLoadError, GWMModel, load_adapter_config
+from modeling_gwm.modeling_gwm import GWMModel
 from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -571,8 +572,8 @@ def test_expected_adapter_tensors_are_what_peft_saves(backbone):
     """The weights check derives its expectation from the built model: it must equal PEFT's own state dict."""
     from peft import get_peft_model, get_peft_model_state_dict
 
+    from modeling_gwm.adapter_files import _expected_adapter_shapes
     from modeling_gwm.loop import LoopConfig
-    from modeling_gwm.modeling_gwm import _expected_adapter_shapes
 
     kwargs = {"d_model": 16, "backbone": backbone, "scratch_num_layers": 2}
     config = LoopConfig(n_loops=2, fields=[{"name": "x", "mean": 0.0, "std": 1.0}])

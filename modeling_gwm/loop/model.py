@@ -8,6 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..merging import MERGE_METHODS, MergeSpec, merge_adapters
 from .config import ADAPTER_FORMAT_VERSION, DEFAULT_TARGET_MODULES, LoopConfig
 from .layer import LoopLayer
 
@@ -116,9 +117,6 @@ class LoopModel(BaseTuner):
         holding it (a fresh adapter added to a model built with the training seed) or its state dict. Field
         embeddings merge by field name; the new adapter's fields are the adapters' fields in order of appearance.
         """
-        from ..curriculum import MERGE_METHODS, MergeSpec  # the training side is imported on first use
-        from ..merging import merge_adapters
-
         if adapter_name in self.peft_config:
             raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} already exists")
         unknown = [a for a in adapters if a not in self.peft_config]
@@ -137,18 +135,7 @@ class LoopModel(BaseTuner):
                 raise ValueError(f"add_weighted_adapter: the adapters differ in {key} ({values}); only adapters of "
                                  "one shape can be merged")
         states = [get_peft_model_state_dict(self, adapter_name=a) for a in adapters]
-        if init is None:
-            if combination_type != "linear":
-                raise ValueError(f"add_weighted_adapter: {combination_type!r} merges task vectors from the adapters' "
-                                 "common initialisation; pass init= (a loaded adapter's name or a state dict), or "
-                                 "use 'linear', the weighted average, which needs none")
-            init_state = {k: torch.zeros_like(v) for k, v in states[0].items()}  # linear: Σ w_i θ_i exactly
-        elif isinstance(init, str):
-            if init not in self.peft_config:
-                raise ValueError(f"add_weighted_adapter: init adapter {init!r} is not loaded")
-            init_state = get_peft_model_state_dict(self, adapter_name=init)
-        else:  # a PeftModel's state dict carries a "base_model." prefix that the tuner's does not
-            init_state = {k.removeprefix("base_model."): v for k, v in init.items()}
+        init_state = self._merge_init_state(init, combination_type, states[0])
         meta: dict[str, dict] = {}
         for config in configs:
             for entry in config.fields:
@@ -166,3 +153,19 @@ class LoopModel(BaseTuner):
             del self.peft_config[adapter_name]
             raise
         set_peft_model_state_dict(self, merged, adapter_name=adapter_name)
+
+    def _merge_init_state(self, init: str | dict[str, torch.Tensor] | None, combination_type: str,
+                          like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapters' common initialisation for `add_weighted_adapter` (tuner keys), from `init` as given there."""
+        if init is None:
+            if combination_type != "linear":
+                raise ValueError(f"add_weighted_adapter: {combination_type!r} merges task vectors from the adapters' "
+                                 "common initialisation; pass init= (a loaded adapter's name or a state dict), or "
+                                 "use 'linear', the weighted average, which needs none")
+            return {k: torch.zeros_like(v) for k, v in like.items()}  # linear: Σ w_i θ_i exactly
+        if isinstance(init, str):
+            if init not in self.peft_config:
+                raise ValueError(f"add_weighted_adapter: init adapter {init!r} is not loaded")
+            return get_peft_model_state_dict(self, adapter_name=init)
+        # a PeftModel's state dict carries a "base_model." prefix that the tuner's does not
+        return {k.removeprefix("base_model."): v for k, v in init.items()}
