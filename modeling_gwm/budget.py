@@ -2,6 +2,7 @@
 
 Counted by walking the real modules of a `peft.PeftModel` (or a bare `GWMModel`), never from formulas, so the table
 is what a user gets.
+A saved adapter's budget (the model card's table) is read from its safetensors header instead: no model is built.
 `budget_for_architecture` does it for the published CogVideoX bases without downloading them: the blocks are built
 on the meta device from their architecture settings.
 
@@ -12,6 +13,9 @@ on the meta device from their architecture settings.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+from pathlib import Path
 
 from torch import nn
 
@@ -21,6 +25,19 @@ _SAVED_MODULE_ROWS = {"encoder_token": "encoder token", "proj_in": "proj_in", "p
 
 
 _SUMMARY_ROWS = ("total trainable", "trainable %")
+
+# Saved adapter state-dict key fragments -> the model card's budget rows, most specific first.
+_BUDGET_GROUPS = (
+    ("loop_emb_enc", "Loop embeddings, encoder token (blocks x loops x inner_dim)"),
+    ("loop_emb", "Loop embeddings (blocks x loops x inner_dim)"),
+    ("loop_gate", "Loop gates (blocks x loops)"),
+    ("loop_block", "Per-adapter block copies (scratch backbone)"),
+    ("encoder_token", "Encoder conditioning token"),
+    ("proj_in", "proj_in (d_model -> inner_dim)"),
+    ("proj_out", "proj_out (inner_dim -> d_model)"),
+    ("norm_out", "Output LayerNorm"),
+    ("codec", "Field codec (value encoder, field/mask embeddings, value head)"),
+)
 
 
 def _numel(module: nn.Module) -> int:
@@ -120,6 +137,56 @@ def budget_for_architecture(name_or_arch: str | dict, d_model: int = 128, n_loop
     model = GWMModel(config, frozen_base=frozen_base)
     peft_model = peft.get_peft_model(model, LoopConfig(n_loops=n_loops))
     return parameter_budget(peft_model)
+
+
+# ---------------------------------------------------------------------------------------------------- saved adapters
+def _tensor_sizes(path: str | os.PathLike) -> dict[str, int]:
+    """Element count of every tensor in a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: math.prod(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def adapter_budget(adapter_dir: str | os.PathLike) -> list[dict]:
+    """Trainable parameters of a saved adapter, grouped by component (read from the safetensors header only)."""
+    counts: dict[str, int] = {}
+    for key, n in _tensor_sizes(Path(adapter_dir) / "adapter_model.safetensors").items():
+        group = next((label for frag, label in _BUDGET_GROUPS if frag in key), "Other")
+        counts[group] = counts.get(group, 0) + n
+    order = [label for _, label in _BUDGET_GROUPS] + ["Other"]
+    return [{"component": g, "params": counts[g], "trainable": True} for g in order if g in counts]
+
+
+def frozen_block_params(gwm_config: dict) -> int | None:
+    """Parameters of the frozen blocks the adapter runs on: from a local base's safetensors header, or from the
+    architecture of a published CogVideoX (meta device, nothing downloaded). None when it cannot be known offline."""
+    base = gwm_config.get("base_model_name_or_path")
+    if gwm_config.get("backbone") == "scratch" or not base:
+        return None
+    weights = sorted(Path(base, "transformer").glob("*.safetensors")) if os.path.isdir(base) else []
+    if weights:
+        return sum(sum(n for k, n in _tensor_sizes(file).items() if k.startswith("transformer_blocks."))
+                   for file in weights)
+    from .base import COGVIDEOX_ARCHITECTURES, load_cogvideox_base
+
+    if base in COGVIDEOX_ARCHITECTURES:
+        return _numel(load_cogvideox_base(base, architecture=COGVIDEOX_ARCHITECTURES[base]).blocks)
+    return None
+
+
+def budget_rows(adapter_dir: str | os.PathLike, gwm_config: dict) -> list[dict]:
+    """The model card's parameter-budget table: trainable components, total, frozen blocks and the trainable share."""
+    rows = adapter_budget(adapter_dir)
+    trainable = sum(r["params"] for r in rows)
+    frozen = frozen_block_params(gwm_config)
+    table = [{"component": r["component"], "params": f"{r['params']:,}", "trainable": "yes"} for r in rows]
+    table.append({"component": "**Total trainable**", "params": f"**{trainable:,}**", "trainable": "yes"})
+    if frozen is not None:
+        table.append({"component": "Frozen CogVideoX blocks", "params": f"{frozen:,}", "trainable": "no"})
+        share = 100.0 * trainable / (trainable + frozen)
+        table.append({"component": "Trainable share", "params": f"{share:.3g} %", "trainable": ""})
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -285,10 +285,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_plot_losses(args) -> int:
-    from .hub import plot_loss_curves
+    from .plots import plot_loss_curves
+    from .run_folder import RunFolder
 
-    if not os.path.isfile(os.path.join(args.output_dir, "dag.json")):
-        raise FileNotFoundError(f"{args.output_dir} is not a GWM run folder (no dag.json)")
+    RunFolder(args.output_dir).require()
     _check_outputs(args, "out")
     _write_atomic("--out", args.out, lambda buffer: plot_loss_curves(args.output_dir, buffer))
     print(f"wrote {args.out}")
@@ -297,9 +297,9 @@ def cmd_plot_losses(args) -> int:
 
 def cmd_push(args) -> int:
     from .hub import push_curriculum
+    from .run_folder import RunFolder
 
-    if not os.path.isfile(os.path.join(args.output_dir, "dag.json")):
-        raise FileNotFoundError(f"{args.output_dir} is not a GWM run folder (no dag.json)")
+    RunFolder(args.output_dir).require()
     url = push_curriculum(args.output_dir, args.hub_model_id, token=args.token or os.environ.get("HF_TOKEN"),
                           private=args.private or None)
     print(url)

@@ -79,6 +79,11 @@ class RunFolder:
         """`<node>/<filename>` (metrics.json, adapter_config.json) as a dict; a clear error if it is not JSON."""
         return read_json(self.node_dir(name) / filename)
 
+    def read_node_json_if_any(self, name: str, filename: str) -> dict:
+        """Like `read_node_json`, but {} when the file is not there (a node not trained yet, a bare adapter folder)."""
+        path = self.node_dir(name) / filename
+        return read_json(path) if path.is_file() else {}
+
     def adapter_fields(self, name: str) -> list[str]:
         """The field names a saved node adapter holds, in its slot order."""
         return [f["name"] for f in self.read_node_json(name, "adapter_config.json")["fields"]]
@@ -95,6 +100,11 @@ class RunFolder:
     def write_dag(self, dag: dict) -> None:
         """Replace dag.json atomically; call inside `lock()` when other jobs may share the folder."""
         atomic_write_json(self.dag_path, dag)
+
+    @staticmethod
+    def node_names(dag: dict) -> list[str]:
+        """Every node `dag` names, in run order: its `order`, then any other entry of `nodes`."""
+        return list(dict.fromkeys([*(dag.get("order") or []), *(dag.get("nodes") or {})]))
 
     def published_nodes(self, dag: dict) -> list[str]:
         """Every node of `dag` whose adapter files are on disk, in run order, then `final` when it exists."""

@@ -642,7 +642,7 @@ class DAGCurriculumTrainer:
         self._update_dag(dag, name, status="done", val_loss_start=val_start, val_loss_end=val_end,
                          retention=retention, error=None)
         if self.write_cards and acc.is_main_process:
-            from .hub import write_node_card
+            from .cards import write_node_card
 
             with self.run_folder.lock():  # it also rewrites the run's index card and plot
                 write_node_card(self.output_dir, name)

@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 
 from modeling_gwm import GWMModel, LoopConfig
 from modeling_gwm.base import TINY_BASE_PATH
+from modeling_gwm.cards import write_node_card
 from modeling_gwm.hub import (
     HubOfflineError,
     download_adapter,
     plan_curriculum_upload,
     push_adapter,
     push_curriculum,
-    write_node_card,
 )
 
 FAKE_TOKEN = "hf_GWMtestTokenThatMustNeverLeak0123456789"

@@ -89,7 +89,7 @@ def test_installed_wheel_writes_a_card(tmp_path, run_dir):
 
     script = f"""
 import modeling_gwm, modeling_gwm.base as base
-from modeling_gwm.hub import write_node_card
+from modeling_gwm.cards import write_node_card
 print(modeling_gwm.__file__)
 write_node_card({str(run_dir)!r}, "climate")
 try:

@@ -1,0 +1,368 @@
+"""Model cards of a GWM run: one per node (lineage, data, settings, results, parameter budget, usage) and the run's
+index card, rendered from the package templates in `modeling_gwm/templates/` with huggingface_hub's `ModelCard`.
+
+The trainer writes them next to the adapters (`write_node_card`); a Hub push re-renders them for the target repo.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+import math
+import os
+import re
+from urllib.parse import quote
+
+from huggingface_hub import ModelCard, ModelCardData, constants
+
+from .budget import budget_rows
+from .plots import plot_loss_curves, plot_node_loss
+from .run_folder import FINAL_NODE, RunFolder
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CARD_TEMPLATE = "adapter_card.md"  # package data in modeling_gwm/templates/, shipped in the wheel
+CURRICULUM_CARD_TEMPLATE = "curriculum_card.md"
+
+CARD_TAGS = ["gwm", "world-model", "cogvideox", "peft", "time-series"]
+PIPELINE_TAG = "time-series-forecasting"
+DEFAULT_LICENSE = "apache-2.0"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and bool(_HUB_ID.match(str(name))) and not os.path.exists(str(name))
+
+
+def _fmt(value, digits: int = 4) -> str:
+    """Numbers for people: 4 significant digits, thousands separators for integers, '—' when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.{digits}g}"
+
+
+def _base_names(base: str | None) -> tuple[str, str]:
+    """(`base_model` metadata, Python expression for the usage snippet) for a base name or path."""
+    from .base import TINY_BASE_PATH
+
+    if not base:
+        return "THUDM/CogVideoX-2b", '"THUDM/CogVideoX-2b"'
+    if os.path.exists(base) and os.path.realpath(base) == os.path.realpath(TINY_BASE_PATH):
+        return os.path.basename(TINY_BASE_PATH), "TINY_BASE_PATH"
+    if _is_hub_id(base):
+        return base, json.dumps(base)
+    return os.path.basename(os.path.normpath(base)), json.dumps(base)
+
+
+# ---------------------------------------------------------------------------------------------------- lineage
+def _ancestors(nodes: dict, node: str) -> list[str]:
+    """`node` and every ancestor, parents before children (the order they were trained in)."""
+    seen: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        for parent in (nodes.get(name) or {}).get("parents") or []:
+            visit(parent)
+        seen.append(name)
+
+    visit(node)
+    return seen
+
+
+def _parent_weights(entry: dict) -> dict[str, float | None]:
+    """Each parent's merge weight, from `merge.weights` given as a list (parents' order) or a {parent: w} dict."""
+    parents = entry.get("parents") or []
+    weights = (entry.get("merge") or {}).get("weights")
+    if isinstance(weights, dict):
+        return {p: weights.get(p) for p in parents}
+    if isinstance(weights, (list, tuple)) and len(weights) == len(parents):
+        return dict(zip(parents, weights))
+    if len(parents) > 1:  # a join without recorded weights averages its parents
+        return {p: 1.0 / len(parents) for p in parents}
+    return {p: None for p in parents}
+
+
+def lineage_mermaid(dag: dict, node: str | None = None) -> str:
+    """A mermaid `graph TD` of `node` and its ancestors (the whole DAG when `node` is None).
+
+    Fork edges say `fork`; join edges carry the merge method and that parent's weight, e.g. `"linear 0.5"`.
+    """
+    nodes = dag.get("nodes") or {}
+    names = RunFolder.node_names(dag) if node is None else _ancestors(nodes, node)
+    ids = {name: f"n{i}" for i, name in enumerate(names)}
+    lines = ["graph TD"]
+    for name in names:
+        entry = nodes.get(name) or {}
+        kind = "join" if len(entry.get("parents") or []) > 1 else "fork" if entry.get("parents") else "root"
+        lines.append(f'    {ids[name]}["{name}<br/><small>{kind}</small>"]')
+    for name in names:
+        entry = nodes.get(name) or {}
+        parents = entry.get("parents") or []
+        method = (entry.get("merge") or {}).get("method") or "linear"
+        for parent, weight in _parent_weights(entry).items():
+            if parent not in ids:
+                continue
+            label = "fork" if len(parents) == 1 else f"{method} {_fmt(weight, 3)}"
+            lines.append(f'    {ids[parent]} -- "{label}" --> {ids[name]}')
+    if node is not None:
+        lines.append(f"    style {ids[node]} fill:#ffd54f,stroke:#f57f17,stroke-width:2px")
+    for name in names:
+        status = (nodes.get(name) or {}).get("status")
+        if status and status != "done" and name != node:
+            lines.append(f"    style {ids[name]} stroke-dasharray: 4 3")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- node card
+def _sources(metrics: dict) -> tuple[list[str], list[str]]:
+    """(human lines describing the data, Hub dataset ids) from metrics' `sources` (names or dicts)."""
+    lines, hub_ids = [], []
+    for source in metrics.get("sources") or []:
+        if not isinstance(source, dict):
+            lines.append(f"`{source}`")
+            continue
+        name = source.get("name") or source.get("path") or "source"
+        span = " – ".join(str(source[k]) for k in ("start", "end") if source.get(k))
+        hub_id = source.get("hub_dataset") or source.get("dataset_id") or source.get("hf_dataset")
+        if _is_hub_id(hub_id):
+            hub_ids.append(hub_id)
+        extra = [f"dataset [`{hub_id}`](https://huggingface.co/datasets/{hub_id})" if hub_id else "",
+                 span, source.get("frequency") or ""]
+        extra = [e for e in extra if e]
+        lines.append(f"`{name}`" + (f" ({', '.join(extra)})" if extra else ""))
+    return lines, hub_ids
+
+
+def _date_range(metrics: dict) -> str | None:
+    span = metrics.get("date_range")
+    if isinstance(span, dict) and (span.get("start") or span.get("end")):
+        return f"{span.get('start', '?')} – {span.get('end', '?')}"
+    starts = [s.get("start") for s in metrics.get("sources") or [] if isinstance(s, dict) and s.get("start")]
+    ends = [s.get("end") for s in metrics.get("sources") or [] if isinstance(s, dict) and s.get("end")]
+    if starts and ends:
+        return f"{min(map(str, starts))} – {max(map(str, ends))}"
+    return None
+
+
+def _retention_rows(entry: dict) -> list[dict]:
+    rows = []
+    for parent, r in (entry.get("retention") or {}).items():
+        r = r or {}
+        before, after = r.get("parent_val_loss"), r.get("merged_val_loss")
+        change = f"{100.0 * (after - before) / before:+.1f} %" if before and after is not None else "—"
+        rows.append({"parent": parent, "parent_val_loss": _fmt(before), "merged_val_loss": _fmt(after),
+                     "change": change})
+    return rows
+
+
+def _file_url(name: str, repo_id: str | None, revision: str | None, subfolder: str | None) -> str:
+    """Where a card's image lives: relative in a local folder, the Hub's resolve URL once the repo is known."""
+    if not repo_id:
+        return name
+    path = f"{subfolder.strip('/')}/{name}" if subfolder else name
+    return f"{constants.ENDPOINT}/{repo_id}/resolve/{quote(revision or 'main', safe='')}/{path}"
+
+
+def _lineage_context(dag: dict, node: str, lineage_node: str, entry: dict) -> dict:
+    """Where the node sits in the DAG: kind, parents, merge recipe and retention, the mermaid lineage."""
+    parents = entry.get("parents") or []
+    merge = entry.get("merge") or {}
+    return {
+        "kind": "join" if len(parents) > 1 else "fork" if parents else "root",
+        "parents": parents,
+        "merge_method": merge.get("method") or ("linear" if len(parents) > 1 else None),
+        "merge_weights": {p: _fmt(w, 3) for p, w in _parent_weights(entry).items()},
+        "merge_extra": {k: v for k, v in merge.items() if k not in ("method", "weights")},
+        "lineage": lineage_mermaid(dag, lineage_node) if entry else lineage_mermaid(
+            {"nodes": {node: {}}}, node),
+        "retention": _retention_rows(entry),
+    }
+
+
+def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag: dict) -> dict:
+    """What the node was trained on and with: fields, the settings table and the loss results."""
+    fields = adapter_config.get("fields") or [{"name": n} for n in metrics.get("fields") or []]
+    settings = {
+        "steps": metrics.get("steps"),
+        "loops per block (n_loops)": adapter_config.get("n_loops", metrics.get("n_loops")),
+        "canvas width (d_model)": adapter_config.get("d_model", gwm_config.get("d_model")),
+        "context length (time steps)": gwm_config.get("context_len"),
+        "forecast horizon (time steps)": gwm_config.get("horizon"),
+        "backbone": gwm_config.get("backbone"),
+        "frozen blocks x width": f"{adapter_config.get('num_blocks')} x {adapter_config.get('inner_dim')}",
+        "trained block copies": adapter_config.get("train_blocks"),
+        "seed": gwm_config.get("seed", dag.get("seed")),
+        "wall time (s)": metrics.get("wall_time_s"),
+        **(metrics.get("settings") or {}),
+    }
+    results = [
+        ("train loss (first → last step)", metrics.get("train_loss_start"), metrics.get("train_loss_end")),
+        ("validation loss (before → after training)", metrics.get("val_loss_start"), metrics.get("val_loss_end")),
+    ]
+    return {
+        "fields": [{"slot": i, "name": f.get("name", "?"), "unit": f.get("unit") or "—",
+                    "transform": f.get("transform") or "none", "mean": _fmt(f.get("mean")), "std": _fmt(f.get("std"))}
+                   for i, f in enumerate(fields)],
+        "field_names": [f.get("name", "?") for f in fields],
+        "settings": {k: _fmt(v) for k, v in settings.items() if v is not None and v != "None x None"},
+        "results": [{"metric": m, "start": _fmt(a), "end": _fmt(b)} for m, a, b in results if a is not None or
+                    b is not None],
+        "date_range": _date_range(metrics),
+        "has_plot": bool(metrics.get("history") or metrics.get("val_history")),
+        "horizon": gwm_config.get("horizon"),
+        "context_len": gwm_config.get("context_len"),
+    }
+
+
+def _budget_context(budget: list[dict]) -> dict:
+    return {
+        "budget": budget,
+        "budget_has_frozen": any(r["trainable"] == "no" for r in budget),
+        "trainable_total": next(r["params"] for r in budget if "Total" in r["component"]).strip("*"),
+    }
+
+
+def _usage_context(base: str | None, repo_id: str | None, subfolder: str | None, revision: str | None) -> dict:
+    """What the usage snippet and the loss-plot link need: the base to load and where the card lives."""
+    base_model, base_expr = _base_names(base)
+    return {
+        "repo_id": repo_id,
+        "subfolder": subfolder,
+        "revision": revision if revision and revision != "main" else None,
+        "plot_url": _file_url("loss_curve.png", repo_id, revision, subfolder),
+        "base": base or "THUDM/CogVideoX-2b",
+        "base_model": base_model,
+        "base_expr": base_expr,
+        "base_is_tiny": base_expr == "TINY_BASE_PATH",
+        "base_is_hub": _is_hub_id(base),
+    }
+
+
+def node_card_context(output_dir: str | os.PathLike, node: str, repo_id: str | None = None,
+                      subfolder: str | None = None, revision: str | None = None) -> dict:
+    """Everything the adapter card template needs, read from the node folder, its metrics and the run's dag.json.
+
+    `repo_id`/`subfolder`/`revision` say where the card will live on the Hub (usage snippet, image URL); without a
+    repo id the snippet shows `<user>/<repo>` with the node's subfolder, as `push_curriculum` lays it out.
+    """
+    folder = RunFolder(output_dir)
+    dag = folder.read_dag()
+    adapter_config = folder.read_node_json_if_any(node, "adapter_config.json")
+    if not adapter_config:
+        raise FileNotFoundError(
+            f"No adapter_config.json in {folder.node_dir(node)}: node {node!r} has no saved adapter yet.")
+    metrics = folder.read_node_json_if_any(node, "metrics.json")
+    lineage_node = node if node in (dag.get("nodes") or {}) else metrics.get("node", node)
+    entry = (dag.get("nodes") or {}).get(lineage_node) or {}
+    gwm_config = adapter_config.get("gwm_config") or {}
+    source_lines, datasets = _sources(metrics)
+    context = {
+        "node": node,
+        "sources": source_lines,
+        **_lineage_context(dag, node, lineage_node, entry),
+        **_training_context(adapter_config, gwm_config, metrics, dag),
+        **_budget_context(budget_rows(folder.node_dir(node), gwm_config)),
+        **_usage_context(gwm_config.get("base_model_name_or_path") or dag.get("base"), repo_id,
+                         subfolder if repo_id else node, revision),
+    }
+    context["card_data"] = ModelCardData(
+        base_model=context["base_model"],
+        library_name="peft",
+        pipeline_tag=PIPELINE_TAG,
+        tags=[*CARD_TAGS, f"gwm-node:{node}"],
+        datasets=datasets or None,
+        license=DEFAULT_LICENSE,
+        model_name=f"GWM adapter: {node}",
+    )
+    return context
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+def _template(name: str) -> str:
+    """A card template, read as package data (works from a wheel, a zip or a source checkout alike)."""
+    return importlib.resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _tidy(card: ModelCard) -> ModelCard:
+    """Collapse the blank lines that optional template sections leave behind."""
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n")
+
+
+def render_node_card(output_dir: str | os.PathLike, node: str, repo_id: str | None = None,
+                     subfolder: str | None = None, revision: str | None = None) -> ModelCard:
+    """The model card of one node, from the package template `templates/adapter_card.md` (see `node_card_context`)."""
+    context = node_card_context(output_dir, node, repo_id=repo_id, subfolder=subfolder, revision=revision)
+    card_data = context.pop("card_data")
+    return _tidy(ModelCard.from_template(card_data, template_str=_template(ADAPTER_CARD_TEMPLATE), **context))
+
+
+def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, config: dict) -> dict:
+    """One node's line in the index card: status, whether its adapter is published, parents, steps, loss."""
+    weights = _parent_weights(entry)
+    return {
+        "name": name,
+        "status": entry.get("status") or ("done" if config else "pending"),
+        "published": bool(config) and folder.has_adapter(name),
+        "parents": ", ".join(f"{p} ({_fmt(w, 3)})" if len(weights) > 1 else p for p, w in weights.items()) or "—",
+        "steps": _fmt(metrics.get("steps")),
+        "val_loss": _fmt(metrics.get("val_loss_end")),
+        "n_fields": len(config.get("fields") or metrics.get("fields") or []),
+    }
+
+
+def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = None,
+                           revision: str | None = None) -> ModelCard:
+    """The run-level index card (repo root): every node, its lineage and metrics, and how to load each one."""
+    folder = RunFolder(output_dir)
+    dag = folder.read_dag()
+    nodes = dag.get("nodes") or {}
+    rows, datasets = [], []
+    base = dag.get("base")
+    for name in RunFolder.node_names(dag):
+        metrics = folder.read_node_json_if_any(name, "metrics.json")
+        config = folder.read_node_json_if_any(name, "adapter_config.json")
+        base = base or (config.get("gwm_config") or {}).get("base_model_name_or_path")
+        datasets += _sources(metrics)[1]
+        rows.append(_curriculum_row(folder, name, nodes.get(name) or {}, metrics, config))
+    has_final = (folder.node_dir(FINAL_NODE) / "adapter_config.json").is_file()
+    base_model, base_expr = _base_names(base)
+    card_data = ModelCardData(base_model=base_model, library_name="peft", pipeline_tag=PIPELINE_TAG,
+                              tags=list(CARD_TAGS), datasets=sorted(set(datasets)) or None, license=DEFAULT_LICENSE,
+                              model_name="GWM curriculum")
+    published = [r for r in rows if r["published"]]
+    example = FINAL_NODE if has_final else (published[-1]["name"] if published else "<node>")
+    return _tidy(ModelCard.from_template(
+        card_data, template_str=_template(CURRICULUM_CARD_TEMPLATE), repo_id=repo_id, nodes=rows,
+        lineage=lineage_mermaid(dag), has_final=has_final, example_node=example, base_expr=base_expr,
+        base_is_tiny=base_expr == "TINY_BASE_PATH", seed=dag.get("seed"),
+        has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url("loss_curves.png", repo_id, revision, None),
+        revision=revision if revision and revision != "main" else None,
+    ))
+
+
+def write_node_card(output_dir: str, node_name: str) -> None:
+    """Write `<output_dir>/<node>/README.md` and `loss_curve.png` (called by the trainer at the end of each node).
+
+    Also refreshes the run's index card and all-nodes plot (`<output_dir>/README.md`, `loss_curves.png`).
+    """
+    folder = RunFolder(output_dir)
+    dag = folder.read_dag()
+    node_dir = folder.node_dir(node_name)
+    render_node_card(folder.path, node_name).save(node_dir / "README.md")
+    plot_node_loss(folder.read_node_json_if_any(node_name, "metrics.json"), node_dir / "loss_curve.png",
+                   title=node_name)
+    if dag:
+        render_curriculum_card(folder.path).save(folder.path / "README.md")
+        plot_loss_curves(folder.path, folder.path / "loss_curves.png")
+    logger.info("Wrote the model card and loss plot of node %r to %s", node_name, node_dir)
+
+
+__all__ = ["lineage_mermaid", "node_card_context", "render_curriculum_card", "render_node_card", "write_node_card"]

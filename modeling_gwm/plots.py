@@ -1,0 +1,98 @@
+"""Every matplotlib figure GWM draws, as PNG files or buffers (no pyplot: no global backend state, safe in any process).
+
+Loss curves: one node's training and validation loss (`plot_node_loss`), and a whole run's nodes laid end to end
+(`plot_loss_curves`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from .run_folder import RunFolder
+
+
+def _history(metrics: dict) -> tuple[list, list, list, list]:
+    train = [(h.get("step"), h.get("train_loss")) for h in metrics.get("history") or []]
+    val = [(h.get("step"), h.get("val_loss")) for h in metrics.get("val_history") or []]
+    train = [(s, v) for s, v in train if s is not None and v is not None]
+    val = [(s, v) for s, v in val if s is not None and v is not None]
+    return [s for s, _ in train], [v for _, v in train], [s for s, _ in val], [v for _, v in val]
+
+
+def _ema(values: list[float], span: int) -> list[float]:
+    alpha, out, acc = 2.0 / (span + 1), [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def _finish_axes(ax, values: list[float]) -> None:
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")
+    ax.set_ylabel("pinball loss (window-scaled units)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+
+
+def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: str | None = None) -> None:
+    """One node's training loss (raw and smoothed) and validation loss against step, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in any process
+
+    node = title or metrics.get("node") or "node"
+    steps, train, vsteps, val = _history(metrics)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
+    if train:
+        smooth = len(train) > 20
+        ax.plot(steps, train, color="tab:blue", alpha=0.35 if smooth else 1.0, lw=1,
+                label="train loss" + (" (raw)" if smooth else ""))
+        if smooth:
+            ax.plot(steps, _ema(train, max(5, len(train) // 20)), color="tab:blue", lw=2, label="train loss (EMA)")
+    if val:
+        ax.plot(vsteps, val, color="tab:orange", marker="o", lw=2, label="validation loss")
+    if not train and not val:
+        ax.text(0.5, 0.5, "no loss history recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"GWM node '{node}': loss")
+    ax.set_xlabel("optimiser step")
+    _finish_axes(ax, train + val)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def plot_loss_curves(output_dir: str | os.PathLike, path: str | os.PathLike | io.BytesIO) -> None:
+    """Every trained node of a run on one axis, in training order (steps laid end to end), as a PNG."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    folder = RunFolder(output_dir)
+    names = RunFolder.node_names(folder.read_dag())
+    fig = Figure(figsize=(9, 4.5), dpi=110)
+    ax = fig.subplots()
+    offset, all_values, colors = 0, [], colormaps["tab10"]
+    for i, name in enumerate(names):
+        steps, train, vsteps, val = _history(folder.read_node_json_if_any(name, "metrics.json"))
+        if not train and not val:
+            continue
+        color = colors(i % 10)
+        if train:
+            shown = _ema(train, max(5, len(train) // 20)) if len(train) > 20 else train
+            ax.plot([offset + s for s in steps], shown, color=color, lw=1.6, label=f"{name} train")
+        if val:
+            ax.plot([offset + s for s in vsteps], val, color=color, lw=1.2, ls="--", marker="o", ms=3,
+                    label=f"{name} val")
+        end = offset + max(steps + vsteps)
+        ax.axvline(end, color="grey", lw=0.6, alpha=0.5)
+        offset, all_values = end, all_values + train + val
+    if not all_values:
+        ax.text(0.5, 0.5, "no node has a loss history yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("GWM curriculum: loss per node, in training order")
+    ax.set_xlabel("optimiser step (nodes laid end to end)")
+    _finish_axes(ax, all_values)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+__all__ = ["plot_loss_curves", "plot_node_loss"]
