@@ -44,7 +44,8 @@ class RunFolder:
     """Paths, markers, `dag.json` (read-modify-write under a lock), node locks and `final/` of one run folder."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.given = os.fspath(path)  # as the user wrote it, for messages
+        self.path = Path(os.path.abspath(self.given))
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -60,7 +61,7 @@ class RunFolder:
 
     def require(self) -> RunFolder:
         if not self.exists():
-            raise FileNotFoundError(f"{self.path} is not a GWM run folder (no {DAG_FILE})")
+            raise FileNotFoundError(f"{self.given} is not a GWM run folder (no {DAG_FILE})")
         return self
 
     def node_dir(self, name: str) -> Path:
