@@ -64,23 +64,13 @@ def _columns_mapping(values: list[str] | None) -> dict[str, str]:
 
 
 def _read_table(path: str, time_column: str, columns: dict[str, str]):
-    """A CSV/Parquet/JSON file as a DataFrame with field-named columns (and the time column)."""
-    import pandas as pd
-
-    from .data import DataError
+    """The --data file (CSV, Parquet or JSON(L); any other extension is read as CSV) as a DataFrame with
+    field-named columns (and the time column)."""
+    from .tabular import FORMATS, DataError, read_table
 
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            table = pd.read_parquet(path)
-        elif suffix in (".json", ".jsonl"):
-            table = pd.read_json(path, lines=suffix == ".jsonl")
-        else:
-            table = pd.read_csv(path)
-    except Exception as err:  # pandas' parser errors have many types
-        raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    table = read_table(path, FORMATS.get(Path(path).suffix.lower(), "csv"), "--data")
     if time_column not in table.columns:
         raise DataError(f"{path}: no time column {time_column!r} (set --time_column); columns are "
                         f"{list(table.columns)}")
@@ -213,8 +203,8 @@ def cmd_dag(args) -> int:
 
 
 def _history(args, spec):
-    from .data import DataError
     from .forecasting import read_history
+    from .tabular import DataError
 
     table = _read_table(args.data, args.time_column, _columns_mapping(args.columns))
     try:
@@ -224,7 +214,8 @@ def _history(args, spec):
 
 
 def cmd_forecast(args) -> int:
-    from .forecasting import check_forecast_request, forecast_quantiles, plot_forecast
+    from .forecasting import check_forecast_request, forecast_quantiles
+    from .plots import plot_forecast
 
     _check_outputs(args, "out", "plot")
     spec = _spec(args.adapter, args.subfolder)
@@ -257,7 +248,7 @@ def cmd_forecast(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import check_evaluate_request, check_methods, evaluate, evaluation_json, format_evaluation
-    from .forecasting import plot_forecast
+    from .plots import plot_forecast
 
     methods = check_methods([m.strip() for v in args.methods for m in v.split(",") if m.strip()]) \
         if args.methods else None  # before reading anything: a missing extra fails fast
@@ -414,10 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .base import BaseLoadError
     from .curriculum import CurriculumError
-    from .data import DataError
     from .hub import HubOfflineError
     from .loop import AdapterMismatchError
     from .modeling_gwm import AdapterLoadError
+    from .tabular import DataError
 
     return (DataError, AdapterLoadError, AdapterMismatchError, BaseLoadError, CurriculumError, HubOfflineError,
             ValueError, FileNotFoundError)

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import yaml
 
-from .data import DataError, DataSource
+from .data import DataSource
+from .tabular import DataError
 
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no ".": PEFT keys adapters by name in ParameterDicts

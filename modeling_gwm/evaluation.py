@@ -20,8 +20,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .data import DataError
-from .forecasting import AdapterSpec, _forecast_quantile_frame, _spacing, check_finite, check_steps, read_history
+from .forecasting import AdapterSpec, _forecast_quantile_frame, check_finite, check_steps, read_history
+from .tabular import DataError, own_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
         # each field is scored at its own steps only (a quarterly field: the quarters), every method alike
         truth = np.where(due, actual[name].to_numpy(), np.nan)
         rows = np.flatnonzero(~np.isnan(history))
-        observed, spacing = history[rows], _spacing(rows)
+        observed, spacing = history[rows], own_spacing(rows)
         # on its own consecutive observations, a field's season and MASE lag are counted in its own steps
         lag = max(1, round(scale_lag / spacing))
         points = {"model": predictions[name].to_numpy()}
