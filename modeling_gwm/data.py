@@ -1,9 +1,8 @@
 """From declared sources to a node's canvas windows: sources, their statistics, the train/validation split, windows.
 
-Every source is read, transformed per field and placed on one regular time grid at the finest frequency of the node's
-sources, with `modeling_gwm.tabular`. A field that has no observation at a grid step is *absent* there (presence 0):
-no imputation, no input, no loss. Statistics come from the training part of each series only; the last
-`val_fraction` of every series' observations is validation and never reaches the statistics or training windows.
+Sources are read, transformed per field and put on one regular grid at the node's finest frequency (`tabular`). A
+field with no observation at a grid step is *absent* there (presence 0): no imputation, no input, no loss. Statistics
+come from each series' training part; its last `val_fraction` of observations is validation, never seen by either.
 
     sources = load_sources("configuration/data/sources.yaml")
     data = build_node_data(list(sources.values()), fields=None, context_len=24)
@@ -31,8 +30,8 @@ from .tabular import (
     mean_std,
     numeric_columns,
     parse_times,
-    read_dataset,
     read_table,
+    resolve_path,
     to_periods,
 )
 
@@ -135,9 +134,8 @@ class DataSource:
     def from_dict(cls, name: str, mapping: dict, base_dir: str | os.PathLike | None = None) -> DataSource:
         """A source from its YAML form (a curriculum's or `sources.yaml`'s `sources:` entry).
 
-        A relative `path` is looked up first against `base_dir` (the YAML file's folder), then against the current
-        working directory; the first that exists wins. If neither exists the `base_dir` one is kept, so the
-        file-not-found error names the place the YAML points at. The stored path is absolute either way.
+        A relative `path` is looked up against `base_dir` (the YAML file's folder), then the working directory; if
+        neither exists the `base_dir` one is kept, so the error names where the YAML points. It is stored absolute.
         """
         if not isinstance(mapping, dict):
             raise DataError(f"source {name!r}: expected a mapping with path/dataset, time_column and fields")
@@ -146,24 +144,17 @@ class DataSource:
         if unknown:
             raise DataError(f"source {name!r}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
         raw_fields = mapping.get("fields")
-        if not isinstance(raw_fields, dict) or not raw_fields:
-            raise DataError(f"source {name!r}: 'fields' must map field names to columns")
-        fields = {}
-        for field_name, spec in raw_fields.items():
-            if isinstance(spec, str):
-                spec = {"column": spec}
-            if not isinstance(spec, dict) or not isinstance(spec.get("column"), str):
-                raise DataError(f"source {name!r}, field {field_name!r}: give a column name or {{column: ...}}")
-            extra = sorted(set(spec) - {"column", "transform", "unit"})
-            if extra:
-                raise DataError(f"source {name!r}, column {spec['column']!r}: unknown key(s) {extra} for field "
-                                f"{field_name!r}; valid keys are column, transform, unit")
-            unit = spec.get("unit")
-            fields[str(field_name)] = FieldSpec(spec["column"], spec.get("transform") or "none",
-                                                None if unit is None else str(unit))
-        path = mapping.get("path")
-        if path:
-            path = resolve_path(str(path), base_dir)
+        fields = {}  # a bare column name, a bad spec or no fields at all: checked by __post_init__
+        for field_name, spec in raw_fields.items() if isinstance(raw_fields, dict) else []:
+            if isinstance(spec, dict) and isinstance(spec.get("column"), str):
+                extra = sorted(set(spec) - {"column", "transform", "unit"})
+                if extra:
+                    raise DataError(f"source {name!r}, column {spec['column']!r}: unknown key(s) {extra} for field "
+                                    f"{field_name!r}; valid keys are column, transform, unit")
+                unit = spec.get("unit")
+                spec = FieldSpec(spec["column"], spec.get("transform") or "none", None if unit is None else str(unit))
+            fields[str(field_name)] = spec
+        path = resolve_path(str(mapping["path"]), base_dir) if mapping.get("path") else mapping.get("path")
         return cls(name=name, fields=fields, path=path, dataset=mapping.get("dataset"), config=mapping.get("config"),
                    split=mapping.get("split") or "train", format=mapping.get("format"),
                    time_column=mapping.get("time_column") or "date", frequency=mapping.get("frequency"))
@@ -180,10 +171,8 @@ class DataSource:
 
     # ------------------------------------------------------------------ reading
     def read(self) -> pd.DataFrame:
-        """The source's fields, transformed, indexed by time: one column per field name, NaN where missing.
-
-        NaN and ±inf in a column are treated as missing: counted and reported in one warning per read.
-        """
+        """The source's fields, transformed, indexed by time: one column per field name, NaN where missing (NaN and
+        ±inf cells too: counted and reported in one warning per read)."""
         table = self.load_table()
         where = f"source {self.name!r}"
         if self.time_column not in table.columns:
@@ -207,19 +196,17 @@ class DataSource:
         return frame
 
     def load_table(self) -> pd.DataFrame:
-        """The raw table, from the local file or the Hub dataset."""
+        """The raw table: the local file (`tabular.read_table`) or the Hub dataset (`datasets.load_dataset`)."""
         if self.path:
             return read_table(self.path, self.format, f"source {self.name!r}")
-        return read_dataset(self.dataset, self.config, self.split, f"source {self.name!r}")
+        import datasets
 
-
-def resolve_path(path: str, base_dir: str | os.PathLike | None) -> str:
-    """An absolute path: `path` itself, else under `base_dir` if that exists, else under the cwd if that exists."""
-    if os.path.isabs(path):
-        return os.path.normpath(path)
-    candidates = ([os.path.join(base_dir, path)] if base_dir is not None else []) + [path]
-    found = next((c for c in candidates if os.path.exists(c)), candidates[0])
-    return os.path.abspath(found)
+        try:
+            table = datasets.load_dataset(self.dataset, self.config, split=self.split)
+        except Exception as err:  # the Hub, offline, a bad id: say which source
+            raise DataError(f"source {self.name!r}: cannot load dataset {self.dataset!r}: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        return table.to_pandas()
 
 
 def check_duplicate_fields(text: str, where: str = "<yaml>") -> None:
@@ -256,7 +243,6 @@ def load_sources(path: str | os.PathLike) -> dict[str, DataSource]:
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict):
         raise DataError(f"{path}: expected a top-level 'sources:' mapping of source names to declarations")
     return {name: DataSource.from_dict(name, spec, path.parent) for name, spec in raw["sources"].items()}
-
 
 
 # ---------------------------------------------------------------------------------------------------- windows
@@ -306,7 +292,6 @@ class NodeData:
     frequency: str  # the grid's pandas frequency
     date_range: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) observed date
     index: pd.DatetimeIndex | None = None  # (L,) the aligned grid
-
 
 
 def _window_starts(length: int, context_len: int, stride: int) -> np.ndarray:
@@ -374,10 +359,9 @@ def build_node_data(sources: list[DataSource], fields: list[str] | None = None, 
     """
     if not sources:
         raise DataError("a node needs at least one data source")
-    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
-        raise DataError(f"context_len must be a positive integer, got {context_len!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise DataError(f"stride must be a positive integer, got {stride!r}")
+    for name, value in (("context_len", context_len), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     owner, field_names, frames, frequencies = _read_node_sources(sources, fields, context_len)

@@ -1,7 +1,5 @@
-"""Forecast and impute with a trained GWM adapter, in the data's own units.
-
-Scoring against baselines lives in `modeling_gwm.evaluation`, the forecast plot in `modeling_gwm.plots`, and the
-reading, parsing, transforms and gridding of a history in `modeling_gwm.tabular`.
+"""Forecast and impute with a trained GWM adapter, in the data's own units (scores against baselines: `evaluation`;
+the forecast plot: `plots`; reading, transforming and gridding a history: `tabular`).
 
 A history is a table of time steps by fields: a pandas DataFrame, a dict of arrays or a `datasets.Dataset`, with
 columns named by the adapter's dotted field names (any subset of them; a field that is not there is simply absent

@@ -1,8 +1,5 @@
-"""Tables of time series, shared by training (`data`) and forecasting: reading a table file or an in-memory table,
-parsing times and numbers, the per-field transforms and normalisation, and putting rows on a regular time grid.
-
-One home for each: a CSV read for training and one read by `gwm forecast` go through the same `read_table`, blank
-cells mean the same in both (`BLANK_TOKENS`), and a grid is built and filled the same way everywhere.
+"""Tables of time series, shared by training (`data`) and forecasting: reading tables, parsing times and numbers
+(one set of blank tokens), the per-field transforms and normalisation, and putting rows on a regular time grid.
 """
 
 from __future__ import annotations
@@ -39,9 +36,7 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------------- reading
 def read_table(path: str, fmt: str | None, where: str) -> pd.DataFrame:
     """A local CSV / Parquet / JSON(L) file as a DataFrame; `fmt` (csv, parquet, json) defaults to the extension's.
-
-    Every error is a DataError that starts with `where` (e.g. "source 'co2'") and names the file.
-    """
+    Every error is a DataError that starts with `where` (e.g. "source 'co2'") and names the file."""
     if not os.path.isfile(path):
         raise DataError(f"{where}: file not found: {path}")
     fmt = fmt or FORMATS.get(Path(path).suffix.lower())
@@ -60,29 +55,22 @@ def read_table(path: str, fmt: str | None, where: str) -> pd.DataFrame:
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
+def resolve_path(path: str, base_dir: str | os.PathLike | None) -> str:
+    """An absolute path: `path` itself, else under `base_dir` if that exists, else under the cwd if that exists."""
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    candidates = ([os.path.join(base_dir, path)] if base_dir is not None else []) + [path]
+    found = next((c for c in candidates if os.path.exists(c)), candidates[0])
+    return os.path.abspath(found)
+
+
 def _read_json(path: str) -> pd.DataFrame:
-    """A JSON file of records (a list, or one per line) or of columns; floats exact and dates left as text (for
-    `parse_times`), as `datasets`' json reader gives them."""
+    """JSON records (a list, or one per line) or columns; floats exact, dates left as text for `parse_times`."""
     text = Path(path).read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
+        return pd.DataFrame(json.loads(text))
     except json.JSONDecodeError:  # JSON lines: one record per line
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if isinstance(data, dict) and not all(isinstance(v, (list, dict)) for v in data.values()):
-        data = [data]  # a single record
-    return pd.DataFrame(data)
-
-
-def read_dataset(dataset: str, config: str | None, split: str, where: str) -> pd.DataFrame:
-    """A Hub dataset's split as a DataFrame, through `datasets.load_dataset`; any failure is a DataError."""
-    import datasets
-
-    try:
-        table = datasets.load_dataset(dataset, config, split=split)
-    except Exception as err:  # the Hub, offline, a bad id: say which source
-        raise DataError(f"{where}: cannot load dataset {dataset!r}: "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    return table.to_pandas()
+        return pd.DataFrame([json.loads(line) for line in text.splitlines() if line.strip()])
 
 
 def to_frame(data, time_column: str | None = None) -> pd.DataFrame:
@@ -119,7 +107,6 @@ def parse_times(column: pd.Series, where: str) -> pd.Series:
     Time stamps with a UTC offset (`2020-03-01T00:00:00+05:00`) or a time zone keep their wall-clock time: the
     offset is dropped, not converted, so a month start stays in its month and snaps to its own period. Offsets that
     differ between rows (or rows with and without one) are refused: no single local clock is left to keep.
-    Training (`DataSource.read`) and forecasting (`to_frame`) both read time through here.
     """
     if pd.api.types.is_bool_dtype(column):
         raise DataError(f"{where}: time values are booleans, not dates")
@@ -214,11 +201,8 @@ def numeric_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------------- transforms
 def apply_transform(series: pd.Series, transform: str, where: str = "") -> pd.Series:
-    """Raw values -> modelled values.
-
-    diff / pct_change / log_return act between consecutive *observations* of the series (gaps are skipped, not grid
-    steps), so they are NaN at the first observation.
-    """
+    """Raw values -> modelled values. diff / pct_change / log_return act between consecutive *observations* of the
+    series (gaps are skipped, not grid steps), so they are NaN at the first observation."""
     if transform not in TRANSFORMS:
         raise DataError(f"{where}: unknown transform {transform!r}; valid transforms are {', '.join(TRANSFORMS)}")
     observed = series.dropna()
@@ -242,12 +226,9 @@ def apply_transform(series: pd.Series, transform: str, where: str = "") -> pd.Se
 
 
 def invert_transform(values: np.ndarray, transform: str, last_raw: float | None = None) -> np.ndarray:
-    """Modelled values of consecutive future observations (axis 0) -> raw values.
-
-    `log` and `none` are pointwise. `diff`, `pct_change` and `log_return` are accumulated from `last_raw`, the last
-    observed raw value before the first step (for a field on a coarser grid than the node's: its previous
-    observation, not the previous grid step).
-    """
+    """Modelled values of consecutive future observations (axis 0) -> raw values. `log` and `none` are pointwise;
+    `diff`, `pct_change` and `log_return` accumulate from `last_raw`, the last observed raw value before the first
+    step (for a field on a coarser grid than the node's: its previous observation, not the previous grid step)."""
     values = np.asarray(values, dtype=np.float64)
     if transform == "none":
         return values
@@ -280,18 +261,14 @@ def to_data_units(values: np.ndarray, stats: FieldStats, last_raw: float | None 
 
 
 def mean_std(values: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation of finite float64 values, computed on values scaled by their largest magnitude.
-
-    Squares of values near 1e-300 underflow to 0 (and of values near 1e300 overflow to inf), so a plain `np.std`
-    would call such a field constant (or infinite); scaled to at most 1 first, the spread survives.
-    """
+    """Mean and standard deviation of finite float64 values, computed on values scaled by their largest magnitude:
+    squares of values near 1e-300 underflow to 0 (near 1e300 overflow to inf), so a plain `np.std` would call such a
+    field constant (or infinite); scaled to at most 1 first, the spread survives."""
     scale = float(np.max(np.abs(values))) if len(values) else 0.0
     if scale == 0.0:
         return 0.0, 0.0
     scaled = values / scale
     return float(np.mean(scaled)) * scale, float(np.std(scaled)) * scale
-
-
 
 
 # ---------------------------------------------------------------------------------------------------- alignment
@@ -303,11 +280,8 @@ def _mean_step(freq: str) -> pd.Timedelta:
 
 def regular_grid(first: pd.Timestamp, last: pd.Timestamp, freq: str, where: str = "the time grid"
                  ) -> pd.DatetimeIndex:
-    """Every step of `freq` from the start of the period holding `first` through `last`.
-
-    Refuses (naming `where`) a grid of more than MAX_GRID_STEPS steps before allocating it: `frequency: ns` on
-    monthly data would be about 10**17 steps.
-    """
+    """Every step of `freq` from the start of the period holding `first` through `last`. Refuses (naming `where`) a
+    grid of more than MAX_GRID_STEPS steps before allocating it: `frequency: ns` on monthly data is ~10**17 steps."""
     # in seconds of Python datetimes: pandas 2's nanosecond Timedelta overflows past 292 years (sunspots: 1700-2008)
     span = (last.to_pydatetime(warn=False) - first.to_pydatetime(warn=False)).total_seconds()
     steps = span / (_mean_step(freq) / pd.Timedelta(seconds=1))
