@@ -254,6 +254,32 @@ class _Rollout:
     quantiles: np.ndarray  # (N, W, S, Q) normalised, where due
 
 
+def _schedule(items: _Items, context: int, history: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each (item, field) is predicted: (N, S) present, (N, S) row of its last observation (-1 when absent)
+    and (N, W, S) due on the right-aligned canvas, the field's own spacing continued from its last observation, for
+    fields observed in the item's last `context` steps (the others are stale: logged, not forecast)."""
+    starts, lengths, n = items.offsets[:-1], items.lengths, len(items.ids)
+    # per (item, field): observations, first and last observed row, the field's own spacing
+    observed = ~np.isnan(items.values)  # (sum L_i, S)
+    row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
+    counts = np.add.reduceat(observed.astype(np.int64), starts, axis=0)  # (N, S)
+    last = np.maximum.reduceat(np.where(observed, row[:, None], -1), starts, axis=0)  # (N, S)
+    first = np.minimum.reduceat(np.where(observed, row[:, None], np.iinfo(np.int64).max), starts, axis=0)
+    spacing = np.ones((n, observed.shape[1]), dtype=np.int64)
+    for i, j in zip(*np.nonzero((counts > 1) & (last - first + 1 != counts))):  # gappy: the median gap
+        spacing[i, j] = own_spacing(np.flatnonzero(observed[starts[i]:starts[i] + lengths[i], j]))
+    present = counts > 0
+    fresh = present & (last >= lengths[:, None] - context)  # else stale: nothing to forecast from
+    if (present & ~fresh).any():
+        logger.warning("%d (item, field) pairs have no observation in the last %d steps of their item: not forecast "
+                       "(NaN)", int((present & ~fresh).sum()), context)
+    # schedule, right-aligned: local row r of item i is column r - L_i + history
+    column = np.arange(width)[None, :, None]
+    last_column = (last - lengths[:, None] + history)[:, None, :]  # (N, 1, S)
+    due = fresh[:, None, :] & (column > last_column) & ((column - last_column) % spacing[:, None, :] == 0)
+    return present, last, due
+
+
 def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int) -> _Rollout:
     """Roll every item out, batched: the windows of all items at one chunk round go through shared forward passes.
 
@@ -266,24 +292,7 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
     history = 2 * context
     width = history + horizon
     starts, lengths = items.offsets[:-1], items.lengths
-    # per (item, field): observations, first and last observed row, the field's own spacing
-    observed = ~np.isnan(items.values)  # (sum L_i, S)
-    row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
-    counts = np.add.reduceat(observed.astype(np.int64), starts, axis=0)  # (N, S)
-    last = np.maximum.reduceat(np.where(observed, row[:, None], -1), starts, axis=0)  # (N, S)
-    first = np.minimum.reduceat(np.where(observed, row[:, None], np.iinfo(np.int64).max), starts, axis=0)
-    spacing = np.ones((n, n_fields), dtype=np.int64)
-    for i, j in zip(*np.nonzero((counts > 1) & (last - first + 1 != counts))):  # gappy: the median gap
-        spacing[i, j] = own_spacing(np.flatnonzero(observed[starts[i]:starts[i] + lengths[i], j]))
-    present = counts > 0
-    fresh = present & (last >= lengths[:, None] - context)  # else stale: nothing to forecast from
-    if (present & ~fresh).any():
-        logger.warning("%d (item, field) pairs have no observation in the last %d steps of their item: not forecast "
-                       "(NaN)", int((present & ~fresh).sum()), context)
-    # schedule, right-aligned: local row r of item i is column r - L_i + history
-    column = np.arange(width)[None, :, None]
-    last_column = (last - lengths[:, None] + history)[:, None, :]  # (N, 1, S)
-    due = fresh[:, None, :] & (column > last_column) & ((column - last_column) % spacing[:, None, :] == 0)
+    present, last, due = _schedule(items, context, history, width)  # (N, S), (N, S), (N, W, S)
     any_due = due.any(axis=2)  # (N, W)
     idle = np.flatnonzero(~any_due.any(axis=1))
     if len(idle):

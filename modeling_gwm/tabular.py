@@ -45,14 +45,13 @@ def read_table(path: str, fmt: str | None, where: str) -> pd.DataFrame:
     if os.path.getsize(path) == 0:
         raise DataError(f"{where}: file is empty: {path}")
     try:
-        if fmt == "parquet":
-            return pd.read_parquet(path)
-        if fmt == "json":
-            return _read_json(path)
-        return pd.read_csv(path)
+        table = pd.read_parquet(path) if fmt == "parquet" else _read_json(path) if fmt == "json" else pd.read_csv(path)
     except Exception as err:  # pandas' and pyarrow's parser errors have many types
         raise DataError(f"{where}: cannot read {path} as {fmt}: "
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if table.empty:
+        raise DataError(f"{where}: cannot read {path} as {fmt}: no data rows")
+    return table
 
 
 def resolve_path(path: str, base_dir: str | os.PathLike | None) -> str:
