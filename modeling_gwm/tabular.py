@@ -45,7 +45,7 @@ def read_table(path: str, fmt: str | None, where: str) -> pd.DataFrame:
     if os.path.getsize(path) == 0:
         raise DataError(f"{where}: file is empty: {path}")
     try:
-        table = pd.read_parquet(path) if fmt == "parquet" else _read_json(path) if fmt == "json" else pd.read_csv(path)
+        table = _read_parquet(path) if fmt == "parquet" else _read_json(path) if fmt == "json" else pd.read_csv(path)
     except Exception as err:  # pandas' and pyarrow's parser errors have many types
         raise DataError(f"{where}: cannot read {path} as {fmt}: "
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -61,6 +61,12 @@ def resolve_path(path: str, base_dir: str | os.PathLike | None) -> str:
     candidates = ([os.path.join(base_dir, path)] if base_dir is not None else []) + [path]
     found = next((c for c in candidates if os.path.exists(c)), candidates[0])
     return os.path.abspath(found)
+
+
+def _read_parquet(path: str) -> pd.DataFrame:
+    """A Parquet file, a named index saved with it (`df.set_index("date").to_parquet`) back as a column."""
+    table = pd.read_parquet(path)
+    return table.reset_index(drop=all(name is None for name in table.index.names))
 
 
 def _read_json(path: str) -> pd.DataFrame:
@@ -153,16 +159,12 @@ def _mixed_offsets(column: pd.Series) -> str:
 
 
 def parse_numbers(column: pd.Series) -> tuple[np.ndarray, pd.Series]:
-    """A column -> (float64 values, NaN for missing and non-finite entries; the mask of text that is not a number).
-
-    Missing: NaN/None cells and the text of `BLANK_TOKENS`; callers word the error for the rest.
-    """
+    """A column -> (float64 values, NaN where missing (NaN/None cells, `BLANK_TOKENS` text) or non-finite; the mask
+    of text that is not a number, for the caller's error)."""
     numbers = pd.to_numeric(column, errors="coerce")
-    if pd.api.types.is_numeric_dtype(column):
-        non_numeric = pd.Series(False, index=column.index)
-    else:
-        text = column.astype("string").str.strip().str.lower()
-        blank = column.isna() | text.isin(BLANK_TOKENS)
+    non_numeric = pd.Series(False, index=column.index)
+    if not pd.api.types.is_numeric_dtype(column):
+        blank = column.isna() | column.astype("string").str.strip().str.lower().isin(BLANK_TOKENS)
         non_numeric = numbers.isna() & ~blank.fillna(True).astype(bool)
     values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     return np.where(np.isfinite(values), values, np.nan), non_numeric
@@ -301,8 +303,7 @@ def snap(times: pd.DatetimeIndex, grid: pd.DatetimeIndex) -> np.ndarray:
 
 
 def place_on_grid(frame: pd.DataFrame, grid: pd.DatetimeIndex) -> pd.DataFrame:
-    """(rows, S) time-indexed -> (len(grid), S) on `grid`: each row at its period's step, rows of one period
-    averaged, NaN at steps with no row."""
+    """(rows, S) by time -> (len(grid), S): each row at its period's step, a period's rows averaged, else NaN."""
     steps = snap(frame.index, grid)  # (rows,) grid positions
     placed = frame.groupby(steps).mean().reindex(range(len(grid)))
     placed.index = grid
@@ -329,8 +330,7 @@ def on_grid(frame: pd.DataFrame, freq: str | None) -> tuple[pd.DataFrame, str | 
 
 
 def to_periods(frame: pd.DataFrame, freq: str | None, where: str) -> pd.DataFrame:
-    """A time-sorted frame with each row moved to the start of its `freq` period (when given) and the rows that
-    share a time step averaged: one row per observed step, no empty steps added."""
+    """A time-sorted frame, rows moved to their `freq` period's start (if given) and averaged per step (no NaN rows)."""
     if freq is not None:
         grid = regular_grid(frame.index.min(), frame.index.max(), freq, where)
         frame.index = grid[snap(frame.index, grid)]  # each row to the start of its period
