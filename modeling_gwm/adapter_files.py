@@ -201,7 +201,8 @@ def _check_raw_adapter_config(path: str) -> None:
 
 def _check_loop_config(config: LoopConfig, path: str) -> None:
     """Every value a loop adapter's config feeds to the model, checked with one line naming the file and key."""
-    from .data import DataError, FieldStats
+    from .data import FieldStats
+    from .tabular import DataError
 
     def bad(key: str, why: str) -> AdapterLoadError:
         return AdapterLoadError(f"{path}: {key} {why}")

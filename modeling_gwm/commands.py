@@ -18,6 +18,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _EPILOGS = {
+    "gwm": """example (after `python training/dag_train.py --output_dir outputs/gwm-demo`):
+  gwm evaluate --adapter outputs/gwm-demo/final \\
+      --data configuration/data/elnino_nino12_monthly.csv --columns sst=climate.enso.nino12_sst \\
+      --holdout 12
+
+`gwm COMMAND --help` shows each command's options and an example.""",
     "params": """example:
   gwm params --base configuration/tiny-cogvideox --d_model 32 --n_loops 2
   gwm params --architecture THUDM/CogVideoX-2b --d_model 256 --n_loops 4   # no download: a meta-device build""",
@@ -49,50 +55,6 @@ class CommandError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _columns_mapping(values: list[str] | None) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for value in values or []:
-        for pair in value.split(","):
-            if not pair.strip():
-                continue
-            raw, sep, field = pair.partition("=")
-            if not sep or not raw.strip() or not field.strip():
-                raise CommandError(f"--columns expects RAW=FIELD pairs (e.g. sst=climate.enso.nino12_sst), "
-                                   f"got {pair!r}")
-            mapping[raw.strip()] = field.strip()
-    return mapping
-
-
-def _read_table(path: str, time_column: str, columns: dict[str, str]):
-    """A CSV/Parquet/JSON file as a DataFrame with field-named columns (and the time column)."""
-    import pandas as pd
-
-    from .data import DataError
-
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            table = pd.read_parquet(path)
-        elif suffix in (".json", ".jsonl"):
-            table = pd.read_json(path, lines=suffix == ".jsonl")
-        else:
-            table = pd.read_csv(path)
-    except Exception as err:  # pandas' parser errors have many types
-        raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
-    if time_column not in table.columns:
-        raise DataError(f"{path}: no time column {time_column!r} (set --time_column); columns are "
-                        f"{list(table.columns)}")
-    if columns:
-        absent = [c for c in columns if c not in table.columns]
-        if absent:
-            raise DataError(f"{path}: --columns names column(s) {absent} that are not in the file; columns are "
-                            f"{list(table.columns)}")
-        table = table[[time_column, *columns]].rename(columns=columns)
-    return table
-
-
 def _recorded_base(adapter: str | None) -> str | None:
     """The base a local adapter folder records (read as plain JSON: a bad config is reported later, by the load)."""
     try:
@@ -165,27 +127,9 @@ def _spec(adapter: str, subfolder: str | None):
     return AdapterSpec.from_config(load_adapter_config(adapter, subfolder=subfolder), adapter_name=adapter)
 
 
-def _load_model(args):
-    from .modeling_gwm import GWMModel
-
-    return GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
-
-
-def _hint_columns(err: Exception, args) -> str:
-    """Point at --columns when a raw column name was taken for a field."""
-    message = str(err)
-    if message.startswith("unknown field(s)") and not args.columns:
-        message += "; map raw column names with --columns RAW=FIELD"
-    return message
-
-
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_params(args) -> int:
-    try:
-        from . import budget  # imported lazily: the rest of the CLI works without it
-    except ImportError as err:
-        raise CommandError(f"the parameter budget needs modeling_gwm.budget, which cannot be imported ({err})") \
-            from None
+    from . import budget
 
     if bool(args.architecture) == bool(args.base):
         raise CommandError("give exactly one of --base (a checkpoint to load) or --architecture (a known name)")
@@ -214,25 +158,48 @@ def cmd_dag(args) -> int:
 
 
 def _history(args, spec):
-    from .data import DataError
+    """The --data file (CSV, Parquet or JSON(L); any other extension is read as CSV), its --columns renamed to
+    fields, on the adapter's grid (`forecasting.read_history`); every error names the file."""
     from .forecasting import read_history
+    from .tabular import FORMATS, DataError, read_table
 
-    table = _read_table(args.data, args.time_column, _columns_mapping(args.columns))
+    path, time_column, columns = args.data, args.time_column, {}
+    for pair in (pair for value in args.columns or [] for pair in value.split(",") if pair.strip()):
+        raw, sep, field = pair.partition("=")  # --columns RAW=FIELD, repeatable or comma-separated
+        if not sep or not raw.strip() or not field.strip():
+            raise CommandError(f"--columns expects RAW=FIELD pairs (e.g. sst=climate.enso.nino12_sst), got {pair!r}")
+        columns[raw.strip()] = field.strip()
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    table = read_table(path, FORMATS.get(Path(path).suffix.lower(), "csv"), "--data")
+    if time_column not in table.columns:
+        raise DataError(f"{path}: no time column {time_column!r} (set --time_column); columns are "
+                        f"{list(table.columns)}")
+    absent = [c for c in columns if c not in table.columns]
+    if absent:
+        raise DataError(f"{path}: --columns names column(s) {absent} that are not in the file; columns are "
+                        f"{list(table.columns)}")
+    if columns:
+        table = table[[time_column, *columns]].rename(columns=columns)
     try:
-        return read_history(table, spec, time_column=args.time_column, freq=args.freq)
+        return read_history(table, spec, time_column=time_column, freq=args.freq)
     except DataError as err:
-        raise DataError(f"{args.data}: {_hint_columns(err, args)}") from None
+        hint = "; map raw column names with --columns RAW=FIELD" if str(err).startswith("unknown field(s)") and \
+            not args.columns else ""
+        raise DataError(f"{path}: {err}{hint}") from None
 
 
 def cmd_forecast(args) -> int:
-    from .forecasting import check_forecast_request, forecast_quantiles, plot_forecast
+    from .forecasting import check_forecast_request, forecast_quantiles
+    from .modeling_gwm import GWMModel
+    from .plots import plot_forecast
 
     _check_outputs(args, "out", "plot")
     spec = _spec(args.adapter, args.subfolder)
     levels = spec.check_levels(args.quantiles or None) if args.quantiles is not None else [0.5]
     history, freq = _history(args, spec)
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
-    model = _load_model(args)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
     # the plot's 10-90 % band needs those levels even when only the median is written
     plotted = sorted({*levels, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
     with _naming_adapter(args):
@@ -258,7 +225,8 @@ def cmd_forecast(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import check_evaluate_request, check_methods, evaluate, evaluation_json, format_evaluation
-    from .forecasting import plot_forecast
+    from .modeling_gwm import GWMModel
+    from .plots import plot_forecast
 
     methods = check_methods([m.strip() for v in args.methods for m in v.split(",") if m.strip()]) \
         if args.methods else None  # before reading anything: a missing extra fails fast
@@ -268,7 +236,7 @@ def cmd_evaluate(args) -> int:
     check_evaluate_request(len(history), args.holdout, spec)
     if args.season is not None and args.season < 1:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
-    model = _load_model(args)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
     with _naming_adapter(args):
         result = evaluate(model, history, args.holdout, season=args.season, methods=methods, freq=freq)
     print(format_evaluation(result))
@@ -307,27 +275,20 @@ def cmd_push(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- parser
-def _steps(value: str) -> int:
-    """argparse type: a whole number (range checks come later, with one clear line each)."""
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {value!r}") from None
-
-
 # `gwm params` builds the model (on the meta device for --architecture, but the GWM parts for real): beyond these a
 # typo would try to allocate terabytes. n_loops shares the curriculum's limit (curriculum.NODE_LIMITS).
 PARAMS_LIMITS = {"d_model": 16_384, "n_loops": 64}
 
 
-def _bounded(flag: str, high: int):
-    """argparse type: a whole number in [1, high], the limit named in the error."""
+def _whole(what: str = "", high: int | None = None):
+    """argparse type: a whole number (of `what`), in [1, high] when given, the limit named in the error; other range
+    checks come later, with one clear line each."""
     def parse(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-        if not 1 <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number{what}, got {value!r}") from None
+        if high is not None and not 1 <= number <= high:
             raise argparse.ArgumentTypeError(f"must be in [1, {high}] (commands.PARAMS_LIMITS), got {number}")
         return number
     return parse
@@ -348,12 +309,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gwm", description="GWM: a world model for heterogeneous time series on a frozen CogVideoX transformer.",
-        epilog="example (after `python training/dag_train.py --output_dir outputs/gwm-demo`):\n"
-               "  gwm evaluate --adapter outputs/gwm-demo/final \\\n"
-               "      --data configuration/data/elnino_nino12_monthly.csv --columns sst=climate.enso.nino12_sst \\\n"
-               "      --holdout 12\n\n"
-               "`gwm COMMAND --help` shows each command's options and an example.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_EPILOGS["gwm"], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -364,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
     p.add_argument("--architecture", default=None, metavar="NAME",
                    help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
-    p.add_argument("--d_model", type=_bounded("--d_model", PARAMS_LIMITS["d_model"]), default=128,
+    p.add_argument("--d_model", type=_whole(high=PARAMS_LIMITS["d_model"]), default=128,
                    help="canvas width (default: 128, GWMConfig's)")
-    p.add_argument("--n_loops", type=_bounded("--n_loops", PARAMS_LIMITS["n_loops"]), default=3,
+    p.add_argument("--n_loops", type=_whole(high=PARAMS_LIMITS["n_loops"]), default=3,
                    help="loops per block (default: 3, GWMConfig's)")
     p.set_defaults(func=cmd_params)
 
@@ -376,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("forecast", "Forecast the steps after a table's last row with a trained adapter, in the data's units.")
     _model_arguments(p)
-    p.add_argument("--horizon", type=_steps, required=True, help="steps to predict (rolled out beyond the "
+    p.add_argument("--horizon", type=_whole(" of steps"), required=True, help="steps to predict (rolled out beyond the "
                    "adapter's own horizon)")
     p.add_argument("--out", required=True, help="CSV to write: the time column and one column per field (the median)")
     p.add_argument("--quantiles", type=float, nargs="*", default=None, metavar="LEVEL",
@@ -388,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", "Hold out the last steps, forecast them, and score the model next to naive baselines.")
     _model_arguments(p)
-    p.add_argument("--holdout", type=_steps, required=True, help="steps held out at the end")
-    p.add_argument("--season", type=_steps, default=None,
+    p.add_argument("--holdout", type=_whole(" of steps"), required=True, help="steps held out at the end")
+    p.add_argument("--season", type=_whole(" of steps"), default=None,
                    help="seasonal period for seasonal-naive and MASE (default: from the frequency)")
     p.add_argument("--methods", action="append", metavar="METHOD",
                    help="baselines next to the model: naive, seasonal_naive, auto_ets, auto_arima (repeatable or "
@@ -416,9 +372,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapter_files import AdapterLoadError
     from .base import BaseLoadError
     from .curriculum import CurriculumError
-    from .data import DataError
     from .hub import HubOfflineError
     from .loop import AdapterMismatchError
+    from .tabular import DataError
 
     return (DataError, AdapterLoadError, AdapterMismatchError, BaseLoadError, CurriculumError, HubOfflineError,
             ValueError, FileNotFoundError)

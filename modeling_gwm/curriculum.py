@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import yaml
 
-from .data import DataError, DataSource
+from .data import DataSource
 from .merging import MERGE_METHODS, MergeSpec, normalised_merge_weights
+from .tabular import DataError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no ".": PEFT keys adapters by name in ParameterDicts
 RESERVED_NAMES = {"final", "checkpoint", "runs", "logs"}

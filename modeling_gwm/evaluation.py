@@ -20,8 +20,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .data import DataError
-from .forecasting import AdapterSpec, _forecast_quantile_frame, _spacing, check_finite, check_steps, read_history
+from .forecasting import AdapterSpec, _forecast_quantile_frame, check_finite, check_steps, read_history
+from .tabular import DataError, own_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,17 @@ def check_methods(methods) -> tuple[str, ...]:
     return methods
 
 
+def _methods_and_note(methods) -> tuple[tuple[str, ...], str | None]:
+    """`check_methods(methods)`, and the note (also logged) when the default had to leave statsforecast's out."""
+    note = None
+    if methods is None and not has_statsforecast():
+        note = f"{MISSING_STATSFORECAST} (scored: model, naive, seasonal_naive)"
+    methods = check_methods(methods)
+    if note:
+        logger.warning(note)
+    return methods, note
+
+
 def evaluate(model, data, holdout: int, *, season: int | None = None, methods=None, quantile_levels=None,
              time_column: str | None = None, freq: str | None = None) -> dict:
     """Hold out the last `holdout` steps, forecast them from the rest, and score model and baselines per field.
@@ -205,12 +216,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     holds the model's median forecast frame, `"quantiles"` its `forecast_quantiles` frame and `"actuals"` /
     `"history"` the held-out and training frames (not JSON; `evaluation_json` drops them).
     """
-    asked = methods
-    methods = check_methods(methods)
-    note = None
-    if asked is None and not has_statsforecast():
-        note = f"{MISSING_STATSFORECAST} (scored: model, naive, seasonal_naive)"
-        logger.warning(note)
+    methods, note = _methods_and_note(methods)
     spec = AdapterSpec.from_model(model)
     quantile_levels = tuple(spec.check_levels(quantile_levels))
     frame, freq = read_history(data, spec, time_column, freq)
@@ -227,32 +233,18 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
     predictions.attrs["units"] = model_quantiles.attrs["units"]
     scale_lag = season if season and season > 1 and len(train) > season else 1
-    quantile_capable = has_statsforecast()
     fields = {}
     for j, name in enumerate(frame.columns):
         history, due = train[name].to_numpy(), schedule[:, j]
         # each field is scored at its own steps only (a quarterly field: the quarters), every method alike
         truth = np.where(due, actual[name].to_numpy(), np.nan)
         rows = np.flatnonzero(~np.isnan(history))
-        observed, spacing = history[rows], _spacing(rows)
+        observed, spacing = history[rows], own_spacing(rows)
         # on its own consecutive observations, a field's season and MASE lag are counted in its own steps
         lag = max(1, round(scale_lag / spacing))
-        points = {"model": predictions[name].to_numpy()}
-        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy()}  # (holdout, Q)
-        if "naive" in methods:
-            points["naive"] = naive_forecast(history, holdout)
-        if "seasonal_naive" in methods:
-            points["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
-        stats_methods = tuple(m for m in methods if m in STATS_METHODS or quantile_capable)
-        if stats_methods and due.any():
-            own_season = max(1, round(season / spacing)) if season else 1
-            fitted = statistical_forecasts(observed, int(due.sum()), own_season, stats_methods, quantile_levels)
-            for method, (point, qs) in fitted.items():
-                quantiles[method] = np.full((holdout, len(quantile_levels)), np.nan)
-                quantiles[method][due] = qs
-                if method in STATS_METHODS:
-                    points[method] = np.full(holdout, np.nan)
-                    points[method][due] = point
+        points, quantiles = _baselines(history, rows, due, methods, season, quantile_levels)
+        points = {"model": predictions[name].to_numpy(), **points}
+        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy(), **quantiles}  # (holdout, Q)
         scored_history = observed if spacing > 1 else history
         entry = {"unit": spec.fields[name].unit}
         for method, point in points.items():
@@ -267,6 +259,32 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
             "methods": ["model", *methods], "quantile_levels": list(quantile_levels), "note": note,
             "fields": fields, "aggregate": aggregate,
             "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train}
+
+
+def _baselines(history: np.ndarray, rows: np.ndarray, due: np.ndarray, methods: tuple[str, ...], season: int | None,
+               levels: tuple[float, ...]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One field's baseline forecasts of the hold-out: {method: point (holdout,)} and, for the methods that have
+    them, {method: quantiles (holdout, Q)}. `history` (N,) is the training part, NaN between the field's observed
+    `rows`; `due` (holdout,) where the field is scored. statsforecast fits the field's own consecutive observations,
+    its season counted in its own steps."""
+    holdout = len(due)
+    points, quantiles = {}, {}
+    if "naive" in methods:
+        points["naive"] = naive_forecast(history, holdout)
+    if "seasonal_naive" in methods:
+        points["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
+    stats_methods = tuple(m for m in methods if m in STATS_METHODS or has_statsforecast())
+    if stats_methods and due.any():
+        spacing = own_spacing(rows)
+        own_season = max(1, round(season / spacing)) if season else 1
+        fitted = statistical_forecasts(history[rows], int(due.sum()), own_season, stats_methods, levels)
+        for method, (point, qs) in fitted.items():
+            quantiles[method] = np.full((holdout, len(levels)), np.nan)
+            quantiles[method][due] = qs
+            if method in STATS_METHODS:
+                points[method] = np.full(holdout, np.nan)
+                points[method][due] = point
+    return points, quantiles
 
 
 def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:

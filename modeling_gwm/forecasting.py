@@ -1,6 +1,5 @@
-"""Forecast and impute with a trained GWM adapter, in the data's own units; forecast plots.
-
-Scoring against baselines lives in `modeling_gwm.evaluation`.
+"""Forecast and impute with a trained GWM adapter, in the data's own units (scores against baselines: `evaluation`;
+the forecast plot: `plots`; reading, transforming and gridding a history: `tabular`).
 
 A history is a table of time steps by fields: a pandas DataFrame, a dict of arrays or a `datasets.Dataset`, with
 columns named by the adapter's dotted field names (any subset of them; a field that is not there is simply absent
@@ -20,13 +19,8 @@ median, `forecast_quantiles` every level; `predict_windows` is the batched step 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import os
-import textwrap
-import warnings
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,21 +28,25 @@ import pandas as pd
 import torch
 
 from .configuration_gwm import DEFAULT_QUANTILE_LEVELS
-from .data import (
+from .data import FieldStats
+from .tabular import (
+    CHANGE_TRANSFORMS,
     DataError,
-    FieldStats,
     apply_transform,
     denormalize,
+    future_index,
+    infer_frequency,
     invert_transform,
     normalize,
-    parse_times,
-    regular_grid,
-    snap,
+    numeric_frame,
+    on_grid,
+    own_spacing,
+    parse_frequency,
+    to_frame,
 )
 
 logger = logging.getLogger(__name__)
 
-CHANGE_TRANSFORMS = ("diff", "pct_change", "log_return")
 # Longest forecast (and hold-out) in grid steps: one model call per adapter horizon of steps, so 10,000 steps is 2,500
 # calls at horizon 4; a longer request is almost surely a typo, refused up front instead of running for hours.
 MAX_FORECAST_STEPS = 10_000
@@ -123,92 +121,6 @@ class AdapterSpec:
 
 
 # ---------------------------------------------------------------------------------------------------- input tables
-def to_frame(data, time_column: str | None = None) -> pd.DataFrame:
-    """A DataFrame, a dict of arrays or a `datasets.Dataset` -> a DataFrame indexed by time (or by step)."""
-    if isinstance(data, pd.DataFrame):
-        frame = data.copy()
-    elif isinstance(data, dict):
-        lengths = {k: len(np.atleast_1d(v)) for k, v in data.items()}
-        if len(set(lengths.values())) > 1:
-            raise DataError(f"the columns have different lengths: {lengths}")
-        frame = pd.DataFrame({k: np.atleast_1d(v) for k, v in data.items()})
-    elif hasattr(data, "to_pandas") and hasattr(data, "column_names"):  # datasets.Dataset
-        frame = data.to_pandas()
-    else:
-        raise DataError(f"expected a pandas DataFrame, a dict of arrays or a datasets.Dataset, got "
-                        f"{type(data).__name__}")
-    if time_column is None and not isinstance(frame.index, pd.DatetimeIndex):
-        time_column = next((c for c in ("date", "time", "timestamp") if c in frame.columns), None)
-    if time_column is not None:
-        if time_column not in frame.columns:
-            raise DataError(f"no time column {time_column!r}; columns are {list(frame.columns)}")
-        times = parse_times(frame[time_column], f"column {time_column!r}")  # offsets kept as local time
-        frame = frame.drop(columns=[time_column])
-        frame.index = pd.DatetimeIndex(times, name=time_column)
-    elif isinstance(frame.index, pd.DatetimeIndex) and frame.index.tz is not None:
-        frame.index = pd.DatetimeIndex(parse_times(frame.index.to_series(), "the time index"), name=frame.index.name)
-    return frame
-
-
-def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every column as float64; NaN/inf/blank cells are missing; any other text is an error naming the column."""
-    out = {}
-    for column in frame.columns:
-        values = frame[column]
-        numeric = pd.to_numeric(values, errors="coerce")
-        blank = values.isna() | values.astype(str).str.strip().str.lower().isin(["", "nan", "na", "null", "none"])
-        bad = numeric.isna() & ~blank
-        if bad.any():
-            raise DataError(f"column {column!r} is not numeric (e.g. {values[bad].iloc[0]!r})")
-        array = numeric.to_numpy(dtype=np.float64)
-        out[column] = np.where(np.isfinite(array), array, np.nan)
-    return pd.DataFrame(out, index=frame.index)
-
-
-def _infer_freq(index: pd.DatetimeIndex) -> str | None:
-    """`pd.infer_freq` as a string, whether this pandas returns a string or (pandas 4) an offset."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        freq = pd.infer_freq(index)
-    return getattr(freq, "freqstr", freq)
-
-
-def infer_frequency(index: pd.DatetimeIndex) -> str | None:
-    """The grid's frequency; with gaps in the series, the most common frequency of three consecutive steps."""
-    if len(index) < 3:
-        return None
-    freq = _infer_freq(index)
-    if freq is not None:
-        return freq
-    votes = Counter(_infer_freq(index[i:i + 3]) for i in range(0, len(index) - 2, max(1, (len(index) - 2) // 200)))
-    votes.pop(None, None)
-    return votes.most_common(1)[0][0] if votes else None
-
-
-def _on_grid(frame: pd.DataFrame, freq: str | None, spec: AdapterSpec) -> tuple[pd.DataFrame, str | None]:
-    """Sort by time and snap the rows onto a regular grid, as training did (missing steps become NaN rows)."""
-    if not isinstance(frame.index, pd.DatetimeIndex):
-        return frame.reset_index(drop=True), None
-    frame = frame.sort_index()
-    if freq is None:
-        freq = infer_frequency(frame.index.unique())
-    if freq is None:
-        if len(frame) < spec.min_history():  # too short to say anything else about it
-            raise DataError(f"the history has {len(frame)} steps; this adapter needs at least {spec.min_history()} "
-                            f"(context_len {spec.context_len} - horizon {spec.horizon})")
-        raise DataError("cannot infer the frequency of the time column; pass freq (e.g. 'MS', 'QS', 'D')")
-    grid = regular_grid(frame.index[0], frame.index[-1], freq, f"time column {frame.index.name!r}").rename(
-        frame.index.name)
-    steps = snap(frame.index, grid)  # (rows,) grid positions: each row to the start of its period
-    if len(np.unique(steps)) < len(frame):
-        logger.warning("time column %r: %d rows share a step of the %r grid; they were averaged into %d periods "
-                       "(%d rows fewer)", frame.index.name, len(frame), freq, len(np.unique(steps)),
-                       len(frame) - len(np.unique(steps)))
-    placed = frame.groupby(steps).mean().reindex(range(len(grid)))
-    placed.index = grid
-    return placed, freq
-
-
 def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: str | None = None
                  ) -> tuple[pd.DataFrame, str | None]:
     """The user's table as (L, S) raw values of known fields on the adapter's grid, and the grid's frequency.
@@ -222,31 +134,22 @@ def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: 
         raise DataError(f"unknown field(s) {unknown}: this adapter knows {list(spec.fields)}")
     if frame.shape[1] == 0:
         raise DataError(f"no field columns: this adapter knows {list(spec.fields)}")
-    if spec.frequency and freq and _offset(freq) != _offset(spec.frequency):
+    if spec.frequency and freq and parse_frequency(freq) != parse_frequency(spec.frequency):
         raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on; leave "
                         "freq out (coarser series are placed on that grid at their own spacing)")
-    frame = _numeric(frame)
+    frame = numeric_frame(frame)
     empty = [str(c) for c in frame.columns if frame[c].isna().all()]
     if len(empty) == frame.shape[1]:
         raise DataError(f"field(s) {empty} have no value in the history")
     if empty:
         logger.warning("field(s) %s have no value in the history: treated as absent", empty)
         frame = frame.drop(columns=empty)
-    return _on_grid(frame, spec.frequency or freq, spec)
-
-
-def _offset(freq: str):
-    try:
-        return pd.tseries.frequencies.to_offset(freq)
-    except ValueError:
-        raise DataError(f"unknown frequency {freq!r} (a pandas offset alias such as 'D', 'W', 'MS', 'QS')") from None
-
-
-def _future_index(index: pd.Index, freq: str | None, steps: int) -> pd.Index:
-    if isinstance(index, pd.DatetimeIndex) and freq is not None:
-        offset = pd.tseries.frequencies.to_offset(freq)
-        return pd.date_range(index[-1] + offset, periods=steps, freq=freq, name=index.name)
-    return pd.RangeIndex(len(index), len(index) + steps, name=index.name or "step")
+    freq = spec.frequency or freq
+    if (isinstance(frame.index, pd.DatetimeIndex) and freq is None and len(frame) < spec.min_history()
+            and infer_frequency(frame.sort_index().index.unique()) is None):  # too short to say anything else
+        raise DataError(f"the history has {len(frame)} steps; this adapter needs at least {spec.min_history()} "
+                        f"(context_len {spec.context_len} - horizon {spec.horizon})")
+    return on_grid(frame, freq)
 
 
 def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
@@ -333,11 +236,6 @@ def forecast_quantiles(model, history, horizon: int, *, quantile_levels=None, ti
     return quantiles
 
 
-def _spacing(rows: np.ndarray) -> int:
-    """A field's own step on the grid: the median gap between its observed rows (1 with fewer than two)."""
-    return max(1, round(float(np.median(np.diff(rows))))) if len(rows) > 1 else 1
-
-
 def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarray:
     """(L + horizon, S) bool: where each field is predicted, its own spacing continued from its last observation.
 
@@ -351,7 +249,7 @@ def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarra
         if len(rows) == 0 or rows[-1] < length - spec.context_len:
             stale.append(name)
             continue
-        schedule[rows[-1] + _spacing(rows)::_spacing(rows), j] = True
+        schedule[rows[-1] + own_spacing(rows)::own_spacing(rows), j] = True
     if len(stale) == len(names):
         raise DataError(f"no field is observed in the last {spec.context_len} steps of the history (the adapter's "
                         f"context_len): nothing to forecast from")
@@ -408,7 +306,7 @@ def _forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq
             future[:, j, k] = raw[length:]
     columns = pd.MultiIndex.from_product([names, levels], names=["field", "level"])
     result = pd.DataFrame(future.reshape(horizon, -1), columns=columns,
-                          index=_future_index(frame.index, freq, horizon))
+                          index=future_index(frame.index, freq, horizon))
     result.attrs["units"] = {name: spec.fields[name].unit for name in names}
     return result, schedule[length:]
 
@@ -467,7 +365,7 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     own_steps = np.zeros_like(missing)  # (L, S) where each field would be observed by its own spacing
     for j in range(len(names)):
         rows = np.flatnonzero(~missing[:, j])
-        own_steps[rows[0] % _spacing(rows)::_spacing(rows), j] = True
+        own_steps[rows[0] % own_spacing(rows)::own_spacing(rows), j] = True
     missing = missing & own_steps
     if not missing.any():
         return raw
@@ -490,7 +388,7 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
         if stats.transform not in CHANGE_TRANSFORMS:
             column[missing[:, j]] = invert_transform(modelled[missing[:, j]], stats.transform)
         else:
-            spacing = _spacing(np.flatnonzero(~raw[name].isna().to_numpy()))
+            spacing = own_spacing(np.flatnonzero(~raw[name].isna().to_numpy()))
             for t in np.flatnonzero(missing[:, j]):  # the change since the field's own previous step
                 if t >= spacing and not np.isnan(column[t - spacing]):
                     column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[t - spacing])[0]
@@ -498,54 +396,5 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- plots
-def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | os.PathLike | io.BytesIO,
-                  actuals: pd.DataFrame | None = None, units: dict[str, str | None] | None = None,
-                  title: str | None = None, context: int | None = None, quantiles: pd.DataFrame | None = None,
-                  ) -> None:
-    """One subplot per field: the recent history, the forecast and (when given) the held-out actuals, as a PNG.
-
-    `quantiles` (a `forecast_quantiles` frame) adds the 10-90 % band around the forecast where it has those levels.
-    """
-    from matplotlib.figure import Figure
-
-    units = units or predictions.attrs.get("units") or {}
-    names = list(predictions.columns)
-    context = context or max(4 * len(predictions), 48)
-    recent = history.iloc[-context:]
-    fig = Figure(figsize=(9, 2.4 * len(names) + 0.8), dpi=110)
-    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, name in zip(axes, names):
-        observed = recent[name].dropna()
-        ax.plot(recent.index, recent[name], color="#444444", lw=1.3, label="history")
-        # start the forecast and the actuals at the last observed point, so the lines read as continuations
-        anchor = observed.iloc[-1:]
-        if actuals is not None and name in actuals:
-            ax.plot(*_joined(anchor, actuals[name]), color="#1f77b4", lw=1.4, marker="s", ms=3, label="actual")
-        band = [(name, q) for q in (0.1, 0.9)]
-        if quantiles is not None and all(c in quantiles.columns for c in band):
-            low, high = (quantiles[c].dropna() for c in band)
-            ax.fill_between(low.index, low.to_numpy(dtype=np.float64), high.reindex(low.index).to_numpy(np.float64),
-                            color="#d62728", alpha=0.18, lw=0, label="10-90 %")
-        ax.plot(*_joined(anchor, predictions[name]), color="#d62728", lw=1.8, marker="o", ms=3,
-                label="GWM forecast")
-        ax.axvspan(predictions.index[0], predictions.index[-1], color="#d62728", alpha=0.05, lw=0)
-        ax.set_title(name, fontsize=10, loc="left")
-        ax.set_ylabel(textwrap.fill(units.get(name) or "value", 28), fontsize=9)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(title or f"GWM forecast, {len(predictions)} steps", fontsize=11, x=0.01, ha="left")
-    if isinstance(predictions.index, pd.DatetimeIndex):
-        fig.autofmt_xdate()
-    fig.tight_layout(rect=(0, 0, 1, 0.97 if len(names) > 1 else 0.95))
-    fig.savefig(path, format="png")
-
-
-def _joined(anchor: pd.Series, series: pd.Series) -> tuple[pd.Index, np.ndarray]:
-    joined = pd.concat([anchor, series]) if len(anchor) and anchor.index[-1] < series.index[0] else series
-    return joined.index, joined.to_numpy(dtype=np.float64)
-
-
 __all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "forecast",
-           "forecast_quantiles", "impute", "plot_forecast", "predict_windows", "read_history"]
+           "forecast_quantiles", "impute", "predict_windows", "read_history"]

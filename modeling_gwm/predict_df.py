@@ -21,14 +21,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .data import DataError, denormalize, normalize, regular_grid, snap
-from .forecasting import (
-    AdapterSpec,
-    _numeric,
-    _offset,
-    _spacing,
+from .forecasting import AdapterSpec, predict_windows
+from .tabular import (
+    DataError,
+    denormalize,
     infer_frequency,
-    predict_windows,
+    normalize,
+    numeric_frame,
+    own_spacing,
+    parse_frequency,
+    regular_grid,
+    snap,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ def _float_columns(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """(rows, S) float64, NaN where missing; text that is not a number is a one-line error naming the column."""
     numeric = [c for c in columns if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(
         frame[c])]
-    parsed = _numeric(frame[[c for c in columns if c not in numeric]]) if len(numeric) < len(columns) else None
+    parsed = numeric_frame(frame[[c for c in columns if c not in numeric]]) if len(numeric) < len(columns) else None
     out = np.stack([frame[c].to_numpy(dtype=np.float64) if c in numeric else parsed[c].to_numpy() for c in columns],
                    axis=1)
     return np.where(np.isfinite(out), out, np.nan)
@@ -116,7 +119,7 @@ def _gridded(df: pd.DataFrame, id_column: str, timestamp_column: str, columns: l
         raise DataError(f"{int(repeated.sum())} duplicate ({id_column}, {timestamp_column}) row(s), e.g. item "
                         f"{_item(ids[codes[at]])} at {times[at]}: give each item one row per time")
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])  # (N,) first row of each item
-    if spec.frequency and freq and _offset(freq) != _offset(spec.frequency):
+    if spec.frequency and freq and parse_frequency(freq) != parse_frequency(spec.frequency):
         raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on; leave "
                         "freq out")
     freq = spec.frequency or freq
@@ -251,6 +254,32 @@ class _Rollout:
     quantiles: np.ndarray  # (N, W, S, Q) normalised, where due
 
 
+def _schedule(items: _Items, context: int, history: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each (item, field) is predicted: (N, S) present, (N, S) row of its last observation (-1 when absent)
+    and (N, W, S) due on the right-aligned canvas, the field's own spacing continued from its last observation, for
+    fields observed in the item's last `context` steps (the others are stale: logged, not forecast)."""
+    starts, lengths, n = items.offsets[:-1], items.lengths, len(items.ids)
+    # per (item, field): observations, first and last observed row, the field's own spacing
+    observed = ~np.isnan(items.values)  # (sum L_i, S)
+    row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
+    counts = np.add.reduceat(observed.astype(np.int64), starts, axis=0)  # (N, S)
+    last = np.maximum.reduceat(np.where(observed, row[:, None], -1), starts, axis=0)  # (N, S)
+    first = np.minimum.reduceat(np.where(observed, row[:, None], np.iinfo(np.int64).max), starts, axis=0)
+    spacing = np.ones((n, observed.shape[1]), dtype=np.int64)
+    for i, j in zip(*np.nonzero((counts > 1) & (last - first + 1 != counts))):  # gappy: the median gap
+        spacing[i, j] = own_spacing(np.flatnonzero(observed[starts[i]:starts[i] + lengths[i], j]))
+    present = counts > 0
+    fresh = present & (last >= lengths[:, None] - context)  # else stale: nothing to forecast from
+    if (present & ~fresh).any():
+        logger.warning("%d (item, field) pairs have no observation in the last %d steps of their item: not forecast "
+                       "(NaN)", int((present & ~fresh).sum()), context)
+    # schedule, right-aligned: local row r of item i is column r - L_i + history
+    column = np.arange(width)[None, :, None]
+    last_column = (last - lengths[:, None] + history)[:, None, :]  # (N, 1, S)
+    due = fresh[:, None, :] & (column > last_column) & ((column - last_column) % spacing[:, None, :] == 0)
+    return present, last, due
+
+
 def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int) -> _Rollout:
     """Roll every item out, batched: the windows of all items at one chunk round go through shared forward passes.
 
@@ -263,24 +292,7 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
     history = 2 * context
     width = history + horizon
     starts, lengths = items.offsets[:-1], items.lengths
-    # per (item, field): observations, first and last observed row, the field's own spacing
-    observed = ~np.isnan(items.values)  # (sum L_i, S)
-    row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
-    counts = np.add.reduceat(observed.astype(np.int64), starts, axis=0)  # (N, S)
-    last = np.maximum.reduceat(np.where(observed, row[:, None], -1), starts, axis=0)  # (N, S)
-    first = np.minimum.reduceat(np.where(observed, row[:, None], np.iinfo(np.int64).max), starts, axis=0)
-    spacing = np.ones((n, n_fields), dtype=np.int64)
-    for i, j in zip(*np.nonzero((counts > 1) & (last - first + 1 != counts))):  # gappy: the median gap
-        spacing[i, j] = _spacing(np.flatnonzero(observed[starts[i]:starts[i] + lengths[i], j]))
-    present = counts > 0
-    fresh = present & (last >= lengths[:, None] - context)  # else stale: nothing to forecast from
-    if (present & ~fresh).any():
-        logger.warning("%d (item, field) pairs have no observation in the last %d steps of their item: not forecast "
-                       "(NaN)", int((present & ~fresh).sum()), context)
-    # schedule, right-aligned: local row r of item i is column r - L_i + history
-    column = np.arange(width)[None, :, None]
-    last_column = (last - lengths[:, None] + history)[:, None, :]  # (N, 1, S)
-    due = fresh[:, None, :] & (column > last_column) & ((column - last_column) % spacing[:, None, :] == 0)
+    present, last, due = _schedule(items, context, history, width)  # (N, S), (N, S), (N, W, S)
     any_due = due.any(axis=2)  # (N, W)
     idle = np.flatnonzero(~any_due.any(axis=1))
     if len(idle):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .canvas import season_period
 from .configuration_gwm import DEFAULT_BASE
 from .curriculum import Curriculum, CurriculumError, TrainingNode
-from .data import CanvasDataset, DataError, DataSource, NodeData, build_node_data, collate_canvas
+from .data import CanvasDataset, DataSource, NodeData, build_node_data, collate_canvas
 from .io_utils import (
     atomic_move_file,
     atomic_replace_dir,
@@ -48,6 +48,7 @@ from .masking import sample_target_mask
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
 from .run_folder import ADAPTER_FILES, NodeBusyError, RunFolder, node_lock
+from .tabular import DataError
 
 logger = get_logger(__name__)
 

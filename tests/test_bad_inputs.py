@@ -29,10 +29,11 @@ from modeling_gwm.adapter_files import AdapterLoadError, load_adapter_config
 from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
 from modeling_gwm.configuration_gwm import GWMConfig
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
-from modeling_gwm.data import DataError, DataSource, build_node_data
+from modeling_gwm.data import DataSource, build_node_data
 from modeling_gwm.forecasting import AdapterSpec, NonFiniteForecastError, forecast, read_history
 from modeling_gwm.loop import AdapterMismatchError
 from modeling_gwm.modeling_gwm import GWMModel
+from modeling_gwm.tabular import DataError
 from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -538,7 +539,7 @@ def test_resume_with_allow_changed_config_trains_with_the_new_learning_rate(tmp_
 
 
 def test_offsets_are_kept_as_local_time_in_training_and_forecasting(tmp_path, caplog):
-    from modeling_gwm.forecasting import to_frame
+    from modeling_gwm.tabular import to_frame
 
     months = [f"{2000 + i // 12}-{i % 12 + 1:02d}-01T00:00:00+05:00" for i in range(36)]
     path = tmp_path / "tz.csv"

@@ -15,7 +15,7 @@ from accelerate.utils import is_trackio_available
 from safetensors.torch import load_file
 
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
-from modeling_gwm.data import DataError
+from modeling_gwm.tabular import DataError
 from modeling_gwm.trainer import DAGCurriculumTrainer
 
 NODES = ["macro", "climate", "world", "ocean"]

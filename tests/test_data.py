@@ -14,15 +14,17 @@ import pytest
 import torch
 
 from modeling_gwm.data import (
-    TRANSFORMS,
-    DataError,
     DataSource,
     FieldStats,
     build_node_data,
     collate_canvas,
+    load_sources,
+)
+from modeling_gwm.tabular import (
+    TRANSFORMS,
+    DataError,
     denormalize,
     invert_transform,
-    load_sources,
     normalize,
     to_data_units,
 )

@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
 from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
-from modeling_gwm.data import DataError  # noqa: E402
 from modeling_gwm.evaluation import (  # noqa: E402
     default_season,
     error_metrics,
@@ -26,10 +25,11 @@ from modeling_gwm.evaluation import (  # noqa: E402
 from modeling_gwm.forecasting import (  # noqa: E402
     AdapterSpec,
     forecast_quantiles,
-    plot_forecast,
     predict_windows,
     read_history,
 )
+from modeling_gwm.plots import plot_forecast  # noqa: E402
+from modeling_gwm.tabular import DataError  # noqa: E402
 
 FIELDS = [
     {"name": "demo.level", "mean": 10.0, "std": 2.0, "transform": "none", "unit": "degC"},

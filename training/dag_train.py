@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     for noisy in ("datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from modeling_gwm.curriculum import CurriculumError, load_curriculum
-    from modeling_gwm.data import DataError
+    from modeling_gwm.tabular import DataError
 
     try:
         curriculum = load_curriculum(args.config)
