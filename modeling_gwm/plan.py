@@ -23,7 +23,10 @@ _TRACKERS = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_avai
 
 
 class RunPlan:
-    """A curriculum, its `TrainingArguments` and the run folder they write to, under one `Accelerator`."""
+    """A curriculum, its `TrainingArguments` and the run folder they write to, under one `Accelerator`.
+
+    `DAGCurriculumTrainer` extends it with the model and the node phases; nothing here loads a model.
+    """
 
     def __init__(self, curriculum: Curriculum, args: TrainingArguments, model_config: dict | None, device: str | None):
         self.curriculum, self.args = curriculum, args

@@ -253,9 +253,8 @@ class DAGCurriculumTrainer(RunPlan):
         run.params = [p for p in self.peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(run.params, lr=node.learning_rate, weight_decay=node.weight_decay)
         folder = self.run_folder.checkpoint_dir(run.name)
-        resumed = self.args.resume and checkpoint.load(folder, run.name, self.peft_model, optimizer, run.config)
-        if resumed:
-            run.state = resumed
+        if self.args.resume and (saved := checkpoint.load(folder, run.name, self.peft_model, optimizer, run.config)):
+            run.state = saved
             for group in optimizer.param_groups:  # the saved state brings back the old rate: the node's own holds
                 group["lr"], group["weight_decay"] = node.learning_rate, node.weight_decay
             logger.info(f"node {run.name}: resuming from step {run.state.step}", main_process_only=True)
