@@ -32,8 +32,8 @@ class StepCount(int):
         return number
 
 
-def _arg(default, help: str, **metadata) -> field:  # noqa: A002 (argparse's name)
-    return field(default=default, metadata={"help": help, **metadata})
+def _arg(default, help: str, repr: bool = True, **metadata) -> field:  # noqa: A002 (argparse's names)
+    return field(default=default, repr=repr, metadata={"help": help, **metadata})
 
 
 @dataclass
@@ -62,6 +62,6 @@ class TrainingArguments:
     report_to: Literal["none", "tensorboard", "trackio", "wandb"] = _arg("none", "log every step's loss there")
     push_to_hub: bool = _arg(False, "publish every node (one subfolder each)")
     hub_model_id: str | None = _arg(None, "user/repo for --push_to_hub")
-    hub_token: str | None = _arg(None, "default: HF_TOKEN / the cached login")
+    hub_token: str | None = _arg(None, "default: HF_TOKEN / the cached login", repr=False)  # never in a log line
     nonfinite: Literal["stop", "skip"] = _arg("stop", "on a NaN/inf loss or gradient: stop the node (its last "
                                                       "checkpoint kept) or skip the step")
