@@ -25,6 +25,7 @@ _LAZY = {
     "LoopMergeError": "loop",
     "LoopModel": "loop",
     "DAGCurriculumTrainer": "trainer",
+    "TrainingArguments": "training_args",
     "Curriculum": "curriculum",
     "MergeSpec": "merging",
     "TrainingNode": "curriculum",

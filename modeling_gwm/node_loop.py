@@ -1,0 +1,160 @@
+"""The inner loop of one node's training: what its phases share (`NodeRun`), the batch of each (seed, node, step), one
+optimizer step over micro-batches with the non-finite guard, the held-out validation loss and the node's metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import NodeState
+from .curriculum import TrainingNode
+from .data import CanvasDataset, NodeData, collate_canvas
+from .faults import crash_point, inject_nan
+from .masking import sample_target_mask
+
+
+@dataclass
+class NodeRun:
+    """What the phases of one node's training hand on to each other."""
+
+    name: str
+    node: TrainingNode
+    index: int  # the node's place in the curriculum's order: part of every step's batch seed
+    data: NodeData
+    child_fields: list[str]  # the adapter's field slots
+    field_ids: torch.Tensor  # (n_data_fields,) the adapter slot of each data field
+    started: float
+    steps: int = 0
+    config: dict = field(default_factory=dict)
+    retention: dict | None = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    model: torch.nn.Module | None = None  # the PEFT model as accelerate prepared it
+    state: NodeState = field(default_factory=NodeState)
+    progress: tqdm | None = None
+
+
+def step_seed(seed: int, node_index: int, step: int) -> int:
+    return (seed * 1_000_003 + node_index * 7_919 + step) % (2**63 - 1)
+
+
+def micro_batches(acc: Accelerator, data: NodeData, node: TrainingNode, seed: int, node_index: int,
+                  step: int) -> list[dict]:
+    """This process's micro-batches of the step's global batch, plus the global count of scored positions."""
+    world, accumulation = acc.num_processes, acc.gradient_accumulation_steps
+    generator = torch.Generator().manual_seed(step_seed(seed, node_index, step))
+    picks = torch.randint(len(data.train), (node.batch_size,), generator=generator)
+    batch = collate_canvas([data.train[int(i)] for i in picks])
+    mask = sample_target_mask(batch["presence"], node.horizon, node.random_fraction, node.forecast_probability,
+                              generator=generator)
+    scored_total = float((mask & batch["presence"]).sum().clamp_min(1))
+    per_process = node.batch_size // world  # the trainer's preflight checked that the batch splits
+    rows = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+    micro = per_process // accumulation
+    out = []
+    for k in range(accumulation):
+        part = slice(rows.start + k * micro, rows.start + (k + 1) * micro)
+        out.append({key: batch[key][part].to(acc.device) for key in ("values", "presence")}
+                   | {"target_mask": mask[part].to(acc.device), "scored_total": scored_total})
+    return out
+
+
+def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, bool, bool]:
+    """One optimizer step over this process's micro-batches: (train loss, finite, fp16 overflow)."""
+    model, optimizer, step = run.model, run.optimizer, run.state.step + 1
+    sse_step = torch.zeros((), device=acc.device)
+    finite, overflow = True, False
+    for micro in micro_batches(acc, run.data, run.node, seed, run.index, run.state.step):
+        with acc.accumulate(model):
+            with acc.autocast():
+                position_loss = model(micro["values"], micro["presence"], field_ids=run.field_ids,
+                                      target_mask=micro["target_mask"]).position_loss
+            scored = micro["target_mask"] & micro["presence"]
+            sse = inject_nan((position_loss.float() * scored).sum(), run.name, step)  # summed pinball loss
+            scale = acc.num_processes * acc.gradient_accumulation_steps / micro["scored_total"]
+            acc.backward(sse * scale)
+            if acc.sync_gradients:
+                finite = all_finite(acc, sse_step + sse.detach(), run.params, optimizer)
+                crash_point("step", run.name, step)
+                if finite:
+                    optimizer.step()  # under fp16, GradScaler skips a step whose gradients overflowed
+                    overflow = acc.scaler is not None and optimizer.step_was_skipped
+                elif acc.scaler is not None:
+                    acc.scaler.update()  # the scale backs off even when the guard skips or stops the step
+            optimizer.zero_grad()
+        sse_step += sse.detach()
+        scored_total = micro["scored_total"]
+    return float(acc.reduce(sse_step, reduction="sum")) / scored_total, finite, overflow
+
+
+def all_finite(acc: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer) -> bool:
+    """Whether this step's loss and every gradient are finite, agreed by all processes.
+
+    Under fp16 the gradients are unscaled first (GradScaler records their overflow for its `step`). While the scale
+    is above 1, a non-finite gradient is an overflow of the scaled backward pass: GradScaler skips that step and
+    lowers the scale, so it is no training failure. At a scale of 1 or less nothing was amplified, and a non-finite
+    gradient is real.
+    """
+    scaler = acc.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer.optimizer)  # true gradients from here on; step() does not unscale again
+    bad_grads = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+    if bad_grads and scaler is not None and scaler.get_scale() > 1:
+        bad_grads = False  # GradScaler's overflow: skipped and backed off in optimizer.step()
+    bad = not bool(torch.isfinite(loss).all()) or bad_grads
+    if acc.num_processes > 1:
+        bad = float(acc.reduce(torch.tensor(float(bad), device=acc.device))) > 0
+    return not bad
+
+
+@torch.no_grad()
+def validation_loss(acc: Accelerator, model: torch.nn.Module, dataset: CanvasDataset, field_ids: torch.Tensor,
+                    horizon: int, max_windows: int) -> float:
+    """Forecast loss on held-out positions: the last `horizon` steps of validation windows are hidden; the mean
+    pinball loss of the model's quantiles, in each window's scaled units (the training loss)."""
+    if len(dataset) == 0:
+        return float("nan")
+    picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).round().long().unique()
+    was_training = model.training
+    model.eval()
+    sse, count = 0.0, 0.0
+    for chunk in picks.split(64):
+        batch = collate_canvas([dataset[int(i)] for i in chunk])
+        values = batch["values"].to(acc.device)  # (windows, time, fields)
+        presence = batch["presence"].to(acc.device)
+        target = torch.zeros_like(presence)
+        target[:, -horizon:] = True
+        with acc.autocast():
+            position_loss = model(values, presence, field_ids=field_ids, target_mask=target).position_loss
+        scored = target & presence & batch.get("holdout", presence).to(presence.device)
+        sse += float((position_loss.float() * scored).sum())
+        count += float(scored.sum())
+    model.train(was_training)
+    return sse / count if count else float("nan")
+
+
+def node_metrics(acc: Accelerator, run: NodeRun, seed: int, nonfinite: str) -> dict:
+    """metrics.json of a trained node: losses, time, size, fields, settings, its config record and histories."""
+    node, state, data = run.node, run.state, run.data
+    return {
+        "node": run.name, "kind": node.kind, "parents": node.parents, "steps": state.step,
+        "train_loss_start": state.history[0]["train_loss"] if state.history else None,
+        "train_loss_end": state.history[-1]["train_loss"] if state.history else None,
+        "val_loss_start": state.val_history[0]["val_loss"], "val_loss_end": state.val_history[-1]["val_loss"],
+        "wall_time_s": round(time.time() - run.started, 2), "skipped_nonfinite_steps": state.skipped_nonfinite,
+        "trainable_params": sum(p.numel() for p in run.params), "n_loops": node.n_loops,
+        "fields": data.field_names, "adapter_fields": run.child_fields, "sources": node.sources,
+        "date_range": {"start": min(a for a, _ in data.date_range.values()),
+                       "end": max(b for _, b in data.date_range.values())},
+        "settings": {"learning_rate": node.learning_rate, "batch_size": node.batch_size,
+                     "context_len": node.context_len, "horizon": node.horizon,
+                     "random_fraction": node.random_fraction, "forecast_probability": node.forecast_probability,
+                     "processes": acc.num_processes, "gradient_accumulation": acc.gradient_accumulation_steps,
+                     "mixed_precision": str(acc.mixed_precision), "seed": seed, "nonfinite": nonfinite},
+        "config": run.config, "history": state.history, "val_history": state.val_history,
+    }
