@@ -6,21 +6,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .curriculum import CurriculumError
 from .faults import crash_point
-from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json
+from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json, writing
 
 STATE_FILE = "trainer_state.json"
 
@@ -33,15 +30,6 @@ class NodeState:
     history: list[dict] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)
     skipped_nonfinite: int = 0
-
-
-@contextlib.contextmanager
-def writing(what: str) -> Iterator[None]:
-    """safetensors reports I/O failures (disk full, EFBIG) as its own error type: make them one-line OSErrors."""
-    try:
-        yield
-    except SafetensorError as err:
-        raise OSError(f"could not write {what}: {str(err).splitlines()[0]}") from None
 
 
 def read_state(folder: str | os.PathLike) -> dict | None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 
@@ -116,3 +117,12 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}; restore or delete it")
     return data
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+    """safetensors reports I/O failures (disk full, EFBIG) as its own error type: make them one-line OSErrors."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise OSError(f"could not write {what}: {str(err).splitlines()[0]}") from None

@@ -28,7 +28,7 @@ from .configuration_gwm import DEFAULT_BASE
 from .curriculum import Curriculum, CurriculumError, TrainingNode
 from .data import CanvasDataset, DataSource, NodeData
 from .faults import crash_point
-from .io_utils import atomic_move_file, atomic_write_json
+from .io_utils import atomic_move_file, atomic_write_json, writing
 from .loop import LoopConfig
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
@@ -341,7 +341,7 @@ class DAGCurriculumTrainer(RunPlan):
         if acc.is_main_process:
             staging = os.path.join(folder, ".staging")
             shutil.rmtree(staging, ignore_errors=True)
-            with checkpoint.writing(f"the adapter of node {name!r} to {folder}"):
+            with writing(f"the adapter of node {name!r} to {folder}"):
                 self.peft_model.save_pretrained(staging, selected_adapters=[name], save_embedding_layers=False)
             saved = os.path.join(staging, name) if os.path.isdir(os.path.join(staging, name)) else staging
             for filename in ADAPTER_FILES:
