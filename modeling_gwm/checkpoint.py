@@ -1,7 +1,10 @@
 """A node's checkpoint: its adapter, its optimizer and its loop state, written and read back without pickle.
 
-    <node>/checkpoint/   adapter.safetensors  optimizer.safetensors  trainer_state.json
+    <node>/checkpoint/   adapter.safetensors  optimizer.safetensors  best_adapter.safetensors  trainer_state.json
                          (staged in <node>/.checkpoint.tmp, then swapped in whole by `atomic_replace_dir`)
+
+best_adapter.safetensors is the adapter at the best validation loss so far (what the node writes at its end);
+trainer_state.json holds the step, the histories, the best step and the learning-rate scheduler's state.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .faults import crash_point
 from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json, writing
 
 STATE_FILE = "trainer_state.json"
+BEST_FILE = "best_adapter.safetensors"
 
 
 @dataclass
@@ -30,6 +34,22 @@ class NodeState:
     history: list[dict] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)
     skipped_nonfinite: int = 0
+    best_step: int | None = None  # the evaluated step with the lowest validation loss so far
+    best_val_loss: float | None = None
+    best_adapter: dict[str, torch.Tensor] | None = None  # the adapter at `best_step`
+
+    def offer(self, step: int, val_loss: float, adapter: dict[str, torch.Tensor]) -> bool:
+        """Record an evaluation; keep `adapter` (detached copies) when it is a new best. Returns whether it was."""
+        self.val_history.append({"step": step, "val_loss": val_loss})
+        if val_loss == val_loss and (self.best_val_loss is None or val_loss < self.best_val_loss):  # NaN never wins
+            self.best_step, self.best_val_loss = step, val_loss
+            self.best_adapter = {k: v.detach().clone() for k, v in adapter.items()}
+            return True
+        return False
+
+    def evaluations_since_best(self) -> int:
+        """Evaluations after the best one (early stopping's count); all of them while none has been finite."""
+        return sum(1 for entry in self.val_history if self.best_step is None or entry["step"] > self.best_step)
 
 
 def read_state(folder: str | os.PathLike) -> dict | None:
@@ -39,7 +59,7 @@ def read_state(folder: str | os.PathLike) -> dict | None:
 
 
 def save(folder: str | os.PathLike, name: str, state: NodeState, adapter: dict[str, torch.Tensor],
-         optimizer: torch.optim.Optimizer, config: dict) -> None:
+         optimizer: torch.optim.Optimizer, config: dict, scheduler=None) -> None:
     """Write `<node>/checkpoint/` for node `name` (`folder` is that checkpoint folder); the old one stays until the
     new one is complete."""
     folder = Path(folder)
@@ -51,16 +71,22 @@ def save(folder: str | os.PathLike, name: str, state: NodeState, adapter: dict[s
         crash_point("checkpoint_mid", name, state.step)
         tensors, meta = _optimizer_tensors(optimizer)
         atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
+        if state.best_adapter is not None:
+            atomic_save_safetensors(os.path.join(staging, BEST_FILE), state.best_adapter)
     atomic_write_json(os.path.join(staging, STATE_FILE),
                       {"step": state.step, "history": state.history, "val_history": state.val_history,
-                       "skipped_nonfinite": state.skipped_nonfinite, "optimizer": meta, "config": config})
+                       "skipped_nonfinite": state.skipped_nonfinite, "best_step": state.best_step,
+                       "best_val_loss": state.best_val_loss,
+                       "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                       "optimizer": meta, "config": config})
     atomic_replace_dir(staging, str(folder))
     crash_point("checkpoint_written", name, state.step)
 
 
 def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         config: dict) -> NodeState | None:
-    """Put the checkpoint in `folder` into adapter `name` of the PEFT `model` and into `optimizer`; None if none.
+         config: dict, scheduler=None) -> NodeState | None:
+    """Put the checkpoint in `folder` into adapter `name` of the PEFT `model`, into `optimizer` and into the
+    learning-rate `scheduler`; returns the loop state (best adapter included), None if there is no checkpoint.
 
     A checkpoint that no longer fits (e.g. n_loops changed under --allow_changed_config) is a `CurriculumError`
     naming what changed since it was written (`config` is the node's current record).
@@ -72,13 +98,18 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
         set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter.safetensors")), adapter_name=name)
         optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors")),
                                                    saved["optimizer"]))
+        if scheduler is not None and saved.get("scheduler"):
+            scheduler.load_state_dict(saved["scheduler"])
+        best = os.path.join(folder, BEST_FILE)
+        best_adapter = load_file(best) if os.path.isfile(best) else None  # set into the model when it is written
     except (RuntimeError, ValueError, KeyError) as err:
         changes = "; ".join(config_changes(saved.get("config") or {}, config)[:3]) or "unknown changes"
         raise CurriculumError(f"node {name!r}: its step-{saved.get('step')} checkpoint in {folder} does not fit "
                               f"the current settings ({changes}): {str(err).splitlines()[0]}; delete that "
                               "checkpoint folder to restart the node") from None
     return NodeState(step=saved["step"], history=saved["history"], val_history=saved["val_history"],
-                     skipped_nonfinite=saved.get("skipped_nonfinite", 0))
+                     skipped_nonfinite=saved.get("skipped_nonfinite", 0), best_step=saved.get("best_step"),
+                     best_val_loss=saved.get("best_val_loss"), best_adapter=best_adapter)
 
 
 def config_changes(recorded: dict, current: dict, prefix: str = "") -> list[str]:

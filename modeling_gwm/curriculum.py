@@ -46,6 +46,13 @@ class TrainingNode:
     val_fraction: float = 0.2
     eval_windows: int = 64
     checkpoint_every: int = 25
+    # the learning-rate schedule (`transformers.get_scheduler`): warm-up over `warmup_steps` (when given) or
+    # ceil(warmup_ratio × steps) steps, then the named decay to the last step
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.05
+    eval_every: int = 25  # validation every so many steps (and at step 0 and the last); the best step is written
+    early_stopping_patience: int | None = None  # stop after so many evaluations without a new best (None: never)
     merge: MergeSpec | None = None
 
     @property
@@ -59,6 +66,12 @@ class TrainingNode:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def warmup_for(self, steps: int) -> int:
+        """Warm-up steps of a run of `steps` steps (`--max_steps` may shorten the node's own); `constant` has none."""
+        if self.lr_scheduler_type == "constant":
+            return 0
+        return min(steps, self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * steps))
 
 
 _NODE_KEYS = {f.name for f in fields(TrainingNode)}
@@ -190,6 +203,11 @@ def _mid(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
+# The schedules of `transformers.get_scheduler` that need nothing but warm-up and total steps (and keep their state
+# in plain numbers, so a checkpoint holds it as JSON).
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                "inverse_sqrt")
+
 # Upper bounds far past any sensible run, so a typo (steps: 1e12, batch_size: 10**9) is refused before it allocates
 # or loops for days: 10M steps is weeks of the 2B base's steps; a batch or a context past 10,000 canvases or steps
 # cannot fit in one accelerator's memory; more loops than 64 re-applies each frozen block beyond any tested depth.
@@ -215,7 +233,7 @@ def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
     for f in node.fields or []:
         if f not in own:
             raise CurriculumError(f"{here}: field {f!r} is in none of its sources {node.sources}")
-    positive_int = ["steps", "batch_size", "context_len", "n_loops", "eval_windows", "checkpoint_every"]
+    positive_int = ["steps", "batch_size", "context_len", "n_loops", "eval_windows", "checkpoint_every", "eval_every"]
     for key in positive_int:
         value = getattr(node, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -236,6 +254,7 @@ def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
             raise CurriculumError(f"{here}: {key} must be a number in [0, 1], got {value!r}")
     if not isinstance(node.val_fraction, (int, float)) or not 0 < node.val_fraction < 1:
         raise CurriculumError(f"{here}: val_fraction must be in (0, 1), got {node.val_fraction!r}")
+    _check_schedule(node, here)
     if node.merge is not None:
         if node.kind != "join":
             raise CurriculumError(f"{here}: 'merge' is only for nodes with several parents")
@@ -254,6 +273,23 @@ def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
                               f"{sorted(loops)}")
     if node.kind == "fork" and loops != {node.n_loops}:
         raise CurriculumError(f"{here}: a fork needs its parent's n_loops ({loops.pop()}), got {node.n_loops}")
+
+
+def _check_schedule(node: TrainingNode, here: str) -> None:
+    """The learning-rate schedule and the evaluation settings that pick and stop at the best step."""
+    if node.lr_scheduler_type not in LR_SCHEDULES:
+        raise CurriculumError(f"{here}: unknown lr_scheduler_type {node.lr_scheduler_type!r}; valid: "
+                              f"{', '.join(LR_SCHEDULES)}")
+    warmup = node.warmup_steps
+    if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup <= node.steps):
+        raise CurriculumError(f"{here}: warmup_steps must be a whole number in [0, steps={node.steps}], got {warmup!r}")
+    ratio = node.warmup_ratio
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+        raise CurriculumError(f"{here}: warmup_ratio must be a number in [0, 1), got {ratio!r}")
+    patience = node.early_stopping_patience
+    if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
+        raise CurriculumError(f"{here}: early_stopping_patience must be a positive whole number of evaluations (or "
+                              f"null: never stop early), got {patience!r}")
 
 
 def _check_merge_weights(method: str, weights, count: int, here: str) -> None:

@@ -1,5 +1,6 @@
 """The inner loop of one node's training: what its phases share (`NodeRun`), the batch of each (seed, node, step), one
-optimizer step over micro-batches with the non-finite guard, the held-out validation loss and the node's metrics.
+optimizer step over micro-batches with the non-finite guard, the learning-rate schedule, the held-out validation loss
+and the node's metrics.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from .checkpoint import NodeState
 from .curriculum import TrainingNode
@@ -34,6 +36,7 @@ class NodeRun:
     retention: dict | None = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     model: torch.nn.Module | None = None  # the PEFT model as accelerate prepared it
     state: NodeState = field(default_factory=NodeState)
     progress: tqdm | None = None
@@ -64,11 +67,35 @@ def micro_batches(acc: Accelerator, data: NodeData, node: TrainingNode, seed: in
     return out
 
 
-def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, bool, bool]:
-    """One optimizer step over this process's micro-batches: (train loss, finite, fp16 overflow)."""
+def make_scheduler(optimizer: torch.optim.Optimizer, node: TrainingNode,
+                   steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The node's learning-rate schedule over a run of `steps` steps (`transformers.get_scheduler`), stepped once per
+    training step: warm-up from 0, then the named decay from the node's learning rate."""
+    return get_scheduler(node.lr_scheduler_type, optimizer, num_warmup_steps=node.warmup_for(steps),
+                         num_training_steps=steps)
+
+
+def set_base_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, node: TrainingNode) -> None:
+    """After a resume: the node's own rate and weight decay, not the checkpoint's (they differ only under
+    --allow_changed_config), at the schedule's restored step; the same arithmetic as `LambdaLR.step`."""
+    scheduler.base_lrs = [node.learning_rate] * len(scheduler.optimizer.param_groups)
+    for group, schedule in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = node.learning_rate, node.weight_decay
+        group["lr"] = node.learning_rate * schedule(scheduler.last_epoch)
+
+
+def gradient_norm(params: list[torch.nn.Parameter]) -> float | None:
+    """The L2 norm of all gradients together (after unscaling and the processes' reduction); None if not finite."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+    norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return norm if norm == norm and norm != float("inf") else None
+
+
+def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, bool, bool, float | None]:
+    """One optimizer step over this process's micro-batches: (train loss, finite, fp16 overflow, gradient norm)."""
     model, optimizer, step = run.model, run.optimizer, run.state.step + 1
     sse_step = torch.zeros((), device=acc.device)
-    finite, overflow = True, False
+    finite, overflow, grad_norm = True, False, None
     for micro in micro_batches(acc, run.data, run.node, seed, run.index, run.state.step):
         with acc.accumulate(model):
             with acc.autocast():
@@ -80,6 +107,7 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
             acc.backward(sse * scale)
             if acc.sync_gradients:
                 finite = all_finite(acc, sse_step + sse.detach(), run.params, optimizer)
+                grad_norm = gradient_norm(run.params)
                 crash_point("step", run.name, step)
                 if finite:
                     optimizer.step()  # under fp16, GradScaler skips a step whose gradients overflowed
@@ -89,7 +117,7 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
             optimizer.zero_grad()
         sse_step += sse.detach()
         scored_total = micro["scored_total"]
-    return float(acc.reduce(sse_step, reduction="sum")) / scored_total, finite, overflow
+    return float(acc.reduce(sse_step, reduction="sum")) / scored_total, finite, overflow, grad_norm
 
 
 def all_finite(acc: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer) -> bool:
@@ -145,7 +173,10 @@ def node_metrics(acc: Accelerator, run: NodeRun, seed: int, nonfinite: str) -> d
         "node": run.name, "kind": node.kind, "parents": node.parents, "steps": state.step,
         "train_loss_start": state.history[0]["train_loss"] if state.history else None,
         "train_loss_end": state.history[-1]["train_loss"] if state.history else None,
+        # start: before the first step (a join: right after its merge); end: the last step; best: what is written
         "val_loss_start": state.val_history[0]["val_loss"], "val_loss_end": state.val_history[-1]["val_loss"],
+        "best_step": state.best_step, "val_loss_best": state.best_val_loss,
+        "stopped_early": state.step < run.steps,
         "wall_time_s": round(time.time() - run.started, 2), "skipped_nonfinite_steps": state.skipped_nonfinite,
         "trainable_params": sum(p.numel() for p in run.params), "n_loops": node.n_loops,
         "fields": data.field_names, "adapter_fields": run.child_fields, "sources": node.sources,
@@ -153,6 +184,8 @@ def node_metrics(acc: Accelerator, run: NodeRun, seed: int, nonfinite: str) -> d
                        "end": max(b for _, b in data.date_range.values())},
         "settings": {"learning_rate": node.learning_rate, "batch_size": node.batch_size,
                      "context_len": node.context_len, "horizon": node.horizon,
+                     "lr_scheduler_type": node.lr_scheduler_type, "warmup_steps": node.warmup_for(run.steps),
+                     "eval_every": node.eval_every, "early_stopping_patience": node.early_stopping_patience,
                      "random_fraction": node.random_fraction, "forecast_probability": node.forecast_probability,
                      "processes": acc.num_processes, "gradient_accumulation": acc.gradient_accumulation_steps,
                      "mixed_precision": str(acc.mixed_precision), "seed": seed, "nonfinite": nonfinite},

@@ -37,6 +37,13 @@ class RunPlan:
             self.model_config["backbone"] = args.backbone
         if args.pretrained_model_id is not None:
             self.model_config["base"] = args.pretrained_model_id
+        model_seed = self.model_config.get("seed", 0)
+        if not isinstance(model_seed, int) or isinstance(model_seed, bool) or not isinstance(args.seed, int):
+            raise CurriculumError(f"{curriculum.where}: model.seed and --seed must be whole numbers, got "
+                                  f"{model_seed!r} and {args.seed!r}")
+        # The adapters' initialisation (the shared start of every root): the curriculum's model.seed offset by the
+        # run's --seed, so runs with different --seed differ in their init too, and every node of one run shares it.
+        self.init_seed = model_seed + args.seed
         self.run_folder = RunFolder(args.output_dir)
         self.output_dir = str(self.run_folder.path)
         if args.nonfinite not in ("stop", "skip"):
@@ -126,13 +133,14 @@ class RunPlan:
     def _check_same_origin(self, name: str, parent: str) -> None:
         """Forks and joins need parents grown from this job's seeded init (a join averages their task vectors)."""
         recorded = self.run_folder.read_node_json(parent, "adapter_config.json").get("gwm_config") or {}
-        ours = {"seed": self.model_config.get("seed", self.args.seed),
+        ours = {"seed": self.init_seed,
                 "backbone": self.model_config.get("backbone", "cogvideox")}
         for key, value in ours.items():
             if key in recorded and recorded[key] != value:
+                what = "adapter init seed (model.seed + --seed)" if key == "seed" else f"model {key}"
                 raise CurriculumError(f"node {name!r}: parent {parent!r} in {self.node_dir(parent)} was trained with "
-                                      f"model {key} {recorded[key]!r}, this job uses {value!r}; give every job of a "
-                                      "curriculum the same model settings (set model.seed in the curriculum)")
+                                      f"{what} {recorded[key]!r}, this job uses {value!r}; give every job of a "
+                                      "curriculum the same --seed and model settings")
 
     def node_config(self, name: str) -> dict:
         """Everything that makes a node's adapter what it is, as plain JSON: the node's resolved settings, its fields

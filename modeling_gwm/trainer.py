@@ -1,9 +1,10 @@
 """DAG curriculum training with accelerate: one frozen base per process, one adapter per node.
 
 `run()` plans (which nodes, checks before any work, dag.json) and trains the nodes in topological order; `train_node`
-takes one node through numbered phases: (1) data, (2) adapter start state, (3) prepare, (4) loop, (5) evaluate,
-(6) write. Batches are derived from (seed, node, step) alone, so a resumed or multi-process run sees exactly the
-batches an uninterrupted single-process run sees.
+takes one node through numbered phases: (1) data, (2) adapter start state, (3) prepare, (4) loop, (5) evaluate and
+keep the best state, (6) write. Batches are derived from (seed, node, step) alone, so a resumed or multi-process run
+sees exactly the batches an uninterrupted single-process run sees; the learning-rate schedule and the best state so
+far are part of every checkpoint, so a resumed node also picks and writes the same step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .io_utils import atomic_move_file, atomic_write_json, writing
 from .loop import LoopConfig
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
-from .node_loop import NodeRun, all_finite, node_metrics, training_step, validation_loss
+from .node_loop import (NodeRun, all_finite, make_scheduler, node_metrics, set_base_rate, training_step,
+                        validation_loss)
 from .plan import RunPlan
 from .run_folder import ADAPTER_FILES
 from .training_args import TrainingArguments
@@ -140,7 +142,7 @@ class DAGCurriculumTrainer(RunPlan):
     def _ensure_model(self) -> GWMModel:
         if self.model is None:
             config = {k: v for k, v in self.model_config.items() if k != "base"}
-            config.setdefault("seed", self.args.seed)
+            config["seed"] = self.init_seed
             config["gradient_checkpointing"] = self.args.gradient_checkpointing or config.get("gradient_checkpointing",
                                                                                               False)
             base = self.model_config.get("base", DEFAULT_BASE)
@@ -214,7 +216,8 @@ class DAGCurriculumTrainer(RunPlan):
             data = self._node_data(parent)
             ids = torch.tensor([child_fields.index(f) for f in data.field_names], device=self.accelerator.device)
             merged = self.evaluate(data.val, ids, node.horizon, node.eval_windows)
-            own = self.run_folder.read_node_json(parent, "metrics.json").get("val_loss_end")
+            recorded = self.run_folder.read_node_json(parent, "metrics.json")
+            own = recorded.get("val_loss_best", recorded.get("val_loss_end"))  # the parent's written adapter
             out[parent] = {"parent_val_loss": own, "merged_val_loss": merged,
                            "retention": (own / merged) if own and merged == merged and merged > 0 else None}
         return out
@@ -226,7 +229,7 @@ class DAGCurriculumTrainer(RunPlan):
         self._start_adapter(run, dag)  # (2) adapter start state: seeded init, fork copy or join merge; retention
         self._prepare(run)  # (3) optimizer, resume from the checkpoint, accelerate.prepare
         self._loop(run, dag)  # (4) the steps, a checkpoint every `checkpoint_every`
-        metrics = self._evaluate_end(run)  # (5) the validation loss at the end; metrics
+        metrics = self._evaluate_end(run)  # (5) the validation loss at the end; the best evaluated state; metrics
         self._write(run, dag, metrics)  # (6) adapter, metrics.json, dag.json, card, COMPLETE
         return metrics
 
@@ -252,14 +255,15 @@ class DAGCurriculumTrainer(RunPlan):
         run.steps = node.steps if self.args.max_steps is None else min(node.steps, self.args.max_steps)
         run.params = [p for p in self.peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(run.params, lr=node.learning_rate, weight_decay=node.weight_decay)
+        run.scheduler = make_scheduler(optimizer, node, run.steps)  # stepped here, never by accelerate
         folder = self.run_folder.checkpoint_dir(run.name)
-        if self.args.resume and (saved := checkpoint.load(folder, run.name, self.peft_model, optimizer, run.config)):
+        if self.args.resume and (saved := checkpoint.load(folder, run.name, self.peft_model, optimizer, run.config,
+                                                          run.scheduler)):
             run.state = saved
-            for group in optimizer.param_groups:  # the saved state brings back the old rate: the node's own holds
-                group["lr"], group["weight_decay"] = node.learning_rate, node.weight_decay
+            set_base_rate(run.scheduler, node)  # the saved state brings back the old rate: the node's own holds
             logger.info(f"node {run.name}: resuming from step {run.state.step}", main_process_only=True)
-        if run.state.step == 0:
-            run.state.val_history.append({"step": 0, "val_loss": self._val_loss(run)})
+        if run.state.step == 0:  # the start state (a join: its merge) is the first candidate for the best
+            self._evaluate(run)
         run.model, run.optimizer = acc.prepare(self.peft_model, optimizer)
         run.model.train()
         run.progress = tqdm(total=run.steps, initial=run.state.step, desc=f"{run.name} [{node.kind}]",
@@ -270,12 +274,16 @@ class DAGCurriculumTrainer(RunPlan):
     def _loop(self, run: NodeRun, dag: dict) -> None:
         state = run.state
         while state.step < run.steps:
-            train_loss, finite, overflow = training_step(self.accelerator, run, self.args.seed)
+            rate = run.optimizer.param_groups[0]["lr"]  # this step's rate on the schedule
+            train_loss, finite, overflow, grad_norm = training_step(self.accelerator, run, self.args.seed)
             if not finite:
                 self._nonfinite(run, dag, train_loss)
             state.step += 1
-            state.history.append({"step": state.step, "train_loss": train_loss} if finite else
-                                 {"step": state.step, "train_loss": None, "skipped": "non-finite"})
+            run.scheduler.step()
+            state.history.append({"step": state.step, "train_loss": train_loss, "learning_rate": rate,
+                                  "grad_norm": grad_norm} if finite else
+                                 {"step": state.step, "train_loss": None, "learning_rate": rate,
+                                  "skipped": "non-finite"})
             if overflow:  # GradScaler's business (it lowered the scale), neither a stop nor a counted skip
                 state.history[-1]["skipped"] = "fp16 overflow"
                 logger.info(f"node {run.name}: fp16 gradient overflow at step {state.step}, GradScaler skipped the "
@@ -283,12 +291,30 @@ class DAGCurriculumTrainer(RunPlan):
                             main_process_only=True)
             run.progress.update(1)
             run.progress.set_postfix(loss=f"{train_loss:.4f}")
-            if self.accelerator.log_with:
-                self.accelerator.log({f"{run.name}/train_loss": train_loss}, step=run.index * 1_000_000 + state.step)
+            self._log(run, train_loss=train_loss, learning_rate=rate, grad_norm=grad_norm)
+            if state.step % run.node.eval_every == 0 and state.step < run.steps:
+                self._evaluate(run)
+                patience = run.node.early_stopping_patience
+                if patience is not None and state.evaluations_since_best() >= patience:
+                    logger.info(f"node {run.name}: early stop at step {state.step}, no better validation loss in "
+                                f"{patience} evaluation(s) since step {state.best_step}", main_process_only=True)
+                    break
             if state.step % run.node.checkpoint_every == 0 and state.step < run.steps:
-                state.val_history.append({"step": state.step, "val_loss": self._val_loss(run)})
                 self._save_checkpoint(run)
         run.progress.close()
+
+    def _evaluate(self, run: NodeRun) -> None:
+        """Validate the current state; remember it (a detached copy) when it is the best so far."""
+        adapter = get_peft_model_state_dict(self.accelerator.unwrap_model(self.peft_model), adapter_name=run.name)
+        val_loss = self._val_loss(run)
+        run.state.offer(run.state.step, val_loss, adapter)
+        self._log(run, val_loss=val_loss)
+
+    def _log(self, run: NodeRun, **values: float | None) -> None:
+        """The node's scalars for the run's tracker (`--report_to`), `<node>/<name>` at the node's own step."""
+        if self.accelerator.log_with:
+            self.accelerator.log({f"{run.name}/{k}": v for k, v in values.items() if v is not None},
+                                 step=run.index * 1_000_000 + run.state.step)
 
     def _nonfinite(self, run: NodeRun, dag: dict, train_loss: float) -> None:
         """A NaN/inf step: stop the node (`NonFiniteError`, its last checkpoint kept) or count it as skipped."""
@@ -307,7 +333,17 @@ class DAGCurriculumTrainer(RunPlan):
                              "--nonfinite skip to skip such steps")
 
     def _evaluate_end(self, run: NodeRun) -> dict:
-        run.state.val_history.append({"step": run.state.step, "val_loss": self._val_loss(run)})
+        """The last step's validation loss (unless an early stop just measured it), then the best state goes back
+        into the adapter: what the node writes."""
+        state = run.state
+        if state.val_history[-1]["step"] != state.step:
+            self._evaluate(run)
+        if state.best_step is not None and state.best_step != state.step:
+            set_peft_model_state_dict(self.accelerator.unwrap_model(run.model), state.best_adapter,
+                                      adapter_name=run.name)
+            logger.info(f"node {run.name}: keeps its step-{state.best_step} state (val loss "
+                        f"{state.best_val_loss:.4f}; last step {state.val_history[-1]['val_loss']:.4f})",
+                        main_process_only=True)
         return node_metrics(self.accelerator, run, self.args.seed, self.args.nonfinite)
 
     def _write(self, run: NodeRun, dag: dict, metrics: dict) -> None:
@@ -316,7 +352,8 @@ class DAGCurriculumTrainer(RunPlan):
         acc.free_memory()
         self._write_outputs(name, metrics)
         self._update_dag(dag, name, status="done", val_loss_start=metrics["val_loss_start"],
-                         val_loss_end=metrics["val_loss_end"], retention=run.retention, error=None)
+                         val_loss_end=metrics["val_loss_end"], best_step=metrics["best_step"],
+                         val_loss_best=metrics["val_loss_best"], retention=run.retention, error=None)
         if self.write_cards and acc.is_main_process:
             from .cards import write_node_card
 
@@ -328,7 +365,8 @@ class DAGCurriculumTrainer(RunPlan):
         acc.wait_for_everyone()
         logger.info(f"node {name}: done, train loss {_fmt_loss(metrics['train_loss_start'])} -> "
                     f"{_fmt_loss(metrics['train_loss_end'])}, val loss {metrics['val_loss_start']:.4f} -> "
-                    f"{metrics['val_loss_end']:.4f} in {metrics['wall_time_s']} s", main_process_only=True)
+                    f"{metrics['val_loss_end']:.4f} (best {_fmt_loss(metrics['val_loss_best'])} at step "
+                    f"{metrics['best_step']}) in {metrics['wall_time_s']} s", main_process_only=True)
 
     def _all_finite(self, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer) -> bool:
         """Whether this step's loss and gradients are finite on every process (see `node_loop.all_finite`)."""
@@ -356,7 +394,7 @@ class DAGCurriculumTrainer(RunPlan):
         if acc.is_main_process:
             adapter = get_peft_model_state_dict(acc.unwrap_model(self.peft_model), adapter_name=run.name)
             checkpoint.save(self.run_folder.checkpoint_dir(run.name), run.name, run.state, adapter, run.optimizer,
-                            run.config)
+                            run.config, run.scheduler)
         acc.wait_for_everyone()
 
     def _write_final(self, dag: dict) -> None:
@@ -367,12 +405,14 @@ class DAGCurriculumTrainer(RunPlan):
 
 def summary(dag: dict, output_dir: str) -> str:
     """What the run prints at the end: every node's validation loss and every join's retention."""
-    lines = [f"GWM curriculum finished: {output_dir}", "", "node         status  val loss start -> end"]
+    lines = [f"GWM curriculum finished: {output_dir}", "",
+             "node         status  val loss start -> last step   written (best) at step"]
     for name in dag["order"]:
         entry = dag["nodes"][name]
-        start, end = entry.get("val_loss_start"), entry.get("val_loss_end")
+        start, end, best = entry.get("val_loss_start"), entry.get("val_loss_end"), entry.get("val_loss_best")
         losses = f"{start:.4f} -> {end:.4f}" if start is not None and end is not None else "-"
-        lines.append(f"{name:<12} {entry['status']:<7} {losses}")
+        written = f"{best:.4f} at step {entry.get('best_step')}" if best is not None else ""
+        lines.append(f"{name:<12} {entry['status']:<7} {losses:<26} {written}")
     for name in dag["order"]:
         retention = dag["nodes"][name].get("retention")
         if retention:

@@ -54,7 +54,7 @@ class TrainingArguments:
     allow_changed_config: bool = _arg(False, "with --resume: continue although the curriculum or settings changed "
                                              "since the run started (the new settings take over; refused by default)")
     max_steps: StepCount | None = _arg(None, "cap every node's steps (quick runs)")
-    seed: int = _arg(0, "the run's seed: batches, masks and (unless model.seed is set) the adapters' init")
+    seed: int = _arg(0, "the run's seed: batches, masks and the adapters' init (seeded with model.seed + --seed)")
     gradient_checkpointing: bool = _arg(False, "recompute the frozen blocks' activations in backward (less memory)")
     gradient_accumulation_steps: StepCount = _arg(1, "split each step's batch into this many micro-batches")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _arg("no", "default on the command line: accelerate's "

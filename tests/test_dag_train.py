@@ -109,12 +109,10 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused(config, tmp_path):
         _train(config, tmp_path / "out", report_to="trackio")
 
 
-def test_a_join_refuses_parents_grown_from_another_seeded_init(tmp_path):
-    spec = tiny_curriculum(steps=STEPS)
-    del spec["model"]["seed"]  # the init then follows --seed, so jobs given different seeds disagree
-    config = write_curriculum(tmp_path, spec)
+def test_a_join_refuses_parents_grown_from_another_seeded_init(config, tmp_path):
+    # model.seed is 0 in the curriculum; the init seed is model.seed + --seed, so jobs given different seeds disagree
     _train(config, tmp_path / "out", only_nodes=["macro", "climate"], seed=1)
-    with pytest.raises(CurriculumError, match=r"node 'world': parent 'macro' .* trained with model seed 1, this job "
-                                              r"uses 2"):
+    with pytest.raises(CurriculumError, match=r"node 'world': parent 'macro' .* trained with adapter init seed "
+                                              r"\(model.seed \+ --seed\) 1, this job uses 2"):
         _train(config, tmp_path / "out", only_nodes=["world"], seed=2)
     assert not (tmp_path / "out" / "world").exists()
