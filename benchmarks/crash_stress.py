@@ -38,7 +38,8 @@ def tiny_dag(steps: int = 4, checkpoint_every: int = 2) -> dict:
     return {
         "model": {"base": str(TINY_BASE), "d_model": 16, "seed": 0},
         "defaults": {"steps": steps, "batch_size": 4, "context_len": 12, "horizon": 2, "n_loops": 2,
-                     "learning_rate": 0.005, "eval_windows": 8, "checkpoint_every": checkpoint_every},
+                     "learning_rate": 0.005, "eval_windows": 8, "checkpoint_every": checkpoint_every,
+                     "eval_every": 1},  # every step: the best state so far lives in each checkpoint
         "sources": {
             "us_macro": {"path": str(DATA / "us_macro_quarterly.csv"), "frequency": "QS",
                          "fields": {"macro.us.unemployment": "unemp", "macro.us.inflation": "infl"}},

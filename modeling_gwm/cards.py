@@ -205,8 +205,11 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
     }
     results = [
         ("train loss (first → last step)", metrics.get("train_loss_start"), metrics.get("train_loss_end")),
-        ("validation loss (before → after training)", metrics.get("val_loss_start"), metrics.get("val_loss_end")),
+        ("validation loss (before training → last step)", metrics.get("val_loss_start"), metrics.get("val_loss_end")),
     ]
+    if metrics.get("best_step") is not None:  # what this adapter is: the evaluated step with the lowest loss
+        results.append((f"validation loss of this adapter (step {metrics['best_step']} of {metrics.get('steps')}, the "
+                        "best evaluated)", None, metrics.get("val_loss_best")))
     return {
         "fields": [{"slot": i, "name": f.get("name", "?"), "unit": f.get("unit") or "—",
                     "transform": f.get("transform") or "none", "mean": _fmt(f.get("mean")), "std": _fmt(f.get("std"))}
@@ -313,7 +316,7 @@ def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, co
         "published": bool(config) and folder.has_adapter(name),
         "parents": ", ".join(f"{p} ({_fmt(w, 3)})" if len(weights) > 1 else p for p, w in weights.items()) or "—",
         "steps": _fmt(metrics.get("steps")),
-        "val_loss": _fmt(metrics.get("val_loss_end")),
+        "val_loss": _fmt(metrics.get("val_loss_best", metrics.get("val_loss_end"))),  # the adapter written
         "n_fields": len(config.get("fields") or metrics.get("fields") or []),
     }
 

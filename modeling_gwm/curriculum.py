@@ -281,7 +281,8 @@ def _check_schedule(node: TrainingNode, here: str) -> None:
         raise CurriculumError(f"{here}: unknown lr_scheduler_type {node.lr_scheduler_type!r}; valid: "
                               f"{', '.join(LR_SCHEDULES)}")
     warmup = node.warmup_steps
-    if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup <= node.steps):
+    whole = isinstance(warmup, int) and not isinstance(warmup, bool)
+    if warmup is not None and (not whole or not 0 <= warmup <= node.steps):
         raise CurriculumError(f"{here}: warmup_steps must be a whole number in [0, steps={node.steps}], got {warmup!r}")
     ratio = node.warmup_ratio
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:

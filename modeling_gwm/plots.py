@@ -43,7 +43,8 @@ def _finish_axes(ax, values: list[float]) -> None:
 
 
 def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: str | None = None) -> None:
-    """One node's training loss (raw and smoothed) and validation loss against step, as a PNG."""
+    """One node's training loss (raw and smoothed) and validation loss against step, the written (best) step starred,
+    as a PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in any process
 
     node = title or metrics.get("node") or "node"
@@ -58,6 +59,9 @@ def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: s
             ax.plot(steps, _ema(train, max(5, len(train) // 20)), color="tab:blue", lw=2, label="train loss (EMA)")
     if val:
         ax.plot(vsteps, val, color="tab:orange", marker="o", lw=2, label="validation loss")
+    if metrics.get("best_step") is not None and metrics.get("val_loss_best") is not None:
+        ax.plot([metrics["best_step"]], [metrics["val_loss_best"]], color="tab:red", marker="*", ms=14, ls="none",
+                label=f"written: best step {metrics['best_step']}")
     if not train and not val:
         ax.text(0.5, 0.5, "no loss history recorded", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"GWM node '{node}': loss")

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 from accelerate.logging import get_logger
@@ -33,8 +34,7 @@ from .io_utils import atomic_move_file, atomic_write_json, writing
 from .loop import LoopConfig
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
-from .node_loop import (NodeRun, all_finite, make_scheduler, node_metrics, set_base_rate, training_step,
-                        validation_loss)
+from .node_loop import NodeRun, all_finite, make_scheduler, node_metrics, set_base_rate, training_step, validation_loss
 from .plan import RunPlan
 from .run_folder import ADAPTER_FILES
 from .training_args import TrainingArguments
@@ -249,6 +249,7 @@ class DAGCurriculumTrainer(RunPlan):
         crash_point("merge_done", run.name)
         set_peft_model_state_dict(self.peft_model, start, adapter_name=run.name)
         run.retention = self._retention(run.name, run.child_fields) if run.node.kind == "join" else None
+        self._log(run, **{f"retention/{parent}": r["retention"] for parent, r in (run.retention or {}).items()})
 
     def _prepare(self, run: NodeRun) -> None:
         acc, node = self.accelerator, run.node
@@ -279,7 +280,9 @@ class DAGCurriculumTrainer(RunPlan):
             if not finite:
                 self._nonfinite(run, dag, train_loss)
             state.step += 1
-            run.scheduler.step()
+            with warnings.catch_warnings():  # a skipped step (non-finite, fp16 overflow) still spends its rate:
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # the
+                run.scheduler.step()  # schedule follows the step count, as the batches do
             state.history.append({"step": state.step, "train_loss": train_loss, "learning_rate": rate,
                                   "grad_norm": grad_norm} if finite else
                                  {"step": state.step, "train_loss": None, "learning_rate": rate,

@@ -265,6 +265,21 @@ CASES = [
     ("cli-bad-data-file", lambda e: e.cli("--config", str(e.spec_with(
         lambda s: s["sources"]["co2"].update(path=str(e.csv("date,co2\n"))))), "--resume", "--nodes", "j",
         "--no_deps"), 2, "bad.csv"),
+    # ---------------------------------------------- the learning-rate schedule and the best-step settings (issue 18)
+    ("cli-unknown-lr-scheduler", lambda e: e.cli("--config", str(e.spec_with(
+        lambda s: s["nodes"][1].update(lr_scheduler_type="cosine_annealing")))), 2,
+     "bad.yaml: node 'b': unknown lr_scheduler_type 'cosine_annealing'"),
+    ("cli-negative-warmup", lambda e: e.cli("--config", str(e.spec_with(
+        lambda s: s["nodes"][1].update(warmup_steps=-5)))), 2, "bad.yaml: node 'b': warmup_steps"),
+    ("cli-warmup-ratio-over-one", lambda e: e.cli("--config", str(e.spec_with(
+        lambda s: s["defaults"].update(warmup_ratio=1.5)))), 2, "bad.yaml: node 'a': warmup_ratio"),
+    ("cli-eval-every-zero", lambda e: e.cli("--config", str(e.spec_with(
+        lambda s: s["nodes"][1].update(eval_every=0)))), 2, "bad.yaml: node 'b': eval_every"),
+    ("cli-bad-early-stopping-patience", lambda e: e.cli("--config", str(e.spec_with(
+        lambda s: s["nodes"][1].update(early_stopping_patience=0)))), 2, "bad.yaml: node 'b': early_stopping_patience"),
+    ("cli-early-stopping-patience-not-a-number", lambda e: e.cli("--config", str(e.spec_with(
+        lambda s: s["nodes"][2].update(early_stopping_patience="soon")))), 2,
+     "bad.yaml: node 'j': early_stopping_patience"),
     # ---------------------------------------------- baddata: silent wrong results and tracebacks (issue 14, 2 and 3)
     ("data-mixed-utc-offsets", lambda e: lambda: _source(e.csv(
         "date,value\n2000-01-01T00:00:00+05:00,1\n2000-02-01T00:00:00+04:00,2\n")).read(), DataError,
@@ -523,8 +538,9 @@ def _add_sunspots_to_a(s: dict) -> None:
 
 
 def test_resume_with_allow_changed_config_trains_with_the_new_learning_rate(tmp_path, trained):
-    """The optimizer state of a checkpoint holds the old rate; with the override the new one must really apply."""
-    adapters = {}
+    """The optimizer and scheduler states of a checkpoint hold the old rate; with the override the new one must
+    really apply (step 2 of 2 is the cosine schedule's first step after its one warm-up step: the full rate)."""
+    last_step_loss = {}
     for lr in (0.005, 0.05):
         env = Env(tmp_path / str(lr), trained)
         _half_train_j(env)
@@ -533,9 +549,10 @@ def test_resume_with_allow_changed_config_trains_with_the_new_learning_rate(tmp_
         config = env.yaml(yaml.safe_dump(s, sort_keys=False))
         assert dag_train.main(env.cli("--config", str(config), "--resume", "--nodes", "j",
                                       "--allow_changed_config")) == 0
-        adapters[lr] = load_file(env.out / "j" / "adapter_model.safetensors")
-        assert json.loads((env.out / "j" / "metrics.json").read_text())["config"]["learning_rate"] == lr
-    assert any(not torch.equal(adapters[0.005][k], adapters[0.05][k]) for k in adapters[0.005])
+        metrics = json.loads((env.out / "j" / "metrics.json").read_text())
+        assert metrics["config"]["learning_rate"] == lr and metrics["history"][-1]["learning_rate"] == lr
+        last_step_loss[lr] = metrics["val_loss_end"]  # the state after step 2 (the node writes its best state)
+    assert last_step_loss[0.005] != last_step_loss[0.05]
 
 
 def test_offsets_are_kept_as_local_time_in_training_and_forecasting(tmp_path, caplog):

@@ -5,6 +5,7 @@ Every run here is the tiny curriculum in-process (a few steps per node, no model
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -88,19 +89,26 @@ def test_a_batch_that_does_not_split_over_accumulation_steps_stops_the_run_befor
     assert not (tmp_path / "out").exists()
 
 
-def test_report_to_tensorboard_logs_every_step_of_the_node(config, tmp_path):
+def test_report_to_tensorboard_logs_losses_rate_and_gradient_norm_of_every_node(config, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "out"
-    _train(config, out, only_nodes=["macro"], report_to="tensorboard")
+    _train(config, out, only_nodes=["world"], report_to="tensorboard")
     runs = [root for root, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
-    scalars = []
+    scalars = {}
     for folder in runs:
         events = EventAccumulator(folder)
         events.Reload()
-        if "macro/train_loss" in events.Tags()["scalars"]:
-            scalars = events.Scalars("macro/train_loss")
-    assert len(scalars) == STEPS
+        scalars.update({tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]})
+    for node in ("macro", "climate", "world"):
+        metrics = json.loads((out / node / "metrics.json").read_text())
+        assert len(scalars[f"{node}/train_loss"]) == STEPS
+        assert scalars[f"{node}/learning_rate"] == pytest.approx([h["learning_rate"] for h in metrics["history"]])
+        assert scalars[f"{node}/grad_norm"] == pytest.approx([h["grad_norm"] for h in metrics["history"]])
+        assert scalars[f"{node}/val_loss"] == pytest.approx([h["val_loss"] for h in metrics["val_history"]])
+    retention = json.loads((out / "dag.json").read_text())["nodes"]["world"]["retention"]
+    for parent in ("macro", "climate"):
+        assert scalars[f"world/retention/{parent}"] == pytest.approx([retention[parent]["retention"]])
 
 
 @pytest.mark.skipif(bool(is_trackio_available()), reason="needs an environment without trackio")

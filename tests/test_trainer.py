@@ -63,7 +63,7 @@ def test_join_records_retention_on_each_parent_before_training(trained):
     assert world["merge"] == {"method": "linear", "weights": [0.6, 0.4], "density": 0.5}
     for parent in ("macro", "climate"):
         retention = world["retention"][parent]
-        assert retention["parent_val_loss"] == dag["nodes"][parent]["val_loss_end"]
+        assert retention["parent_val_loss"] == dag["nodes"][parent]["val_loss_best"]  # the adapter it wrote
         assert retention["merged_val_loss"] > 0
 
 
@@ -131,6 +131,6 @@ def test_no_argument_demo_trains_every_node_with_falling_validation_loss(tmp_pat
     assert dag["order"] == ["macro", "climate", "world", "world_solar"]
     for name, entry in dag["nodes"].items():
         assert entry["status"] == "done", name
-        assert entry["val_loss_end"] < entry["val_loss_start"], name
+        assert entry["val_loss_best"] < entry["val_loss_start"] and entry["best_step"] > 0, name
         assert (out / name / "README.md").exists() and (out / name / "loss_curve.png").exists()
     assert set(dag["nodes"]["world"]["retention"]) == {"macro", "climate"}
