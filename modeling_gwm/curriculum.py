@@ -184,6 +184,9 @@ class Curriculum:
                     f"{p}×{w:g}" for p, w in zip(node.parents, node.merge_weights())))
             lines.append(f"{i:>2}. {name} [{node.kind}] from {start}; {node.steps} steps, lr {node.learning_rate:g}, "
                          f"batch {node.batch_size}, n_loops {node.n_loops}, window {node.context_len}/{node.horizon}")
+            stop = f", early stop after {node.early_stopping_patience}" if node.early_stopping_patience else ""
+            lines.append(f"    schedule {node.lr_scheduler_type} (warm-up {node.warmup_for(node.steps)}), validated "
+                         f"every {node.eval_every} steps{stop}; writes its best evaluated step")
             lines.append(f"    sources: {', '.join(node.sources)}; trains on {len(self.node_fields(name))} fields: "
                          + ", ".join(self.node_fields(name)))
         return "\n".join(lines)

@@ -75,9 +75,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, node: TrainingNode,
                          num_training_steps=steps)
 
 
-def set_base_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, node: TrainingNode) -> None:
-    """After a resume: the node's own rate and weight decay, not the checkpoint's (they differ only under
-    --allow_changed_config), at the schedule's restored step; the same arithmetic as `LambdaLR.step`."""
+def set_base_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, node: TrainingNode, step: int) -> None:
+    """After a resume at `step`: the node's own rate and weight decay, not the checkpoint's (they differ only under
+    --allow_changed_config), at that step of the schedule; the same arithmetic as `LambdaLR.step`."""
+    scheduler.last_epoch = step  # what the checkpoint's scheduler state holds (a checkpoint without one: set here)
     scheduler.base_lrs = [node.learning_rate] * len(scheduler.optimizer.param_groups)
     for group, schedule in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"], group["weight_decay"] = node.learning_rate, node.weight_decay

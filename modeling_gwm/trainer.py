@@ -261,7 +261,7 @@ class DAGCurriculumTrainer(RunPlan):
         if self.args.resume and (saved := checkpoint.load(folder, run.name, self.peft_model, optimizer, run.config,
                                                           run.scheduler)):
             run.state = saved
-            set_base_rate(run.scheduler, node)  # the saved state brings back the old rate: the node's own holds
+            set_base_rate(run.scheduler, node, run.state.step)  # the saved state brings the old rate: the node's holds
             logger.info(f"node {run.name}: resuming from step {run.state.step}", main_process_only=True)
         if run.state.step == 0:  # the start state (a join: its merge) is the first candidate for the best
             self._evaluate(run)
@@ -280,9 +280,9 @@ class DAGCurriculumTrainer(RunPlan):
             if not finite:
                 self._nonfinite(run, dag, train_loss)
             state.step += 1
-            with warnings.catch_warnings():  # a skipped step (non-finite, fp16 overflow) still spends its rate:
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # the
-                run.scheduler.step()  # schedule follows the step count, as the batches do
+            with warnings.catch_warnings():  # the schedule follows the step count, as the batches do: a skipped
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # step (non-
+                run.scheduler.step()  # finite, fp16 overflow) spends its rate too, which torch would warn about
             state.history.append({"step": state.step, "train_loss": train_loss, "learning_rate": rate,
                                   "grad_norm": grad_norm} if finite else
                                  {"step": state.step, "train_loss": None, "learning_rate": rate,
