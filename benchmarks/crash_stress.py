@@ -80,6 +80,8 @@ def check_outputs(output_dir: str | os.PathLike) -> list[str]:
             loads(checkpoint / "trainer_state.json", "json")
             loads(checkpoint / "adapter.safetensors", "safetensors")
             loads(checkpoint / "optimizer.safetensors", "safetensors")
+            if (checkpoint / "best_adapter.safetensors").exists():  # the best state so far, once one was evaluated
+                loads(checkpoint / "best_adapter.safetensors", "safetensors")
     return problems
 
 
