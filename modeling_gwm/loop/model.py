@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
@@ -33,12 +35,28 @@ def check_adapter_fits(config: LoopConfig, *, inner_dim: int, num_blocks: int, d
         )
 
 
+def _quiet_vocabulary_check(base: str | None) -> None:
+    """PEFT's `save_pretrained` looks for a `config.json` at the adapter's base to see whether a vocabulary grew and
+    warns when it finds none; a GWM base (a diffusers checkpoint) has neither a root config.json nor a vocabulary, so
+    that warning is silenced for GWM bases only."""
+    if base:
+        warnings.filterwarnings("ignore", message=re.escape(f"Could not find a config file in {base} - "),
+                                category=UserWarning)
+
+
 class LoopModel(BaseTuner):
     """PEFT tuner of the loop adapter (a sibling of `IA3Model`/`LoraModel`)."""
 
     prefix: str = "loop_"
     tuner_layer_cls = LoopLayer
     target_module_mapping = {"gwm": DEFAULT_TARGET_MODULES}
+
+    def __init__(self, model, peft_config, adapter_name: str, **kwargs):
+        # A base loaded with no GWM settings (as AutoPeftModel does) takes the first adapter's (GWMModel docs)
+        config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
+        if hasattr(model, "with_adapter_settings"):
+            model = model.with_adapter_settings(config.gwm_config)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
 
     def _prepare_adapter_config(self, config: LoopConfig, model_config: dict) -> LoopConfig:
         # Record (or check) the architecture the adapter belongs to, and the config to rebuild its model from.
@@ -54,6 +72,7 @@ class LoopModel(BaseTuner):
             for key in ("quantile_levels", "window_scaling", "window_stats_input"):
                 config.gwm_config[key] = getattr(self.model.config, key)
             config.format_version = ADAPTER_FORMAT_VERSION
+        _quiet_vocabulary_check(self.model.config.base_model_name_or_path)
         if self.model.config.backbone == "scratch":
             config.train_blocks = True  # random blocks carry no prior: they are trained with the adapter
         if len(config.fields) > self.model.config.max_fields:
