@@ -90,7 +90,6 @@ class GWMModel(PreTrainedModel):
     def __init__(self, config: GWMConfig, frozen_base: FrozenBase | None = None, device: str | None = None):
         super().__init__(config)
         config._name_or_path = config.base_model_name_or_path
-        self.name_or_path = config.base_model_name_or_path  # PEFT records it as the adapter's base_model_name_or_path
         self.takes_adapter_settings = False  # see `with_adapter_settings`
         frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, device)
         if frozen_base is None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
-import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
@@ -35,15 +33,6 @@ def check_adapter_fits(config: LoopConfig, *, inner_dim: int, num_blocks: int, d
         )
 
 
-def _quiet_vocabulary_check(base: str | None) -> None:
-    """PEFT's `save_pretrained` looks for a `config.json` at the adapter's base to see whether a vocabulary grew and
-    warns when it finds none; a GWM base (a diffusers checkpoint) has neither a root config.json nor a vocabulary, so
-    that warning is silenced for GWM bases only."""
-    if base:
-        warnings.filterwarnings("ignore", message=re.escape(f"Could not find a config file in {base} - "),
-                                category=UserWarning)
-
-
 class LoopModel(BaseTuner):
     """PEFT tuner of the loop adapter (a sibling of `IA3Model`/`LoraModel`)."""
 
@@ -72,7 +61,9 @@ class LoopModel(BaseTuner):
             for key in ("quantile_levels", "window_scaling", "window_stats_input"):
                 config.gwm_config[key] = getattr(self.model.config, key)
             config.format_version = ADAPTER_FORMAT_VERSION
-        _quiet_vocabulary_check(self.model.config.base_model_name_or_path)
+        # The base is written from gwm_config when the config is saved (LoopConfig.to_dict). Kept empty in memory:
+        # PEFT's save_pretrained would otherwise probe the base (the Hub, for an id) for a vocabulary config.json.
+        config.base_model_name_or_path = None
         if self.model.config.backbone == "scratch":
             config.train_blocks = True  # random blocks carry no prior: they are trained with the adapter
         if len(config.fields) > self.model.config.max_fields:
