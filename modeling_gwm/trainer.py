@@ -249,7 +249,8 @@ class DAGCurriculumTrainer(RunPlan):
 
     def _prepare(self, run: NodeRun) -> None:
         acc, node = self.accelerator, run.node
-        run.steps = node.steps if self.args.max_steps is None else min(node.steps, self.args.max_steps)
+        steps = self.args.steps or node.steps  # --steps replaces the curriculum's count, --max_steps caps it
+        run.steps = steps if self.args.max_steps is None else min(steps, self.args.max_steps)
         run.params = [p for p in self.peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(run.params, lr=node.learning_rate, weight_decay=node.weight_decay)
         folder = self.run_folder.checkpoint_dir(run.name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "modeling_gwm"
-MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
 # GWMModel's convenience methods (model.forecast, model.predict_df, the Hub download in from_pretrained) import the
 # modules that do the work when called: the one sanctioned upward import.
 UPWARD_ALLOWED = {("modeling_gwm", "forecasting"), ("modeling_gwm", "predict_df"), ("modeling_gwm", "hub")}
