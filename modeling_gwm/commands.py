@@ -296,10 +296,10 @@ def cmd_impute(args) -> int:
 
 
 def cmd_make_tiny_base(args) -> int:
-    from .base import make_tiny_cogvideox
-
     if os.path.exists(os.path.join(args.dir, "transformer")):
         raise CommandError(f"{args.dir} already holds a checkpoint (transformer/): give a new folder")
+    from .base import make_tiny_cogvideox
+
     try:
         path = make_tiny_cogvideox(args.dir, seed=args.seed)
     except OSError as err:
@@ -381,30 +381,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freq", default=None, help="pandas frequency of the series (default: inferred)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gwm", description="GWM: a world model for heterogeneous time series on a frozen CogVideoX transformer.",
-        epilog=_EPILOGS["gwm"], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    p = add("params", "Parameter budget: frozen base, adapter and trainable parts, in a table.")
-    p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
-    p.add_argument("--architecture", default=None, metavar="NAME",
-                   help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
-    p.add_argument("--d_model", type=_whole(high=PARAMS_LIMITS["d_model"]), default=128,
-                   help="canvas width (default: 128, GWMConfig's)")
-    p.add_argument("--n_loops", type=_whole(high=PARAMS_LIMITS["n_loops"]), default=3,
-                   help="loops per block (default: 3, GWMConfig's)")
-    p.set_defaults(func=cmd_params)
-
-    p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")
-    p.add_argument("--config", required=True, help="curriculum YAML")
-    p.set_defaults(func=cmd_dag)
-
+def _add_table_commands(add) -> None:
+    """forecast, evaluate and impute: an adapter and a --data table in, a file out."""
     p = add("forecast", "Forecast the steps after a table's last row with a trained adapter, in the data's units.")
     _model_arguments(p)
     p.add_argument("--horizon", type=_whole(" of steps"), required=True, help="steps to predict (rolled out beyond the "
@@ -433,6 +411,33 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(p)
     p.add_argument("--out", required=True, help="CSV to write: the table on its regular grid, gaps filled (the median)")
     p.set_defaults(func=cmd_impute)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gwm", description="GWM: a world model for heterogeneous time series on a frozen CogVideoX transformer.",
+        epilog=_EPILOGS["gwm"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("params", "Parameter budget: frozen base, adapter and trainable parts, in a table.")
+    p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
+    p.add_argument("--architecture", default=None, metavar="NAME",
+                   help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
+    p.add_argument("--d_model", type=_whole(high=PARAMS_LIMITS["d_model"]), default=128,
+                   help="canvas width (default: 128, GWMConfig's)")
+    p.add_argument("--n_loops", type=_whole(high=PARAMS_LIMITS["n_loops"]), default=3,
+                   help="loops per block (default: 3, GWMConfig's)")
+    p.set_defaults(func=cmd_params)
+
+    p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")
+    p.add_argument("--config", required=True, help="curriculum YAML")
+    p.set_defaults(func=cmd_dag)
+
+    _add_table_commands(add)
 
     p = add("train", "Train a curriculum (default: the shipped demo); `gwm train --help` lists its flags.")
     p.set_defaults(func=None)  # main() hands `gwm train ...` to train_cli before this parser sees it

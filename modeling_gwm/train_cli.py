@@ -107,6 +107,7 @@ def main(argv=None, prog: str = "dag_train.py") -> int:
     from .curriculum import CurriculumError, load_curriculum
     from .tabular import DataError
 
+    warn_if_one_process_of_several()
     try:
         curriculum = load_curriculum(script.config)
         if script.dry_run:
@@ -114,7 +115,6 @@ def main(argv=None, prog: str = "dag_train.py") -> int:
             print("\n```mermaid\n" + curriculum.mermaid() + "\n```")
             return 0
         _check_output_dir(script, args, curriculum)
-        warn_if_one_process_of_several()
         from .trainer import DAGCurriculumTrainer, summary
 
         trainer = DAGCurriculumTrainer(curriculum=curriculum, args=args)
@@ -128,3 +128,7 @@ def main(argv=None, prog: str = "dag_train.py") -> int:
         _tell_launcher(f"{prog}: error: {err}")
         return 2
     return 0
+
+
+if __name__ == "__main__":  # `python -m modeling_gwm.train_cli` / `accelerate launch -m modeling_gwm.train_cli`
+    sys.exit(main(prog="gwm train"))

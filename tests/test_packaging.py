@@ -181,7 +181,8 @@ def test_installed_wheel_writes_the_tiny_base_trains_forecasts_and_its_card_snip
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     assert "make_tiny_cogvideox" in snippet and "TINY_BASE_PATH" not in snippet
     snippet = snippet.replace('"<user>/<repo>"', repr(str(tmp_path / "out")))  # the run folder stands in for the Hub
-    script = f"import modeling_gwm\nassert {str(site)!r} in modeling_gwm.__file__\n{snippet}\nprint(type(model).__name__)"
+    script = (f"import modeling_gwm\nassert {str(site)!r} in modeling_gwm.__file__\n{snippet}\n"
+              "print(type(model).__name__)")
     run_at = tmp_path / "reader"
     run_at.mkdir()
     assert _run([python, "-I", "-c", script], cwd=run_at).strip().splitlines()[-1] == "PeftModel"
