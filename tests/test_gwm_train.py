@@ -56,6 +56,13 @@ def test_gwm_train_runs_the_curriculum_and_steps_raises_a_nodes_count(run):
     assert metrics["steps"] == 3 and (run / "final" / "COMPLETE").is_file()
 
 
+def test_resume_with_another_steps_is_refused_naming_it(run):
+    done = gwm("train", "--config", "enso.yaml", "--output_dir", "run", "--resume", "--steps", "4", cwd=run.parent)
+    assert "steps 3 -> 4" in one_error_line(done, "train")
+    done = gwm("train", "--config", "enso.yaml", "--output_dir", "run", "--resume", "--steps", "3", cwd=run.parent)
+    assert done.returncode == 0, done.stderr[-2000:]  # the same settings: nothing to do
+
+
 def test_gwm_train_errors_are_one_line_exit_2(tmp_path):
     done = gwm("train", "--config", tmp_path / "missing.yaml", "--output_dir", tmp_path / "out")
     assert one_error_line(done, "train") and "missing.yaml" in done.stderr
