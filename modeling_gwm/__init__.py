@@ -3,12 +3,15 @@
 The public names are imported on first use (PEP 562 module `__getattr__`), so `gwm --help` and `import modeling_gwm`
 do not pay for torch, transformers, diffusers and peft. `GWMConfig` registers itself with `AutoConfig` and
 `GWMModel` with `AutoModel` when their modules are imported, and the loop method registers with PEFT the same way:
-touching `modeling_gwm.GWMModel` (or importing `modeling_gwm.modeling_gwm`) is enough for `AutoModel.from_pretrained`.
+touching `modeling_gwm.GWMModel` (or importing `modeling_gwm.modeling_gwm`) is enough for `AutoModel.from_pretrained`
+and `peft.AutoPeftModel.from_pretrained` (which also needs `import_allowlist=["modeling_gwm"]`); when peft is already
+imported, `import modeling_gwm` registers the loop method at once.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -33,6 +36,10 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
+
+if "peft" in sys.modules:  # peft already paid for: register the loop method now, so that `PeftConfig` / `AutoPeftModel`
+    importlib.import_module(".loop", __name__)  # know "GWM_LOOP" after a plain `import modeling_gwm`
+
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:

@@ -43,7 +43,7 @@ def tiny_base_hint() -> str:
     if os.path.isdir(TINY_BASE_PATH):
         return TINY_BASE_PATH
     return ("configuration/tiny-cogvideox of the GWM source repository, or the same seeded checkpoint written by "
-            "`python -c \"from modeling_gwm.base import make_tiny_cogvideox; make_tiny_cogvideox('tiny-cogvideox')\"`")
+            "`gwm make-tiny-base DIR` (modeling_gwm.base.make_tiny_cogvideox), then passed as --base DIR")
 
 
 class BaseLoadError(OSError):

@@ -48,14 +48,26 @@ def _fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _base_names(base: str | None) -> tuple[str, str]:
-    """(`base_model` metadata, Python expression for the usage snippet) for a base name or path."""
-    from .base import TINY_BASE_PATH
+def _is_tiny_base(base: str) -> bool:
+    """A local folder holding the tiny CogVideoX-architecture base (the shipped one, or one `gwm make-tiny-base`
+    wrote): its transformer config has the tiny architecture."""
+    from .base import TINY_ARCHITECTURE
 
+    try:
+        with open(os.path.join(base, "transformer", "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and all(config.get(k) == v for k, v in TINY_ARCHITECTURE.items())
+
+
+def _base_names(base: str | None) -> tuple[str, str]:
+    """(`base_model` metadata, Python expression for the usage snippet) for a base name or path. The tiny base is
+    `base`, which the snippet writes with `make_tiny_cogvideox` first: a local path would not exist for the reader."""
     if not base:
         return "THUDM/CogVideoX-2b", '"THUDM/CogVideoX-2b"'
-    if os.path.exists(base) and os.path.realpath(base) == os.path.realpath(TINY_BASE_PATH):
-        return os.path.basename(TINY_BASE_PATH), "TINY_BASE_PATH"
+    if os.path.isdir(base) and _is_tiny_base(base):
+        return "tiny-cogvideox", "base"
     if _is_hub_id(base):
         return base, json.dumps(base)
     return os.path.basename(os.path.normpath(base)), json.dumps(base)
@@ -244,7 +256,7 @@ def _usage_context(base: str | None, repo_id: str | None, subfolder: str | None,
         "base": base or "THUDM/CogVideoX-2b",
         "base_model": base_model,
         "base_expr": base_expr,
-        "base_is_tiny": base_expr == "TINY_BASE_PATH",
+        "base_is_tiny": base_expr == "base",
         "base_is_hub": _is_hub_id(base),
     }
 
@@ -345,7 +357,7 @@ def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = 
     return _tidy(ModelCard.from_template(
         card_data, template_str=_template(CURRICULUM_CARD_TEMPLATE), repo_id=repo_id, nodes=rows,
         lineage=lineage_mermaid(dag), has_final=has_final, example_node=example, base_expr=base_expr,
-        base_is_tiny=base_expr == "TINY_BASE_PATH", seed=dag.get("seed"),
+        base_is_tiny=base_expr == "base", seed=dag.get("seed"),
         has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url("loss_curves.png", repo_id, revision, None),
         revision=revision if revision and revision != "main" else None,
     ))

@@ -1,4 +1,5 @@
-"""The `gwm` command line: forecast, evaluate, plan a curriculum, count parameters, plot losses, push a run.
+"""The `gwm` command line: train, forecast, impute, evaluate, plan a curriculum, count parameters, plot losses, push a
+run, write the tiny base.
 
 Every user error (a bad file, an unknown field, a horizon of 0, no network for a push) ends with exit code 2 and one
 line `gwm <command>: error: ...` on stderr; set GWM_DEBUG=1 for the traceback.
@@ -43,10 +44,18 @@ monthly, 4 for quarterly, 7 for daily data. AutoETS and AutoARIMA need pip insta
 example:
   gwm evaluate --adapter outputs/gwm-demo/final --data configuration/data/elnino_nino12_monthly.csv \\
       --columns sst=climate.enso.nino12_sst --holdout 12 --json eval.json --plot eval.png""",
+    "impute": """example:
+  gwm impute --adapter outputs/gwm-demo/final --data gappy.csv --columns sst=climate.enso.nino12_sst \\
+      --out filled.csv""",
+    "train": """example:
+  gwm make-tiny-base tiny-cogvideox && gwm train --base tiny-cogvideox --output_dir outputs/gwm-demo""",
+    "make-tiny-base": """example:
+  gwm make-tiny-base tiny-cogvideox && gwm train --base tiny-cogvideox""",
     "plot-losses": """example:
   gwm plot-losses outputs/gwm-demo --out losses.png""",
     "push": """example:
-  gwm push outputs/gwm-demo --hub_model_id your-name/gwm-demo --private""",
+  gwm push outputs/gwm-demo --hub_model_id your-name/gwm-demo --private
+  gwm push outputs/gwm-demo --dry_run                     # the files and sizes that would go up""",
 }
 
 
@@ -157,10 +166,9 @@ def cmd_dag(args) -> int:
     return 0
 
 
-def _history(args, spec):
+def _table(args):
     """The --data file (CSV, Parquet or JSON(L); any other extension is read as CSV), its --columns renamed to
-    fields, on the adapter's grid (`forecasting.read_history`); every error names the file."""
-    from .forecasting import read_history
+    fields; every error names the file."""
     from .tabular import FORMATS, DataError, read_table
 
     path, time_column, columns = args.data, args.time_column, {}
@@ -181,12 +189,29 @@ def _history(args, spec):
                         f"{list(table.columns)}")
     if columns:
         table = table[[time_column, *columns]].rename(columns=columns)
+    return table
+
+
+@contextlib.contextmanager
+def _naming_data(args):
+    """A data error found while reading the table names the --data file (and hints at --columns)."""
+    from .tabular import DataError
+
     try:
-        return read_history(table, spec, time_column=time_column, freq=args.freq)
+        yield
     except DataError as err:
         hint = "; map raw column names with --columns RAW=FIELD" if str(err).startswith("unknown field(s)") and \
             not args.columns else ""
-        raise DataError(f"{path}: {err}{hint}") from None
+        raise DataError(f"{args.data}: {err}{hint}") from None
+
+
+def _history(args, spec):
+    """The --data table on the adapter's grid (`forecasting.read_history`): (history, its frequency)."""
+    from .forecasting import read_history
+
+    table = _table(args)
+    with _naming_data(args):
+        return read_history(table, spec, time_column=args.time_column, freq=args.freq)
 
 
 def cmd_forecast(args) -> int:
@@ -252,6 +277,38 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_impute(args) -> int:
+    from .forecasting import impute, read_history
+    from .modeling_gwm import GWMModel
+
+    _check_outputs(args, "out")
+    spec = _spec(args.adapter, args.subfolder)
+    table = _table(args)
+    with _naming_data(args):
+        before, _ = read_history(table, spec, time_column=args.time_column, freq=args.freq)  # errors before the load
+        model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
+        with _naming_adapter(args):
+            filled = impute(model, table, time_column=args.time_column, freq=args.freq)
+    _write_atomic("--out", args.out, lambda buffer: filled.to_csv(buffer, index_label=args.time_column))
+    count = int(before.isna().sum().sum() - filled.isna().sum().sum())
+    print(f"filled {count} missing value(s) of {filled.shape[1]} field(s); wrote {args.out} ({len(filled)} steps)")
+    return 0
+
+
+def cmd_make_tiny_base(args) -> int:
+    if os.path.exists(os.path.join(args.dir, "transformer")):
+        raise CommandError(f"{args.dir} already holds a checkpoint (transformer/): give a new folder")
+    from .base import make_tiny_cogvideox
+
+    try:
+        path = make_tiny_cogvideox(args.dir, seed=args.seed)
+    except OSError as err:
+        raise CommandError(f"{args.dir}: cannot write the tiny base there: {err.strerror or err}") from None
+    print(f"wrote the tiny CogVideoX-architecture base (seed {args.seed}) to {os.path.abspath(path)}; train on it "
+          f"with `gwm train --base {path}`")
+    return 0
+
+
 def cmd_plot_losses(args) -> int:
     from .plots import plot_loss_curves
     from .run_folder import RunFolder
@@ -268,9 +325,27 @@ def cmd_push(args) -> int:
     from .run_folder import RunFolder
 
     RunFolder(args.output_dir).require()
+    if args.dry_run:
+        return _print_upload_plan(args.output_dir, args.hub_model_id)
+    if not args.hub_model_id:
+        raise CommandError("--hub_model_id user/repo is required (only --dry_run goes without it)")
     url = push_curriculum(args.output_dir, args.hub_model_id, token=args.token or os.environ.get("HF_TOKEN"),
                           private=args.private or None)
     print(url)
+    return 0
+
+
+def _print_upload_plan(output_dir: str, repo_id: str | None) -> int:
+    """What `gwm push` would upload (hub.plan_curriculum_upload), one file a line with its size; nothing is sent."""
+    from .hub import plan_curriculum_upload
+
+    operations = plan_curriculum_upload(output_dir, repo_id=repo_id)
+    sizes = [len(o.path_or_fileobj) if isinstance(o.path_or_fileobj, bytes) else os.path.getsize(o.path_or_fileobj)
+             for o in operations]
+    for operation, size in zip(operations, sizes):
+        print(f"{size:>10,}  {operation.path_in_repo}")
+    print(f"{len(operations)} files, {sum(sizes) / 1024:,.0f} KB would go to {repo_id or '<user>/<repo>'} "
+          "(dry run: nothing uploaded)")
     return 0
 
 
@@ -306,30 +381,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freq", default=None, help="pandas frequency of the series (default: inferred)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gwm", description="GWM: a world model for heterogeneous time series on a frozen CogVideoX transformer.",
-        epilog=_EPILOGS["gwm"], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    p = add("params", "Parameter budget: frozen base, adapter and trainable parts, in a table.")
-    p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
-    p.add_argument("--architecture", default=None, metavar="NAME",
-                   help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
-    p.add_argument("--d_model", type=_whole(high=PARAMS_LIMITS["d_model"]), default=128,
-                   help="canvas width (default: 128, GWMConfig's)")
-    p.add_argument("--n_loops", type=_whole(high=PARAMS_LIMITS["n_loops"]), default=3,
-                   help="loops per block (default: 3, GWMConfig's)")
-    p.set_defaults(func=cmd_params)
-
-    p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")
-    p.add_argument("--config", required=True, help="curriculum YAML")
-    p.set_defaults(func=cmd_dag)
-
+def _add_table_commands(add) -> None:
+    """forecast, evaluate and impute: an adapter and a --data table in, a file out."""
     p = add("forecast", "Forecast the steps after a table's last row with a trained adapter, in the data's units.")
     _model_arguments(p)
     p.add_argument("--horizon", type=_whole(" of steps"), required=True, help="steps to predict (rolled out beyond the "
@@ -354,6 +407,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG of forecast vs. actuals, one panel per field")
     p.set_defaults(func=cmd_evaluate)
 
+    p = add("impute", "Fill the missing values of a table's known fields with a trained adapter (the data's units).")
+    _model_arguments(p)
+    p.add_argument("--out", required=True, help="CSV to write: the table on its regular grid, gaps filled (the median)")
+    p.set_defaults(func=cmd_impute)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gwm", description="GWM: a world model for heterogeneous time series on a frozen CogVideoX transformer.",
+        epilog=_EPILOGS["gwm"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("params", "Parameter budget: frozen base, adapter and trainable parts, in a table.")
+    p.add_argument("--base", default=None, help="local CogVideoX checkpoint (diffusers layout) or Hub id to load")
+    p.add_argument("--architecture", default=None, metavar="NAME",
+                   help="a known architecture (e.g. THUDM/CogVideoX-2b) built on the meta device: nothing downloaded")
+    p.add_argument("--d_model", type=_whole(high=PARAMS_LIMITS["d_model"]), default=128,
+                   help="canvas width (default: 128, GWMConfig's)")
+    p.add_argument("--n_loops", type=_whole(high=PARAMS_LIMITS["n_loops"]), default=3,
+                   help="loops per block (default: 3, GWMConfig's)")
+    p.set_defaults(func=cmd_params)
+
+    p = add("dag", "Validate a curriculum and show its training plan and a mermaid graph.")
+    p.add_argument("--config", required=True, help="curriculum YAML")
+    p.set_defaults(func=cmd_dag)
+
+    _add_table_commands(add)
+
+    p = add("train", "Train a curriculum (default: the shipped demo); `gwm train --help` lists its flags.")
+    p.set_defaults(func=None)  # main() hands `gwm train ...` to train_cli before this parser sees it
+
+    p = add("make-tiny-base", "Write the tiny seeded CogVideoX-architecture base (2 blocks) of the tests and demo.")
+    p.add_argument("dir", help="new folder for the checkpoint (diffusers layout: DIR/transformer/)")
+    p.add_argument("--seed", type=int, default=0, help="weights' seed (default: 0, the shipped base's)")
+    p.set_defaults(func=cmd_make_tiny_base)
+
     p = add("plot-losses", "Plot every node's training and validation loss of a run on one axis.")
     p.add_argument("output_dir", help="a run's --output_dir (with dag.json)")
     p.add_argument("--out", default="losses.png", help="PNG to write (default: losses.png)")
@@ -361,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("push", "Publish a whole run to one Hub repo: one subfolder per node, with model cards.")
     p.add_argument("output_dir", help="a run's --output_dir (with dag.json)")
-    p.add_argument("--hub_model_id", required=True, help="user/repo")
+    p.add_argument("--hub_model_id", default=None, help="user/repo (required unless --dry_run)")
+    p.add_argument("--dry_run", action="store_true", help="print the files that would go up and their sizes")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
     p.set_defaults(func=cmd_push)
@@ -381,6 +475,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the training command line has its own parser (TrainingArguments)
+        from .train_cli import main as train
+
+        return train(argv[1:], prog="gwm train")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)

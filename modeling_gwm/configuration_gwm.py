@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from transformers import AutoConfig, PretrainedConfig
 
 DEFAULT_BASE = "THUDM/CogVideoX-2b"
@@ -158,7 +160,7 @@ class GWMConfig(PretrainedConfig):
         self.window_stats_input = window_stats_input
         self.seasonal_lag_input = seasonal_lag_input
         self.season_period = season_period
-        self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_name_or_path = local_or_hub_id(base_model_name_or_path)
         self.backbone = backbone
         self.d_model = d_model
         self.n_loops = n_loops
@@ -176,6 +178,13 @@ class GWMConfig(PretrainedConfig):
         self.scratch_time_embed_dim = scratch_time_embed_dim
         self.seed = seed
         super().__init__(**kwargs)
+
+
+def local_or_hub_id(name_or_path: str | os.PathLike) -> str:
+    """A base as saved configs record it: an existing local folder as an absolute path (so a saved model or adapter
+    loads from any working directory), anything else (a Hub id) as given."""
+    name = os.fspath(name_or_path) if name_or_path is not None else name_or_path
+    return os.path.abspath(name) if isinstance(name, str) and os.path.isdir(name) else name
 
 
 AutoConfig.register("gwm", GWMConfig, exist_ok=True)  # here, not in __init__: the package itself imports lazily

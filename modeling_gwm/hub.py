@@ -219,7 +219,8 @@ def push_adapter(model_or_folder, repo_id: str, *, adapter_name: str | None = No
             node = source.name
         else:
             name, local_dir = adapter_name or model_or_folder.active_adapter, None
-            model_or_folder.save_pretrained(Path(staging, "saved"), selected_adapters=[name])
+            model_or_folder.save_pretrained(Path(staging, "saved"), selected_adapters=[name],
+                                            save_embedding_layers=False)
             source = Path(staging, "saved", name if name != "default" else "")  # PEFT's layout for named adapters
             node = name if name != "default" else repo_id.split("/")[-1]
         if local_dir is not None and RunFolder(source.parent).exists():

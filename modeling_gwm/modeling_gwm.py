@@ -89,7 +89,8 @@ class GWMModel(PreTrainedModel):
 
     def __init__(self, config: GWMConfig, frozen_base: FrozenBase | None = None, device: str | None = None):
         super().__init__(config)
-        config._name_or_path = config.base_model_name_or_path  # PEFT records it as the adapter's base_model
+        config._name_or_path = config.base_model_name_or_path
+        self.takes_adapter_settings = False  # see `with_adapter_settings`
         frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, device)
         if frozen_base is None:
             frozen_base = build_frozen_base(config, dtype=frozen_dtype)  # read straight in its dtype
@@ -169,9 +170,12 @@ class GWMModel(PreTrainedModel):
                 return cls._from_saved(base, config or GWMConfig.from_json_file(saved_config), subfolder, revision,
                                        token, hub_options, device, config_overrides)
         if adapter is None:
+            bare = config is None and not config_overrides
             if config is None:
                 config = GWMConfig(**({"base_model_name_or_path": str(base)} if base else {}), **config_overrides)
-            return cls(config, device=device)
+            model = cls(config, device=device)
+            model.takes_adapter_settings = bare  # a base loaded with no GWM settings takes its first adapter's
+            return model
         return cls._from_adapter(base, adapter, subfolder, revision, token, adapter_name, is_trainable, device,
                                  config_overrides)
 
@@ -242,6 +246,26 @@ class GWMModel(PreTrainedModel):
             raise ValueError("This GWMModel carries a loop adapter: save it with the PeftModel's save_pretrained "
                              "(adapter_config.json + adapter_model.safetensors), or unload the adapter first.")
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def with_adapter_settings(self, gwm_config: dict) -> GWMModel:
+        """The model an adapter recorded (`LoopConfig.gwm_config`: `d_model`, quantile levels, ...) on this model's
+        frozen blocks, when this model was loaded from a base with no GWM settings of its own
+        (`GWMModel.from_pretrained(base)`, as `AutoPeftModel` and `PeftModel.from_pretrained(model, adapter)` do);
+        otherwise (settings given, or none recorded) this model itself, and a mismatch is refused when the adapter
+        loads. The base's architecture (block count and width) is never changed: it is checked as usual."""
+        if not (self.takes_adapter_settings and gwm_config):
+            return self
+        settings = {**gwm_config, "base_model_name_or_path": self.config.base_model_name_or_path,
+                    "frozen_dtype": self.config.frozen_dtype, "backbone": self.config.backbone}
+        config = GWMConfig(**settings)
+        if config.to_diff_dict() == self.config.to_diff_dict():
+            return self
+        device = self.block_temb.device
+        if config.block_timestep != self.config.block_timestep:  # the blocks' time embedding changes: reload
+            return type(self)(config, device=device)
+        frozen = FrozenBase(blocks=self.transformer_blocks, temb=self.block_temb, inner_dim=self.inner_dim,
+                            source=self.base_source)
+        return type(self)(config, frozen_base=frozen, device=device)
 
     def adapter_architecture(self) -> dict[str, int]:
         """What an adapter must match to fit this model."""

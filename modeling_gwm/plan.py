@@ -148,6 +148,7 @@ class RunPlan:
         with each checkpoint and in metrics.json; `--resume` compares it with the curriculum given."""
         node = self.curriculum.node(name)
         settings = {k: v for k, v in node.to_dict().items() if k not in ("name", "description", "checkpoint_every")}
+        settings["steps"] = self.args.steps or settings["steps"]  # --steps replaces the curriculum's count
         model = {k: os.path.abspath(v) if k == "base" and os.path.isdir(str(v)) else v
                  for k, v in self.model_config.items() if k != "gradient_checkpointing"}
         config = {**settings, "fields": self.curriculum.node_fields(name),

@@ -253,7 +253,8 @@ class DAGCurriculumTrainer(RunPlan):
 
     def _prepare(self, run: NodeRun) -> None:
         acc, node = self.accelerator, run.node
-        run.steps = node.steps if self.args.max_steps is None else min(node.steps, self.args.max_steps)
+        steps = self.args.steps or node.steps  # --steps replaces the curriculum's count, --max_steps caps it
+        run.steps = steps if self.args.max_steps is None else min(steps, self.args.max_steps)
         run.params = [p for p in self.peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(run.params, lr=node.learning_rate, weight_decay=node.weight_decay)
         run.scheduler = make_scheduler(optimizer, node, run.steps)  # stepped here, never by accelerate

@@ -53,7 +53,9 @@ class TrainingArguments:
     resume: bool = _arg(False, "skip complete nodes, continue half-trained ones")
     allow_changed_config: bool = _arg(False, "with --resume: continue although the curriculum or settings changed "
                                              "since the run started (the new settings take over; refused by default)")
-    max_steps: StepCount | None = _arg(None, "cap every node's steps (quick runs)")
+    max_steps: StepCount | None = _arg(None, "cap every node's steps (quick runs); never raises them")
+    steps: StepCount | None = _arg(None, "train every node this many steps instead of the curriculum's (up or down; "
+                                         "--max_steps still caps)")
     seed: int = _arg(0, "the run's seed: batches, masks and the adapters' init (seeded with model.seed + --seed)")
     gradient_checkpointing: bool = _arg(False, "recompute the frozen blocks' activations in backward (less memory)")
     gradient_accumulation_steps: StepCount = _arg(1, "split each step's batch into this many micro-batches")

@@ -162,7 +162,7 @@ def test_node_card_body_documents_fields_usage_budget_and_limitations(run_dir):
     text = (run_dir / "world" / "README.md").read_text()
     assert "| 0 | `macro.us.real_gdp` | % q/q | pct_change | 0.006 | 0.011 |" in text
     assert "| 1 | `markets.sp500.close` | USD | log | 7.2 | 0.9 |" in text
-    assert 'GWMModel.from_pretrained(TINY_BASE_PATH, "<user>/<repo>", subfolder="world")' in text
+    assert 'GWMModel.from_pretrained(base, "<user>/<repo>", subfolder="world")' in text
     trainable = sum(t.numel() for t in load_file(run_dir / "world" / "adapter_model.safetensors").values())
     assert f"| **Total trainable** | **{trainable:,}** | yes |" in text
     assert "Frozen CogVideoX blocks" in text
@@ -219,7 +219,7 @@ def test_plan_uploads_exactly_the_allow_listed_files(run_copy):
     expected = {"README.md", "dag.json", "loss_curves.png"} | {f"{n}/{f}" for n in PARENTS for f in NODE_FILES}
     assert sorted(op.path_in_repo for op in operations) == sorted(expected)
     card = next(op for op in operations if op.path_in_repo == "world/README.md").path_or_fileobj.decode()
-    assert f'GWMModel.from_pretrained(TINY_BASE_PATH, "{REPO}", subfolder="world")' in card
+    assert f'GWMModel.from_pretrained(base, "{REPO}", subfolder="world")' in card
     assert f"https://huggingface.co/{REPO}/resolve/main/world/loss_curve.png" in card
 
 
@@ -286,7 +286,7 @@ def test_push_adapter_uploads_the_gwm_card_not_peft_generic_one(monkeypatch, tmp
     operations = {op.path_in_repo: op for op in hub.operations()}
     assert set(operations) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     card = operations["README.md"].path_or_fileobj.decode()
-    assert "# GWM adapter `solo`" in card and 'GWMModel.from_pretrained(TINY_BASE_PATH, "gwm-user/solo")' in card
+    assert "# GWM adapter `solo`" in card and 'GWMModel.from_pretrained(base, "gwm-user/solo")' in card
     assert "library_name: peft" in card and "`macro.us.real_gdp` | % q/q" in card
 
 

@@ -60,11 +60,14 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
-def test_installed_wheel_writes_a_card(tmp_path, run_dir):
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(venv folder, its site-packages, the wheel): the package built with `pip wheel` and installed without `-e`."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     # Build from a copy of the sources, so setuptools' build/ and egg-info never land in the checkout.
     src = tmp_path / "src"
     shutil.copytree(REPO / "modeling_gwm", src / "modeling_gwm", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "configuration", src / "configuration")  # mapped to modeling_gwm/configuration/
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     # setuptools already here: build without downloading it (else pip fetches it from PyPI into an isolated env)
@@ -72,9 +75,6 @@ def test_installed_wheel_writes_a_card(tmp_path, run_dir):
     _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", *isolation, "-w", str(tmp_path / "dist")],
          cwd=src)
     (wheel,) = (tmp_path / "dist").glob("modeling_gwm-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert {"modeling_gwm/templates/adapter_card.md", "modeling_gwm/templates/curriculum_card.md"} <= set(names)
-    assert not [n for n in names if n.startswith(("configuration/", "tests/", "hub_cards/"))]
 
     # A fresh venv that borrows this environment's dependencies: a .pth *line* adds the folder to sys.path without
     # running the .pth files in it, so the editable install of the checkout stays invisible.
@@ -86,6 +86,19 @@ def test_installed_wheel_writes_a_card(tmp_path, run_dir):
     outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "_outer_deps.pth").write_text("\n".join(sorted(outer)) + "\n")
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], cwd=tmp_path)
+    return env_dir, site, wheel
+
+
+@pytest.mark.slow
+def test_installed_wheel_writes_a_card(tmp_path, run_dir, installed_wheel):
+    env_dir, site, wheel = installed_wheel
+    python = env_dir / "bin" / "python"
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"modeling_gwm/templates/adapter_card.md", "modeling_gwm/templates/curriculum_card.md"} <= set(names)
+    assert {"modeling_gwm/configuration/curricula/demo.yaml", "modeling_gwm/configuration/accelerate/cpu_2proc.yaml",
+            "modeling_gwm/configuration/data/elnino_nino12_monthly.csv"} <= set(names)
+    assert not [n for n in names if n.startswith(("configuration/", "tests/", "hub_cards/", "training/"))]
+    assert not [n for n in names if n.endswith(".safetensors")]  # the tiny base is written, not shipped
 
     script = f"""
 import modeling_gwm, modeling_gwm.base as base
@@ -137,3 +150,39 @@ def test_training_off_a_terminal_logs_a_line_per_node_and_draws_no_bar(tmp_path,
     lines = [r.getMessage() for r in caplog.records if "node macro" in r.getMessage()]
     assert any("node macro [root]: training steps 1-2" in line for line in lines), lines
     assert any("node macro: done, train loss" in line and "val loss" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_installed_wheel_writes_the_tiny_base_trains_forecasts_and_its_card_snippet_runs(tmp_path, installed_wheel):
+    """What a user of the wheel does first, from a folder outside the repository: write the tiny base, train the
+    shipped demo curriculum's first node on it with `gwm train`, forecast with `gwm forecast`, run the card's usage
+    snippet (with the run folder standing in for the Hub repo)."""
+    env_dir, site, _ = installed_wheel
+    gwm, python = str(env_dir / "bin" / "gwm"), str(env_dir / "bin" / "python")
+    _run([gwm, "make-tiny-base", "tiny"], cwd=tmp_path)
+    written = tmp_path / "tiny" / "transformer"
+    shipped = REPO / "configuration" / "tiny-cogvideox" / "transformer"
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # deterministic: the shipped checkpoint
+        assert (written / name).read_bytes() == (shipped / name).read_bytes(), name
+
+    _run([gwm, "train", "--base", "tiny", "--output_dir", "out", "--nodes", "climate", "--max_steps", "2"],
+         cwd=tmp_path)
+    assert (tmp_path / "out" / "climate" / "COMPLETE").is_file()
+    config = json.loads((tmp_path / "out" / "climate" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == config["gwm_config"]["base_model_name_or_path"] == str(
+        tmp_path / "tiny")  # absolute, though given as a relative path
+
+    data = site / "modeling_gwm" / "configuration" / "data" / "elnino_nino12_monthly.csv"
+    _run([gwm, "forecast", "--adapter", "out/climate", "--data", str(data), "--columns", "sst=climate.enso.nino12_sst",
+          "--horizon", "6", "--out", "preds.csv"], cwd=tmp_path)
+    assert len((tmp_path / "preds.csv").read_text().splitlines()) == 7  # header + 6 months
+
+    card = (tmp_path / "out" / "climate" / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "make_tiny_cogvideox" in snippet and "TINY_BASE_PATH" not in snippet
+    snippet = snippet.replace('"<user>/<repo>"', repr(str(tmp_path / "out")))  # the run folder stands in for the Hub
+    script = (f"import modeling_gwm\nassert {str(site)!r} in modeling_gwm.__file__\n{snippet}\n"
+              "print(type(model).__name__)")
+    run_at = tmp_path / "reader"
+    run_at.mkdir()
+    assert _run([python, "-I", "-c", script], cwd=run_at).strip().splitlines()[-1] == "PeftModel"

@@ -60,6 +60,15 @@ class LoopConfig(PeftConfig):
         if not isinstance(self.n_loops, int) or self.n_loops < 1:
             raise ValueError(f"LoopConfig: n_loops must be a positive integer, got {self.n_loops!r}")
 
+    def to_dict(self) -> dict:
+        """As PEFT writes it to adapter_config.json, with the top-level `base_model_name_or_path` filled from
+        `gwm_config` (the base the adapter was made on: an absolute local path or a Hub id), so that PEFT's own loaders
+        (`AutoPeftModel`) find it."""
+        config = super().to_dict()
+        if not config.get("base_model_name_or_path"):
+            config["base_model_name_or_path"] = (self.gwm_config or {}).get("base_model_name_or_path")
+        return config
+
     @property
     def field_names(self) -> list[str]:
         return [f["name"] for f in self.fields]

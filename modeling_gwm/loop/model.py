@@ -40,6 +40,13 @@ class LoopModel(BaseTuner):
     tuner_layer_cls = LoopLayer
     target_module_mapping = {"gwm": DEFAULT_TARGET_MODULES}
 
+    def __init__(self, model, peft_config, adapter_name: str, **kwargs):
+        # A base loaded with no GWM settings (as AutoPeftModel does) takes the first adapter's (GWMModel docs)
+        config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
+        if hasattr(model, "with_adapter_settings"):
+            model = model.with_adapter_settings(config.gwm_config)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     def _prepare_adapter_config(self, config: LoopConfig, model_config: dict) -> LoopConfig:
         # Record (or check) the architecture the adapter belongs to, and the config to rebuild its model from.
         arch = self.model.adapter_architecture()
@@ -54,6 +61,9 @@ class LoopModel(BaseTuner):
             for key in ("quantile_levels", "window_scaling", "window_stats_input"):
                 config.gwm_config[key] = getattr(self.model.config, key)
             config.format_version = ADAPTER_FORMAT_VERSION
+        # The base is written from gwm_config when the config is saved (LoopConfig.to_dict). Kept empty in memory:
+        # PEFT's save_pretrained would otherwise probe the base (the Hub, for an id) for a vocabulary config.json.
+        config.base_model_name_or_path = None
         if self.model.config.backbone == "scratch":
             config.train_blocks = True  # random blocks carry no prior: they are trained with the adapter
         if len(config.fields) > self.model.config.max_fields:
