@@ -17,6 +17,7 @@ from .configuration_gwm import DEFAULT_BASE
 from .curriculum import Curriculum, CurriculumError
 from .data import NodeData, build_node_data
 from .merging import MergeSpec
+from .output_paths import check_run_contents
 from .run_folder import NodeBusyError, RunFolder, node_lock
 from .tabular import DataError
 from .training_args import TrainingArguments
@@ -91,6 +92,7 @@ class RunPlan:
             if done:
                 raise CurriculumError(f"{self.output_dir} already holds trained node(s) {done}: pass --resume to keep "
                                       "and skip them, or choose a new --output_dir")
+        check_run_contents(self.output_dir, [n.name for n in self.curriculum.nodes], self.run_folder.given)
         self.preflight([n for n in selected if not self.is_complete(n)])
         if self.args.resume:
             self.check_unchanged(selected)

@@ -33,6 +33,7 @@ from .loop import LoopConfig
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
 from .node_loop import NodeRun, all_finite, node_metrics, training_step, validation_loss
+from .output_paths import check_run_contents
 from .plan import RunPlan
 from .run_folder import ADAPTER_FILES
 from .training_args import TrainingArguments
@@ -339,6 +340,7 @@ class DAGCurriculumTrainer(RunPlan):
         acc = self.accelerator
         folder = self.node_dir(name)
         if acc.is_main_process:
+            check_run_contents(self.output_dir, [name], self.run_folder.given)  # links made since the run started
             staging = os.path.join(folder, ".staging")
             shutil.rmtree(staging, ignore_errors=True)
             with writing(f"the adapter of node {name!r} to {folder}"):

@@ -146,6 +146,19 @@ def _link(link: Path, target: Path) -> Path:
     return link
 
 
+def _notes(env: Env) -> Path:
+    """A folder of the user's own, outside the run: nothing may be written there."""
+    folder = env.tmp / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / "README.md").write_text("my notes\n")
+    return folder
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _copy(source: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
@@ -376,6 +389,17 @@ CASES = [
     ("gwm-params-d-model-over-limit", lambda e: ["gwm", "params", "--architecture", "THUDM/CogVideoX-2b",
                                                  "--d_model", "100000000"], 2, "--d_model"),
     # ------------------------------------------------ end of badcli's block
+    # ------------------------------------------------ bad20 (issue 20): writes stay in the output folder; no hang, no
+    # unbounded memory; nothing silently wrong; one line instead of a traceback; the right culprit named
+    ("cli-node-folder-linked-outside", lambda e: _train_node_j(e) if _link(e.out / "j", _notes(e)) else None, 2,
+     "is a symbolic link"),
+    ("cli-node-folder-linked-into-base", lambda e: _train_node_j(e) if _link(e.out / "j", TINY_BASE / "transformer")
+     else None, 2, "/j is a symbolic link"),
+    ("cli-final-linked-outside", lambda e: _train_node_j(e) if _link(e.out / "final", _notes(e)) else None, 2,
+     "/final is a symbolic link"),
+    ("cli-node-file-linked-outside", lambda e: _train_node_j(e) if _link(_mkdir(e.out / "j") / "README.md",
+                                                                         _notes(e) / "README.md") else None, 2,
+     "README.md is a symbolic link"),
 ]
 
 
