@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import yaml
 
+from .io_utils import read_yaml
 from .tabular import (
     TRANSFORMS,
     DataError,
@@ -80,6 +81,17 @@ class FieldStats:
                    transform=d.get("transform") or "none", unit=d.get("unit"))
 
 
+def check_frequency(frequency, where: str) -> None:
+    """A pandas offset alias of a positive step ('D', 'W', 'MS', '3MS'); '0D', '-1MS' or 5 are a DataError."""
+    try:
+        offset = pd.tseries.frequencies.to_offset(frequency) if isinstance(frequency, str) else None
+    except ValueError:
+        offset = None
+    if offset is None or offset.n < 1:
+        raise DataError(f"{where}: frequency {frequency!r:.40} is not a pandas offset alias of a positive step (such "
+                        "as 'D', 'W', 'MS', 'QS', 'YS')")
+
+
 @dataclass(frozen=True)
 class DataSource:
     """One table of time series: a local file or a Hub dataset, its time column and its fields.
@@ -123,12 +135,12 @@ class DataSource:
         object.__setattr__(self, "fields", specs)
         if self.format is not None and self.format not in ("csv", "parquet", "json"):
             raise DataError(f"{where}: unknown format {self.format!r}; valid formats are csv, parquet, json")
+        for key in ("path", "dataset", "config", "time_column"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise DataError(f"{where}: {key} must be a string, got {value!r:.80}")
         if self.frequency is not None:
-            try:
-                pd.tseries.frequencies.to_offset(self.frequency)
-            except ValueError:
-                raise DataError(f"{where}: unknown frequency {self.frequency!r} (a pandas offset alias such as 'D', "
-                                "'W', 'MS', 'QS', 'YS')") from None
+            check_frequency(self.frequency, where)
 
     @classmethod
     def from_dict(cls, name: str, mapping: dict, base_dir: str | os.PathLike | None = None) -> DataSource:
@@ -234,10 +246,8 @@ def load_sources(path: str | os.PathLike) -> dict[str, DataSource]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"sources file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        check_duplicate_fields(text, str(path))
-        raw = yaml.safe_load(text) or {}
+        raw = read_yaml(path, check_text=lambda text: check_duplicate_fields(text, str(path))) or {}
     except yaml.YAMLError as err:
         raise DataError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict):

@@ -54,6 +54,8 @@ class LoopModel(BaseTuner):
             for key in ("quantile_levels", "window_scaling", "window_stats_input"):
                 config.gwm_config[key] = getattr(self.model.config, key)
             config.format_version = ADAPTER_FORMAT_VERSION
+        if config.base_weights is None:
+            config.base_weights = self.model.base_weights_sample()
         if self.model.config.backbone == "scratch":
             config.train_blocks = True  # random blocks carry no prior: they are trained with the adapter
         if len(config.fields) > self.model.config.max_fields:
