@@ -888,3 +888,20 @@ def test_forecast_quantiles_without_the_median_writes_those_levels(tmp_path, tra
         assert commands.main(_gwm_forecast(env, "--out", str(out), "--quantiles", "0.9", "0.1", *plot)[1:]) == 0
         columns = pd.read_csv(out).columns
         assert sorted(c.split("@")[1] for c in columns if "@" in c) == ["0.1", "0.1", "0.9", "0.9"], list(columns)
+
+
+def test_full_disk_at_the_card_names_the_node_and_folder(tmp_path, trained):
+    """The adapter fits in 30,000 bytes, the card's loss plot does not: one line naming node j and its folder."""
+    env = Env(tmp_path, trained)
+    before = _snapshot(env.out)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    proc = _subprocess(_train_node_j(env), preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "File too large" in lines[0], proc.stderr[-3000:]
+    assert f"model card or loss plot of node 'j' in {env.out / 'j'}" in lines[0], lines[0]
+    assert not (env.out / "j" / "COMPLETE").exists()
+    _assert_unchanged(env, before)
