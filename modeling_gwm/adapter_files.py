@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .configuration_gwm import MODEL_LIMITS, GWMConfig
-from .io_utils import read_json
+from .io_utils import file_sha256, read_json
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer
 from .loop.config import ADAPTER_FORMAT_VERSION
 
@@ -205,6 +205,21 @@ def warn_if_other_base(config: LoopConfig, sample: list[float] | None, where: st
         logger.warning("adapter %s was trained on a base with other weights than %s (a sample of the frozen weights "
                        "differs); its forecasts assume the base it was trained on: load it onto that base", where,
                        base)
+
+
+def warn_if_changed(folder: str) -> None:
+    """Warn when an adapter folder's weights are not those its metrics.json recorded (`adapter_sha256`, written by
+    the trainer): damaged, or another adapter's file copied or linked in. Folders without the record are not checked."""
+    from .run_folder import CHECKSUM_KEY
+
+    path = os.path.join(folder, "metrics.json")
+    try:
+        recorded = read_json(path, max_bytes=CONFIG_MAX_BYTES).get(CHECKSUM_KEY) if os.path.isfile(path) else None
+        if recorded is not None and recorded != file_sha256(os.path.join(folder, "adapter_model.safetensors")):
+            logger.warning("adapter weights %s are not the ones its metrics.json recorded (%s differs): damaged or "
+                           "replaced since training", os.path.join(folder, "adapter_model.safetensors"), CHECKSUM_KEY)
+    except (OSError, ValueError):  # an unreadable metrics.json is no reason to refuse the adapter
+        return
 
 
 # What a hand-edited adapter_config.json may ask the model to allocate: far above any real model, far below RAM.

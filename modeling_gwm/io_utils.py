@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -112,6 +113,15 @@ def atomic_replace_dir(staging: str | os.PathLike, target: str | os.PathLike) ->
 JSON_MAX_BYTES = 256 * 2**20  # metrics.json / trainer_state.json hold one history entry per step (10M steps at most)
 YAML_MAX_BYTES = 16 * 2**20  # a 1,000-node curriculum is about 100 KB
 YAML_MAX_NODES = 1_000_000  # YAML values after alias expansion (an alias bomb expands to billions)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_bounded(path: str | os.PathLike, max_bytes: int) -> bytes:

@@ -18,6 +18,7 @@ from .adapter_files import (
     _expected_adapter_shapes,
     _saved_model_file,
     load_adapter_config,
+    warn_if_changed,
     warn_if_other_base,
 )
 from .base import FrozenBase, build_frozen_base, cast_at_block_boundary, resolve_frozen_dtype
@@ -191,6 +192,7 @@ class GWMModel(PreTrainedModel):
         warn_if_other_base(loop_config, model.base_weights_sample(), str(adapter), model.base_source)
         _check_adapter_weights(os.path.join(adapter, subfolder or ""), loop_config, model.adapter_architecture(),
                                expected=_expected_adapter_shapes(model, loop_config, str(adapter)))
+        warn_if_changed(os.path.join(adapter, subfolder or ""))
         try:
             return PeftModel.from_pretrained(
                 model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, subfolder=subfolder,

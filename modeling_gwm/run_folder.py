@@ -15,7 +15,6 @@ complete when its adapter files and the `COMPLETE` marker (written last) are all
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json, read_json
+from .io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NODE_FILES = (*ADAPTER_FILES, "README.md", "loss_curve.png", "metrics.json")  # what a node publishes
@@ -89,11 +88,7 @@ class RunFolder:
 
     def adapter_sha256(self, name: str) -> str:
         """The SHA-256 of a node's adapter_model.safetensors (recorded in its metrics.json as `adapter_sha256`)."""
-        digest = hashlib.sha256()
-        with open(self.node_dir(name) / ADAPTER_FILES[1], "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.node_dir(name) / ADAPTER_FILES[1])
 
     def verified_metrics(self, name: str) -> dict:
         """A complete node's metrics.json, after checking that its adapter weights are the ones it recorded.

@@ -832,8 +832,9 @@ def test_accelerate_launch_quiet_ends_with_the_one_line_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- bad20: held
 def test_a_node_records_its_adapter_checksum_and_the_base_it_was_trained_on(tmp_path, trained, caplog):
-    """metrics.json holds the adapter's SHA-256; the adapter holds a sample of its base's weights, so another base of
-    the same shapes (other seed) loads with a warning, the own base (also in bf16) without one."""
+    """metrics.json holds the adapter's SHA-256 (weights changed since: a warning at load); the adapter holds a sample
+    of its base's weights, so another base of the same shapes (other seed) loads with a warning, the own base (also
+    in bf16) without one."""
     import hashlib
 
     env = Env(tmp_path, trained)
@@ -848,6 +849,11 @@ def test_a_node_records_its_adapter_checksum_and_the_base_it_was_trained_on(tmp_
         with caplog.at_level("WARNING", logger="modeling_gwm.adapter_files"):
             GWMModel.from_pretrained(base, adapter=env.out / "a", **kwargs)
         assert any("trained on a base with other weights" in r.getMessage() for r in caplog.records) == warned, base
+    changed = env.adapter(lambda f: _flip_last_byte(f / "adapter_model.safetensors"))  # loads: shapes still fit
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling_gwm.adapter_files"):
+        GWMModel.from_pretrained(TINY_BASE, adapter=changed)
+    assert any("are not the ones its metrics.json recorded" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_a_full_disk_leaves_no_checkpoint_staging_folder(tmp_path):
