@@ -145,10 +145,15 @@ class Curriculum:
 
     def adapter_fields(self, name: str) -> list[str]:
         """The node adapter's field list (codec-slot order): the parents' fields first, then its own new ones."""
+        return list(self._all_adapter_fields()[name])
+
+    def _all_adapter_fields(self) -> dict[str, list[str]]:
+        """Every node's adapter fields, in one pass in order (a recursion would revisit shared ancestors); cached
+        until a node's parents, sources or fields change."""
         key = tuple((n.name, tuple(n.parents), tuple(n.sources), tuple(n.fields or ()), n.fields is None)
                     for n in self.nodes)
         if getattr(self, "_fields_cache", (None,))[0] != key:
-            fields_of: dict[str, list[str]] = {}  # one pass in order: a recursion would revisit shared ancestors
+            fields_of: dict[str, list[str]] = {}
             for current in self.order():
                 out: dict[str, None] = {}
                 for parent in self.node(current).parents:
@@ -156,7 +161,7 @@ class Curriculum:
                 out.update(dict.fromkeys(self.node_fields(current)))
                 fields_of[current] = list(out)
             self._fields_cache = (key, fields_of)
-        return list(self._fields_cache[1][name])
+        return self._fields_cache[1]
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -175,8 +180,9 @@ class Curriculum:
             _check_node(node, self, where)
         self.order()  # raises on cycles
         max_fields = self._check_model()
+        all_fields = self._all_adapter_fields()
         for node in self.nodes:
-            fields_needed = len(self.adapter_fields(node.name))
+            fields_needed = len(all_fields[node.name])
             if fields_needed > max_fields:
                 raise CurriculumError(f"{where}: node {node.name!r} needs {fields_needed} field slots, more than "
                                       f"model.max_fields={max_fields}")
@@ -371,7 +377,7 @@ def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> C
     if not os.path.exists(path) or os.path.isdir(path):
         raise CurriculumError(f"{path}: curriculum file not found" + (" (it is a folder)" * os.path.isdir(path)))
     try:
-        raw = read_yaml(path, check_text=lambda text: check_duplicate_fields(text, path))
+        raw = read_yaml(path, check_node=lambda root: check_duplicate_fields(root, path))
     except yaml.YAMLError as err:
         raise CurriculumError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     except (DataError, OSError) as err:

@@ -221,12 +221,13 @@ class DataSource:
         return table.to_pandas()
 
 
-def check_duplicate_fields(text: str, where: str = "<yaml>") -> None:
-    """Refuse a field named twice in one source's `fields:` (YAML loaders silently keep only the last one)."""
+def check_duplicate_fields(text: str | yaml.Node, where: str = "<yaml>") -> None:
+    """Refuse a field named twice in one source's `fields:` (YAML loaders silently keep only the last one); `text`
+    is the YAML text or its composed document."""
     def child(node, key: str):  # the value under `key` of a mapping node, else None
         return next((v for k, v in node.value if k.value == key), None) if isinstance(node, yaml.MappingNode) else None
 
-    sources = child(yaml.compose(text), "sources")
+    sources = child(yaml.compose(text) if isinstance(text, str) else text, "sources")
     for source_key, source in sources.value if isinstance(sources, yaml.MappingNode) else []:
         fields = child(source, "fields")
         if not isinstance(fields, yaml.MappingNode):
@@ -247,7 +248,7 @@ def load_sources(path: str | os.PathLike) -> dict[str, DataSource]:
     if not path.is_file():
         raise DataError(f"sources file not found: {path}")
     try:
-        raw = read_yaml(path, check_text=lambda text: check_duplicate_fields(text, str(path))) or {}
+        raw = read_yaml(path, check_node=lambda root: check_duplicate_fields(root, str(path))) or {}
     except yaml.YAMLError as err:
         raise DataError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict):

@@ -176,6 +176,8 @@ class _GuardedLoader(yaml.SafeLoader):
             if sizes[key] > YAML_MAX_NODES:
                 raise YAMLInputError(f"its anchors and aliases expand to more than {YAML_MAX_NODES:,} values "
                                      "(io_utils.YAML_MAX_NODES)")
+        if getattr(self, "check_node", None) is not None:
+            self.check_node(node)
         return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
@@ -190,18 +192,18 @@ class _GuardedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml(path: str | os.PathLike, check_text=None):
+def read_yaml(path: str | os.PathLike, check_node=None):
     """A YAML file's data with yaml.safe_load's types (no tags that build objects), refusing a file over
     `YAML_MAX_BYTES`, an alias expansion over `YAML_MAX_NODES` and a key given twice; raises `yaml.YAMLError`.
-    `check_text(text)`, if given, sees the text first (e.g. `data.check_duplicate_fields` for a better message)."""
+    `check_node(root)`, if given, sees the composed document first (e.g. `data.check_duplicate_fields`, whose message
+    names the columns)."""
     try:
         text = read_bounded(path, YAML_MAX_BYTES).decode("utf-8")
     except ValueError as err:  # too large, or not UTF-8
         raise YAMLInputError(str(err).replace(f"{path} is", "the file is").splitlines()[0][:200]) from None
-    if check_text is not None:
-        check_text(text)
     try:
         loader = _GuardedLoader(text)  # what yaml.load does, with our SafeLoader subclass
+        loader.check_node = check_node
         try:
             return loader.get_single_data()
         finally:
