@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .run_folder import ADAPTER_FILES, COMPLETE_MARKER, DAG_FILE, RUN_WRITES, RunFolder
+from .run_folder import ADAPTER_FILES, COMPLETE_MARKER, DAG_FILE, LOCK_DIR, RUN_WRITES, RunFolder
 
 # A folder holding one of these is a trained adapter (adapter_config.json, adapter_model.safetensors), a finished
 # node (COMPLETE) or a training run (dag.json): nothing but the trainer writes there.
@@ -150,3 +150,6 @@ def check_run_contents(output_dir: str | os.PathLike, nodes: list[str], where: s
                 raise OutputPathError(f"{where}: {path} is a symbolic link to {os.path.realpath(path)}; the trainer "
                                       "writes only inside the output folder: remove the link or choose another "
                                       "--output_dir")
+            if name == LOCK_DIR and os.path.isfile(path) and os.stat(path).st_nlink > 1:  # lock files are rewritten
+                raise OutputPathError(f"{where}: {path} is a hard link shared with another file, which taking the "
+                                      "lock would overwrite; remove it")

@@ -454,6 +454,8 @@ CASES = [
     ("cli-node-file-linked-outside", lambda e: _train_node_j(e) if _link(_mkdir(e.out / "j") / "README.md",
                                                                          _notes(e) / "README.md") else None, 2,
      "README.md is a symbolic link"),
+    ("cli-lock-file-hard-linked-outside", lambda e: _train_node_j(e) if os.link(
+        _notes(e) / "README.md", _mkdir(e.out / ".locks") / "j.lock") is None else None, 2, "j.lock is a hard link"),
     ("yaml-alias-bomb-in-unit", lambda e: lambda: load_curriculum(e.yaml(_alias_bomb(
         "sources:\n  co2:\n    path: x.csv\n    fields:\n      c: {column: co2, unit: *l8}\n"))), CurriculumError,
      "bad.yaml: not valid YAML (its anchors and aliases expand to more than 1,000,000 values"),
