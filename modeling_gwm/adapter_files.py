@@ -6,19 +6,27 @@ Every check names the file and the field at fault in one line: `adapter_config.j
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import os
+import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .configuration_gwm import GWMConfig
+from .configuration_gwm import MODEL_LIMITS, GWMConfig
+from .io_utils import file_sha256, read_json
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer
 from .loop.config import ADAPTER_FORMAT_VERSION
 
 if TYPE_CHECKING:
     from .modeling_gwm import GWMModel
+
+
+logger = logging.getLogger(__name__)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes adapter weights may have
+CONFIG_MAX_BYTES = 16 * 2**20  # an adapter_config.json with 65,536 fields is about 10 MB
 
 
 class AdapterLoadError(OSError):
@@ -44,8 +52,7 @@ def _saved_model_file(location, filename: str, subfolder: str | None, revision: 
     if path is None or filename != "config.json":
         return path
     try:
-        with open(path, encoding="utf-8") as handle:
-            return path if json.load(handle).get("model_type") == GWMConfig.model_type else None
+        return path if read_json(path, max_bytes=CONFIG_MAX_BYTES).get("model_type") == GWMConfig.model_type else None
     except (OSError, ValueError):
         return None
 
@@ -102,9 +109,15 @@ def _check_adapter_weights(folder: str, loop_config: LoopConfig, arch: dict[str,
     try:
         with safe_open(path, framework="pt") as weights:
             shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+            dtypes = {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
     except Exception as err:  # safetensors raises its own error type on damaged files
         raise AdapterLoadError(f"Adapter weights {path} are unreadable (truncated or not a safetensors file): "
                                f"{err}") from None
+    not_float = sorted(k for k, d in dtypes.items() if d not in FLOAT_DTYPES)
+    if not_float:  # integer weights load (cast by PEFT) and forecast a flat line
+        raise AdapterMismatchError(f"Adapter weights {path}: tensor {not_float[0]} has dtype {dtypes[not_float[0]]} "
+                                   f"({len(not_float)} such); adapter weights are floating point "
+                                   f"({', '.join(FLOAT_DTYPES)})")
     prefix = "base_model.model."
     loop_shapes = {k: v for k, v in shapes.items() if k.startswith(prefix + "transformer_blocks.")
                    and k.endswith(".loop_emb")}
@@ -148,7 +161,7 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
     location = f"{adapter}" + (f" (subfolder {subfolder})" if subfolder else "")
     local = os.path.isdir(adapter)
     config_file = os.path.join(adapter, subfolder or "", "adapter_config.json")
-    if local and not os.path.isfile(config_file):
+    if local and (not os.path.exists(config_file) or os.path.isdir(config_file)):  # a device is read, bounded
         raise AdapterLoadError(f"No adapter_config.json in {location}: not a GWM adapter folder.")
     if local:
         _check_raw_adapter_config(config_file)
@@ -166,9 +179,12 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
             f"{location} holds a {getattr(peft_config.peft_type, 'value', peft_config.peft_type)} adapter, "
             "not a GWM loop adapter (peft_type GWM_LOOP)."
         )
-    if peft_config.format_version != ADAPTER_FORMAT_VERSION:
-        found = "no format_version" if peft_config.format_version is None else \
-            f"format_version {peft_config.format_version}"
+    version = peft_config.format_version
+    if version != ADAPTER_FORMAT_VERSION or isinstance(version, bool):
+        if version is not None and not (isinstance(version, int) and not isinstance(version, bool)):
+            raise AdapterLoadError(f"{config_file if local else location}: format_version must be the integer "
+                                   f"{ADAPTER_FORMAT_VERSION}, got {version!r:.40}")
+        found = "no format_version" if version is None else f"format_version {version}"
         raise AdapterLoadError(
             f"{location} has {found} (this GWM reads format_version {ADAPTER_FORMAT_VERSION}: scale-free windows "
             "and quantile forecasts): it was made by an older GWM and needs retraining (gwm train / dag_train.py)."
@@ -177,9 +193,38 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
     return peft_config
 
 
+def warn_if_other_base(config: LoopConfig, sample: list[float] | None, where: str, base: str) -> None:
+    """Warn when the base's weights are not those the adapter was trained on (`LoopConfig.base_weights`): the
+    shapes fit, so it loads, but its forecasts assume the other base. bf16 / fp16 copies of one base agree."""
+    import numpy as np
+
+    recorded = config.base_weights
+    if not recorded or not sample or len(recorded) != len(sample):
+        return
+    if not np.allclose(np.asarray(sample), np.asarray(recorded), rtol=2e-2, atol=1e-5):
+        logger.warning("adapter %s was trained on a base with other weights than %s (a sample of the frozen weights "
+                       "differs); its forecasts assume the base it was trained on: load it onto that base", where,
+                       base)
+
+
+def warn_if_changed(folder: str) -> None:
+    """Warn when an adapter folder's weights are not those its metrics.json recorded (`adapter_sha256`, written by
+    the trainer): damaged, or another adapter's file copied or linked in. Folders without the record are not checked."""
+    from .run_folder import CHECKSUM_KEY
+
+    path = os.path.join(folder, "metrics.json")
+    try:
+        recorded = read_json(path, max_bytes=CONFIG_MAX_BYTES).get(CHECKSUM_KEY) if os.path.isfile(path) else None
+        if recorded is not None and recorded != file_sha256(os.path.join(folder, "adapter_model.safetensors")):
+            logger.warning("adapter weights %s are not the ones its metrics.json recorded (%s differs): damaged or "
+                           "replaced since training", os.path.join(folder, "adapter_model.safetensors"), CHECKSUM_KEY)
+    except (OSError, ValueError):  # an unreadable metrics.json is no reason to refuse the adapter
+        return
+
+
 # What a hand-edited adapter_config.json may ask the model to allocate: far above any real model, far below RAM.
-ADAPTER_CONFIG_LIMITS = {"max_fields": 65_536, "d_model": 65_536, "n_loops": 1_024, "context_len": 1_000_000,
-                         "max_time_steps": 1_000_000}
+ADAPTER_CONFIG_LIMITS = {k: MODEL_LIMITS[k] for k in ("max_fields", "d_model", "n_loops", "context_len",
+                                                      "max_time_steps")}
 
 
 def _check_raw_adapter_config(path: str) -> None:
@@ -187,12 +232,9 @@ def _check_raw_adapter_config(path: str) -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise AdapterLoadError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+        raw = read_json(path, max_bytes=CONFIG_MAX_BYTES)
+    except ValueError as err:  # not JSON, not an object, or too large (e.g. linked to /dev/zero)
+        raise AdapterLoadError(str(err)) from None
     peft_type = raw.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise AdapterLoadError(f"{path}: peft_type {peft_type!r} is not a PEFT method; a GWM adapter has peft_type "
@@ -201,7 +243,7 @@ def _check_raw_adapter_config(path: str) -> None:
 
 def _check_loop_config(config: LoopConfig, path: str) -> None:
     """Every value a loop adapter's config feeds to the model, checked with one line naming the file and key."""
-    from .data import FieldStats
+    from .data import FieldStats, check_frequency
     from .tabular import DataError
 
     def bad(key: str, why: str) -> AdapterLoadError:
@@ -214,9 +256,14 @@ def _check_loop_config(config: LoopConfig, path: str) -> None:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise bad(f"fields[{i}]", f"must be an object with a 'name' string, got {entry!r:.60}")
         try:
-            FieldStats.from_dict(entry)
-        except (DataError, TypeError, ValueError) as err:
+            stats = FieldStats.from_dict(entry)
+            if entry.get("frequency") is not None:
+                check_frequency(entry["frequency"], "its grid")
+        except (DataError, TypeError, ValueError, OverflowError) as err:
             raise bad(f"fields[{i}]", str(err)) from None
+        if stats.std < sys.float_info.min:  # subnormal: dividing by it overflows, the forecast would be inf
+            raise bad(f"fields[{i}]", f"std {stats.std!r} is below {sys.float_info.min:.3g} (a field's spread must be "
+                      "a normal float)")
         names.append(entry["name"])
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -227,6 +274,10 @@ def _check_loop_config(config: LoopConfig, path: str) -> None:
     if config.modules_to_save is not None and not (isinstance(config.modules_to_save, list) and all(
             isinstance(m, str) for m in config.modules_to_save)):
         raise bad("modules_to_save", f"must be a list of module names, got {config.modules_to_save!r:.60}")
+    sample = config.base_weights
+    if sample is not None and not (isinstance(sample, list) and len(sample) <= 1024 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in sample)):
+        raise bad("base_weights", f"must be a list of at most 1024 finite numbers, got {sample!r:.60}")
     if not isinstance(config.gwm_config, dict):
         raise bad("gwm_config", f"must be an object (the model's GWMConfig), got {config.gwm_config!r:.60}")
     limits = {"n_loops": config.n_loops, **{k: config.gwm_config[k] for k in ADAPTER_CONFIG_LIMITS

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .curriculum import CurriculumError
@@ -66,20 +67,24 @@ def save(folder: str | os.PathLike, name: str, state: NodeState, adapter: dict[s
     staging = str(folder.parent / ".checkpoint.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    with writing(f"the step-{state.step} checkpoint of node {name!r} to {staging}"):
-        atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
-        crash_point("checkpoint_mid", name, state.step)
-        tensors, meta = _optimizer_tensors(optimizer)
-        atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
-        if state.best_adapter is not None:
-            atomic_save_safetensors(os.path.join(staging, BEST_FILE), state.best_adapter)
-    atomic_write_json(os.path.join(staging, STATE_FILE),
-                      {"step": state.step, "history": state.history, "val_history": state.val_history,
-                       "skipped_nonfinite": state.skipped_nonfinite, "best_step": state.best_step,
-                       "best_val_loss": state.best_val_loss,
-                       "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                       "optimizer": meta, "config": config})
-    atomic_replace_dir(staging, str(folder))
+    try:
+        with writing(f"the step-{state.step} checkpoint of node {name!r} to {staging}"):
+            atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
+            crash_point("checkpoint_mid", name, state.step)
+            tensors, meta = _optimizer_tensors(optimizer)
+            atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
+            if state.best_adapter is not None:
+                atomic_save_safetensors(os.path.join(staging, BEST_FILE), state.best_adapter)
+        atomic_write_json(os.path.join(staging, STATE_FILE),
+                          {"step": state.step, "history": state.history, "val_history": state.val_history,
+                           "skipped_nonfinite": state.skipped_nonfinite, "best_step": state.best_step,
+                           "best_val_loss": state.best_val_loss,
+                           "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                           "optimizer": meta, "config": config})
+        atomic_replace_dir(staging, str(folder))
+    except BaseException:  # a full disk, an interrupt: no half-written staging folder stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     crash_point("checkpoint_written", name, state.step)
 
 
@@ -94,15 +99,22 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
     saved = read_state(folder)
     if saved is None:
         return None
+    _check_saved(saved, Path(folder) / STATE_FILE, config.get("steps"))
     try:
-        set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter.safetensors")), adapter_name=name)
-        optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors")),
-                                                   saved["optimizer"]))
+        files = ["adapter.safetensors", "optimizer.safetensors"]
+        files += [BEST_FILE] if os.path.isfile(os.path.join(folder, BEST_FILE)) else []
+        tensors = {f: load_file(os.path.join(folder, f)) for f in files}
+    except (SafetensorError, OSError) as err:
+        raise CurriculumError(f"node {name!r}: its step-{saved['step']} checkpoint in {folder} is damaged "
+                              f"({str(err).splitlines()[0]}); delete that checkpoint folder to restart the node, or "
+                              "restore it") from None
+    best_adapter = tensors.get(BEST_FILE)  # set into the model when it is written
+    try:
+        set_peft_model_state_dict(model, tensors["adapter.safetensors"], adapter_name=name)
+        optimizer.load_state_dict(_optimizer_state(tensors["optimizer.safetensors"], saved["optimizer"]))
         if scheduler is not None and saved.get("scheduler"):
             scheduler.load_state_dict(saved["scheduler"])
-        best = os.path.join(folder, BEST_FILE)
-        best_adapter = load_file(best) if os.path.isfile(best) else None  # set into the model when it is written
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
         changes = "; ".join(config_changes(saved.get("config") or {}, config)[:3]) or "unknown changes"
         raise CurriculumError(f"node {name!r}: its step-{saved.get('step')} checkpoint in {folder} does not fit "
                               f"the current settings ({changes}): {str(err).splitlines()[0]}; delete that "
@@ -110,6 +122,22 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
     return NodeState(step=saved["step"], history=saved["history"], val_history=saved["val_history"],
                      skipped_nonfinite=saved.get("skipped_nonfinite", 0), best_step=saved.get("best_step"),
                      best_val_loss=saved.get("best_val_loss"), best_adapter=best_adapter)
+
+
+def _check_saved(saved: dict, path: Path, steps) -> None:
+    """trainer_state.json's loop state, type- and range-checked: a step outside [0, steps] would train too long."""
+    high = steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+    step = saved.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (high is not None and step > high):
+        raise CurriculumError(f"{path}: step must be an integer in [0, {high if high is not None else 'steps'}], got "
+                              f"{step!r:.60}; restore the file or delete the checkpoint folder to restart the node")
+    for key, kind in (("history", list), ("val_history", list), ("optimizer", dict)):
+        if not isinstance(saved.get(key), kind):
+            raise CurriculumError(f"{path}: {key} must be a {kind.__name__}, got {saved.get(key)!r:.60}; restore the "
+                                  "file or delete the checkpoint folder to restart the node")
+    skipped = saved.get("skipped_nonfinite", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or not 0 <= skipped <= step:
+        raise CurriculumError(f"{path}: skipped_nonfinite must be an integer in [0, step], got {skipped!r:.60}")
 
 
 def config_changes(recorded: dict, current: dict, prefix: str = "") -> list[str]:

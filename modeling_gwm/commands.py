@@ -66,9 +66,10 @@ class CommandError(ValueError):
 # ---------------------------------------------------------------------------------------------------- helpers
 def _recorded_base(adapter: str | None) -> str | None:
     """The base a local adapter folder records (read as plain JSON: a bad config is reported later, by the load)."""
+    from .adapter_files import CONFIG_MAX_BYTES
+    from .io_utils import read_json
     try:
-        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as handle:
-            config = json.load(handle)
+        config = read_json(os.path.join(adapter, "adapter_config.json"), max_bytes=CONFIG_MAX_BYTES)
         base = (config.get("gwm_config") or {}).get("base_model_name_or_path") or config.get("base_model_name_or_path")
     except (OSError, TypeError, ValueError, AttributeError):
         return None
@@ -176,7 +177,13 @@ def _table(args):
         raw, sep, field = pair.partition("=")  # --columns RAW=FIELD, repeatable or comma-separated
         if not sep or not raw.strip() or not field.strip():
             raise CommandError(f"--columns expects RAW=FIELD pairs (e.g. sst=climate.enso.nino12_sst), got {pair!r}")
-        columns[raw.strip()] = field.strip()
+        raw, field = raw.strip(), field.strip()
+        twin = next((r for r, f in columns.items() if f == field and r != raw), None)
+        if raw in columns and columns[raw] != field:
+            raise CommandError(f"--columns maps column {raw!r} to {columns[raw]!r} and to {field!r}")
+        if twin is not None:
+            raise CommandError(f"--columns maps columns {twin!r} and {raw!r} both to field {field!r}")
+        columns[raw] = field
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     table = read_table(path, FORMATS.get(Path(path).suffix.lower(), "csv"), "--data")
@@ -226,7 +233,7 @@ def cmd_forecast(args) -> int:
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
     model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
     # the plot's 10-90 % band needs those levels even when only the median is written
-    plotted = sorted({*levels, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
+    plotted = sorted({*levels, 0.5, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
     with _naming_adapter(args):
         quantiles = forecast_quantiles(model, history, args.horizon, quantile_levels=plotted, freq=freq)
     predictions = quantiles.xs(0.5, axis=1, level="level")
@@ -351,7 +358,7 @@ def _print_upload_plan(output_dir: str, repo_id: str | None) -> int:
 
 # ---------------------------------------------------------------------------------------------------- parser
 # `gwm params` builds the model (on the meta device for --architecture, but the GWM parts for real): beyond these a
-# typo would try to allocate terabytes. n_loops shares the curriculum's limit (curriculum.NODE_LIMITS).
+# typo would try to allocate terabytes. d_model: configuration_gwm.MODEL_LIMITS; n_loops: curriculum.NODE_LIMITS.
 PARAMS_LIMITS = {"d_model": 16_384, "n_loops": 64}
 
 

@@ -12,6 +12,16 @@ CHECKPOINTING_GRANULARITIES = ("loop", "application")
 FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WINDOW_SCALINGS = ("last_value", "instance", "mean_abs", "none")
 DEFAULT_QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Upper bounds of the integer settings: far above any real model, far below what would exhaust memory or time when a
+# typo (d_model: 1e9, scratch_num_layers: 1e7) builds a model. Checked by GWMConfig, so a curriculum's model block, an
+# adapter's gwm_config and `gwm params` meet the same limits; products of two widths are bounded too (MODEL_PRODUCTS).
+MODEL_LIMITS = {"d_model": 16_384, "n_loops": 1_024, "max_fields": 65_536, "context_len": 1_000_000,
+                "max_time_steps": 1_000_000, "scratch_num_layers": 256, "scratch_num_attention_heads": 1_024,
+                "scratch_attention_head_dim": 4_096, "scratch_time_embed_dim": 65_536}
+MODEL_PRODUCTS = {("max_time_steps", "d_model"): 2**28, ("max_fields", "d_model"): 2**28,
+                  ("scratch_num_attention_heads", "scratch_attention_head_dim"): 65_536}
+SEED_MAX = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too)
+BLOCK_TIMESTEP_MAX = 100_000  # diffusion schedules have about 1,000 steps
 
 
 def check_quantile_levels(levels, where: str = "GWMConfig: quantile_levels") -> list[float]:
@@ -31,8 +41,8 @@ def check_quantile_levels(levels, where: str = "GWMConfig: quantile_levels") -> 
     return levels
 
 
-def _checked_values(*, backbone, frozen_dtype, granularity, d_model, n_loops, max_fields, context_len, max_time_steps,
-                    horizon, window_scaling, window_stats_input, quantile_levels, seasonal_lag_input,
+def _checked_values(*, backbone, frozen_dtype, granularity, sizes: dict, seed, block_timestep, context_len, horizon,
+                    window_scaling, window_stats_input, quantile_levels, seasonal_lag_input,
                     season_period) -> list[float]:
     """`GWMConfig`'s arguments checked in one place, each error naming its field; returns the checked levels."""
     if backbone not in BACKBONES:
@@ -42,10 +52,19 @@ def _checked_values(*, backbone, frozen_dtype, granularity, d_model, n_loops, ma
     if granularity not in CHECKPOINTING_GRANULARITIES:
         raise ValueError(f"GWMConfig: gradient_checkpointing_granularity must be one of "
                          f"{CHECKPOINTING_GRANULARITIES}, got {granularity!r}")
-    for name, value in [("d_model", d_model), ("n_loops", n_loops), ("max_fields", max_fields),
-                        ("context_len", context_len), ("max_time_steps", max_time_steps)]:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"GWMConfig: {name} must be a positive integer, got {value!r}")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"GWMConfig: {name} must be a positive integer, got {value!r:.60}")
+        if value > MODEL_LIMITS[name]:
+            raise ValueError(f"GWMConfig: {name} {value} is over the limit of {MODEL_LIMITS[name]:,} "
+                             "(configuration_gwm.MODEL_LIMITS)")
+    for (a, b), limit in MODEL_PRODUCTS.items():
+        if sizes[a] * sizes[b] > limit:
+            raise ValueError(f"GWMConfig: {a} × {b} = {sizes[a]} × {sizes[b]} is over the limit of {limit:,} "
+                             "(configuration_gwm.MODEL_PRODUCTS)")
+    for name, value, high in (("seed", seed, SEED_MAX), ("block_timestep", block_timestep, BLOCK_TIMESTEP_MAX)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise ValueError(f"GWMConfig: {name} must be an integer in [0, {high:,}], got {value!r:.60}")
     if not isinstance(horizon, int) or not 0 <= horizon < context_len:
         raise ValueError(f"GWMConfig: horizon must be an integer in [0, context_len={context_len}), "
                          f"got {horizon!r}")
@@ -152,8 +171,13 @@ class GWMConfig(PretrainedConfig):
     ):
         self.quantile_levels = _checked_values(
             backbone=backbone, frozen_dtype=frozen_dtype, granularity=gradient_checkpointing_granularity,
-            d_model=d_model, n_loops=n_loops, max_fields=max_fields, context_len=context_len,
-            max_time_steps=max_time_steps, horizon=horizon, window_scaling=window_scaling,
+            sizes={"d_model": d_model, "n_loops": n_loops, "max_fields": max_fields, "context_len": context_len,
+                   "max_time_steps": max_time_steps, "scratch_num_layers": scratch_num_layers,
+                   "scratch_num_attention_heads": scratch_num_attention_heads,
+                   "scratch_attention_head_dim": scratch_attention_head_dim,
+                   "scratch_time_embed_dim": scratch_time_embed_dim},
+            seed=seed, block_timestep=block_timestep, context_len=context_len, horizon=horizon,
+            window_scaling=window_scaling,
             window_stats_input=window_stats_input, quantile_levels=quantile_levels,
             seasonal_lag_input=seasonal_lag_input, season_period=season_period)
         self.window_scaling = window_scaling

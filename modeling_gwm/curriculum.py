@@ -6,6 +6,7 @@ from a weighted merge of its parents), a node without parents is a *root* (start
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import re
@@ -13,11 +14,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import yaml
 
-from .data import DataSource
+from .data import DataSource, check_duplicate_fields
+from .io_utils import read_yaml
 from .merging import MERGE_METHODS, MergeSpec, normalised_merge_weights
 from .tabular import DataError
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no ".": PEFT keys adapters by name in ParameterDicts
+# Used with fullmatch ("$" would accept a trailing newline). No ".": PEFT keys adapters by name in ParameterDicts.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 RESERVED_NAMES = {"final", "checkpoint", "runs", "logs"}
 
 
@@ -103,12 +106,12 @@ class Curriculum:
         return [n.name for n in self.nodes if name in n.parents]
 
     def ancestors(self, name: str) -> list[str]:
-        seen: list[str] = []
+        seen: set[str] = set()
         stack = list(self.node(name).parents)
         while stack:
             parent = stack.pop()
             if parent not in seen:
-                seen.append(parent)
+                seen.add(parent)
                 stack.extend(self.node(parent).parents)
         return [n for n in self.order() if n in seen]
 
@@ -118,15 +121,32 @@ class Curriculum:
 
     def order(self) -> list[str]:
         """Topological order, stable: among ready nodes, the one declared first goes first."""
+        key = tuple((n.name, tuple(n.parents)) for n in self.nodes)  # nodes may be edited after validation
+        if getattr(self, "_order_cache", (None,))[0] != key:
+            self._order_cache = (key, self._topological_order())
+        return list(self._order_cache[1])
+
+    def _topological_order(self) -> list[str]:
+        """Kahn's algorithm with a heap of declaration indices: linear in nodes and edges (times log n)."""
+        waiting = [len(set(n.parents)) for n in self.nodes]
+        children: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for parent in set(node.parents):
+                children.setdefault(parent, []).append(i)
+        ready = [i for i, count in enumerate(waiting) if count == 0]
+        heapq.heapify(ready)
         done: list[str] = []
-        pending = [n.name for n in self.nodes]
-        while pending:
-            ready = [n for n in pending if all(p in done for p in self.node(n).parents)]
-            if not ready:
-                cycle = " -> ".join(pending)
-                raise CurriculumError(f"{self.where}: the parents of nodes {cycle} form a cycle")
-            done.append(ready[0])
-            pending.remove(ready[0])
+        while ready:
+            i = heapq.heappop(ready)
+            done.append(self.nodes[i].name)
+            for child in children.get(self.nodes[i].name, []):
+                waiting[child] -= 1
+                if waiting[child] == 0:
+                    heapq.heappush(ready, child)
+        if len(done) < len(self.nodes):
+            placed = set(done)
+            cycle = " -> ".join(n.name for n in self.nodes if n.name not in placed)
+            raise CurriculumError(f"{self.where}: the parents of nodes {cycle} form a cycle")
         return done
 
     def node_fields(self, name: str) -> list[str]:
@@ -138,16 +158,23 @@ class Curriculum:
 
     def adapter_fields(self, name: str) -> list[str]:
         """The node adapter's field list (codec-slot order): the parents' fields first, then its own new ones."""
-        fields_of: dict[str, list[str]] = {}  # one pass in order: a recursion would revisit shared ancestors
-        for current in self.order():
-            out: list[str] = []
-            for parent in self.node(current).parents:
-                out += [f for f in fields_of[parent] if f not in out]
-            out += [f for f in self.node_fields(current) if f not in out]
-            fields_of[current] = out
-            if current == name:
-                return out
-        raise KeyError(name)
+        return list(self._all_adapter_fields()[name])
+
+    def _all_adapter_fields(self) -> dict[str, list[str]]:
+        """Every node's adapter fields, in one pass in order (a recursion would revisit shared ancestors); cached
+        until a node's parents, sources or fields change."""
+        key = tuple((n.name, tuple(n.parents), tuple(n.sources), tuple(n.fields or ()), n.fields is None)
+                    for n in self.nodes)
+        if getattr(self, "_fields_cache", (None,))[0] != key:
+            fields_of: dict[str, list[str]] = {}
+            for current in self.order():
+                out: dict[str, None] = {}
+                for parent in self.node(current).parents:
+                    out.update(dict.fromkeys(fields_of[parent]))
+                out.update(dict.fromkeys(self.node_fields(current)))
+                fields_of[current] = list(out)
+            self._fields_cache = (key, fields_of)
+        return self._fields_cache[1]
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -156,7 +183,7 @@ class Curriculum:
             raise CurriculumError(f"{where}: the curriculum has no nodes")
         self._by_name: dict[str, TrainingNode] = {}
         for node in self.nodes:
-            if not isinstance(node.name, str) or not SAFE_NAME.match(node.name) or node.name in RESERVED_NAMES:
+            if not isinstance(node.name, str) or not SAFE_NAME.fullmatch(node.name) or node.name in RESERVED_NAMES:
                 raise CurriculumError(f"{where}: node name {node.name!r} is not a safe folder name (letters, digits, "
                                       f"'_' and '-' only, at most 64, not {sorted(RESERVED_NAMES)})")
             if node.name in self._by_name:
@@ -165,12 +192,24 @@ class Curriculum:
         for node in self.nodes:
             _check_node(node, self, where)
         self.order()  # raises on cycles
+        max_fields = self._check_model()
+        all_fields = self._all_adapter_fields()
         for node in self.nodes:
-            fields_needed = len(self.adapter_fields(node.name))
-            max_fields = int(self.model.get("max_fields", 64))
+            fields_needed = len(all_fields[node.name])
             if fields_needed > max_fields:
                 raise CurriculumError(f"{where}: node {node.name!r} needs {fields_needed} field slots, more than "
                                       f"model.max_fields={max_fields}")
+
+    def _check_model(self) -> int:
+        """The model block as GWMConfig checks it (types, ranges, MODEL_LIMITS), named as the curriculum's; returns
+        max_fields."""
+        from .configuration_gwm import GWMConfig
+
+        try:
+            config = GWMConfig(**{k: v for k, v in self.model.items() if k != "base"})
+        except (TypeError, ValueError) as err:
+            raise CurriculumError(f"{self.where}: model: {str(err).replace('GWMConfig: ', '')}") from None
+        return config.max_fields
 
     # ------------------------------------------------------------------ views
     def plan(self) -> str:
@@ -218,8 +257,39 @@ NODE_LIMITS = {"steps": 10_000_000, "batch_size": 10_000, "context_len": 10_000,
                "eval_windows": 100_000}
 
 
+# Node keys whose value is a list of names (None allowed where the default is None); every other key is checked
+# against the type of its default in TrainingNode (bool, int, float: a finite number, str), so a new key is
+# type-checked as soon as it is declared there; ranges are checked in `_check_node`.
+NAME_LISTS = {"parents": False, "sources": False, "fields": True}
+
+
+def _check_types(node: TrainingNode, here: str) -> None:
+    for spec in fields(TrainingNode):
+        key, value, default = spec.name, getattr(node, spec.name), spec.default
+        if key in NAME_LISTS:
+            if value is None and NAME_LISTS[key]:
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise CurriculumError(f"{here}: {key} must be a list of names, got {value!r:.80}")
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[type(default)]
+            raise CurriculumError(f"{here}: {key} must be {kind}, got {value!r:.80}")
+
+
 def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
     here = f"{where}: node {node.name!r}"
+    _check_types(node, here)
     for parent in node.parents:
         if parent not in curriculum._by_name:
             raise CurriculumError(f"{here}: unknown parent {parent!r}")
@@ -266,7 +336,8 @@ def _check_node(node: TrainingNode, curriculum: Curriculum, where: str) -> None:
                                   f"valid: {', '.join(MERGE_METHODS)}")
         if node.merge.weights is not None:
             _check_merge_weights(node.merge.method, node.merge.weights, len(node.parents), here)
-        if not 0 < node.merge.density <= 1:
+        density = node.merge.density
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise CurriculumError(f"{here}: merge density must be in (0, 1], got {node.merge.density}")
         if node.merge.majority_sign_method not in ("total", "frequency"):
             raise CurriculumError(f"{here}: majority_sign_method must be 'total' or 'frequency'")
@@ -300,9 +371,9 @@ def _check_merge_weights(method: str, weights, count: int, here: str) -> None:
     """Shares (every method but task_arithmetic) must be non-negative with a positive sum; all must be finite."""
     numbers = isinstance(weights, list) and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in weights)
-    if not numbers or len(weights) != count:
-        raise CurriculumError(f"{here}: merge weights {weights!r} must be a list of {count} finite numbers "
-                              "(one per parent)")
+    if not numbers or len(weights) != count or not math.isfinite(sum(abs(x) for x in weights)):
+        raise CurriculumError(f"{here}: merge weights {weights!r:.80} must be a list of {count} finite numbers "
+                              "(one per parent) with a finite sum")
     if method == "task_arithmetic":
         if not any(weights):
             raise CurriculumError(f"{here}: task_arithmetic merge weights {weights} are all zero")
@@ -343,13 +414,14 @@ def _node_from_dict(raw: dict, defaults: dict, where: str, index: int) -> Traini
 def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> Curriculum:
     """Parse and validate a curriculum YAML file; raises `CurriculumError` naming the file and the node."""
     path = str(path)
-    if not os.path.isfile(path):
-        raise CurriculumError(f"{path}: curriculum file not found")
+    if not os.path.exists(path) or os.path.isdir(path):
+        raise CurriculumError(f"{path}: curriculum file not found" + (" (it is a folder)" * os.path.isdir(path)))
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+        raw = read_yaml(path, check_node=lambda root: check_duplicate_fields(root, path))
     except yaml.YAMLError as err:
         raise CurriculumError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except (DataError, OSError) as err:
+        raise CurriculumError(str(err) if isinstance(err, DataError) else f"{path}: cannot read it ({err})") from None
     if not isinstance(raw, dict):
         raise CurriculumError(f"{path}: expected a mapping with 'sources' and 'nodes' at the top level")
     unknown = sorted(set(raw) - {"defaults", "model", "sources", "nodes", "description"})

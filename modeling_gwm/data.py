@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import yaml
 
+from .io_utils import read_yaml
 from .tabular import (
     TRANSFORMS,
     DataError,
@@ -80,6 +81,17 @@ class FieldStats:
                    transform=d.get("transform") or "none", unit=d.get("unit"))
 
 
+def check_frequency(frequency, where: str) -> None:
+    """A pandas offset alias of a positive step ('D', 'W', 'MS', '3MS'); '0D', '-1MS' or 5 are a DataError."""
+    try:
+        offset = pd.tseries.frequencies.to_offset(frequency) if isinstance(frequency, str) else None
+    except ValueError:
+        offset = None
+    if offset is None or offset.n < 1:
+        raise DataError(f"{where}: frequency {frequency!r:.40} is not a pandas offset alias of a positive step (such "
+                        "as 'D', 'W', 'MS', 'QS', 'YS')")
+
+
 @dataclass(frozen=True)
 class DataSource:
     """One table of time series: a local file or a Hub dataset, its time column and its fields.
@@ -123,12 +135,12 @@ class DataSource:
         object.__setattr__(self, "fields", specs)
         if self.format is not None and self.format not in ("csv", "parquet", "json"):
             raise DataError(f"{where}: unknown format {self.format!r}; valid formats are csv, parquet, json")
+        for key in ("path", "dataset", "config", "time_column"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise DataError(f"{where}: {key} must be a string, got {value!r:.80}")
         if self.frequency is not None:
-            try:
-                pd.tseries.frequencies.to_offset(self.frequency)
-            except ValueError:
-                raise DataError(f"{where}: unknown frequency {self.frequency!r} (a pandas offset alias such as 'D', "
-                                "'W', 'MS', 'QS', 'YS')") from None
+            check_frequency(self.frequency, where)
 
     @classmethod
     def from_dict(cls, name: str, mapping: dict, base_dir: str | os.PathLike | None = None) -> DataSource:
@@ -209,12 +221,13 @@ class DataSource:
         return table.to_pandas()
 
 
-def check_duplicate_fields(text: str, where: str = "<yaml>") -> None:
-    """Refuse a field named twice in one source's `fields:` (YAML loaders silently keep only the last one)."""
+def check_duplicate_fields(text: str | yaml.Node, where: str = "<yaml>") -> None:
+    """Refuse a field named twice in one source's `fields:` (YAML loaders silently keep only the last one); `text`
+    is the YAML text or its composed document."""
     def child(node, key: str):  # the value under `key` of a mapping node, else None
         return next((v for k, v in node.value if k.value == key), None) if isinstance(node, yaml.MappingNode) else None
 
-    sources = child(yaml.compose(text), "sources")
+    sources = child(yaml.compose(text) if isinstance(text, str) else text, "sources")
     for source_key, source in sources.value if isinstance(sources, yaml.MappingNode) else []:
         fields = child(source, "fields")
         if not isinstance(fields, yaml.MappingNode):
@@ -234,10 +247,8 @@ def load_sources(path: str | os.PathLike) -> dict[str, DataSource]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"sources file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        check_duplicate_fields(text, str(path))
-        raw = yaml.safe_load(text) or {}
+        raw = read_yaml(path, check_node=lambda root: check_duplicate_fields(root, str(path))) or {}
     except yaml.YAMLError as err:
         raise DataError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict):

@@ -33,6 +33,7 @@ from .tabular import (
     CHANGE_TRANSFORMS,
     DataError,
     apply_transform,
+    check_model_units,
     denormalize,
     future_index,
     infer_frequency,
@@ -159,6 +160,7 @@ def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
         stats = spec.fields[name]
         transformed = apply_transform(frame[name], stats.transform, f"field {name!r}")
         columns.append(normalize(transformed.to_numpy(dtype=np.float64), stats))
+        check_model_units(columns[-1], frame[name].to_numpy(dtype=np.float64), f"field {name!r}")
     return np.stack(columns, axis=1)
 
 

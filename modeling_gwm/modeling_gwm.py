@@ -18,6 +18,8 @@ from .adapter_files import (
     _expected_adapter_shapes,
     _saved_model_file,
     load_adapter_config,
+    warn_if_changed,
+    warn_if_other_base,
 )
 from .base import FrozenBase, build_frozen_base, cast_at_block_boundary, resolve_frozen_dtype
 from .canvas import FieldCodec, pinball_loss, seasonal_lag, sinusoidal_encoding, window_scale
@@ -191,8 +193,10 @@ class GWMModel(PreTrainedModel):
             gwm_kwargs["base_model_name_or_path"] = str(base)
         model = cls(GWMConfig(**gwm_kwargs), device=device)
         check_adapter_fits(loop_config, **model.adapter_architecture(), where=str(adapter))
+        warn_if_other_base(loop_config, model.base_weights_sample(), str(adapter), model.base_source)
         _check_adapter_weights(os.path.join(adapter, subfolder or ""), loop_config, model.adapter_architecture(),
                                expected=_expected_adapter_shapes(model, loop_config, str(adapter)))
+        warn_if_changed(os.path.join(adapter, subfolder or ""))
         try:
             return PeftModel.from_pretrained(
                 model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, subfolder=subfolder,
@@ -266,6 +270,20 @@ class GWMModel(PreTrainedModel):
         frozen = FrozenBase(blocks=self.transformer_blocks, temb=self.block_temb, inner_dim=self.inner_dim,
                             source=self.base_source)
         return type(self)(config, frozen_base=frozen, device=device)
+
+    def base_weights_sample(self, count: int = 32) -> list[float] | None:
+        """`count` of the frozen base's weights spread over its blocks: the base's identity an adapter records
+        (`LoopConfig.base_weights`), so that another base of the same shapes but other weights is noticed at load.
+        None for the scratch backbone (its blocks are trained with the adapter) and on the meta device."""
+        named = sorted((n.replace("base_layer.", ""), p) for n, p in self.transformer_blocks.named_parameters()
+                       if "loop_" not in n)  # the base's own weights, not an adapter's (LoopModel.prefix)
+        params = [p for _, p in named]
+        if self.config.backbone != "cogvideox" or not params or any(p.is_meta for p in params):
+            return None
+        picks = [params[i * (len(params) - 1) // max(1, count - 1)] for i in range(count)]
+        values = torch.stack([p.detach().reshape(-1)[(p.numel() * (i + 1)) // (count + 1)].float()
+                              for i, p in enumerate(picks)]).cpu()
+        return [float(f"{v:.6g}") for v in values.tolist()]
 
     def adapter_architecture(self) -> dict[str, int]:
         """What an adapter must match to fit this model."""

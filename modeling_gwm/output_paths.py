@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .run_folder import ADAPTER_FILES, COMPLETE_MARKER, DAG_FILE, RunFolder
+from .run_folder import ADAPTER_FILES, COMPLETE_MARKER, DAG_FILE, LOCK_DIR, RUN_WRITES, RunFolder
 
 # A folder holding one of these is a trained adapter (adapter_config.json, adapter_model.safetensors), a finished
 # node (COMPLETE) or a training run (dag.json): nothing but the trainer writes there.
@@ -129,3 +129,27 @@ def check_output_dir(flag: str, path: str, writes: list[str], inputs: dict[str, 
     if guarded is not None:
         raise OutputPathError(f"{where}: lies inside {guarded}, an adapter or training-run folder; choose another "
                               "--output_dir")
+
+
+def check_run_contents(output_dir: str | os.PathLike, nodes: list[str], where: str | None = None) -> None:
+    """Refuse a run folder where something the trainer writes would leave it: a symbolic link at a node folder,
+    `final/`, `runs/`, `.locks/`, dag.json or the card, or anywhere below them (e.g. `<out>/macro -> ~/notes`, or a node
+    folder linked into the base). Every write of the trainer then lands inside the output folder itself; the output
+    guards above keep inputs, bases and adapters out of it. Raises `OutputPathError` naming the link and its target.
+    """
+    root = _real(output_dir)
+    where = where or str(output_dir)
+    for name in dict.fromkeys([*RUN_WRITES, *nodes]):
+        top = os.path.join(root, name)
+        paths = [top]
+        if os.path.isdir(top) and not os.path.islink(top):
+            for folder, dirs, files in os.walk(top):  # os.walk does not follow links: each is seen, not entered
+                paths += [os.path.join(folder, entry) for entry in (*dirs, *files)]
+        for path in paths:
+            if os.path.islink(path):
+                raise OutputPathError(f"{where}: {path} is a symbolic link to {os.path.realpath(path)}; the trainer "
+                                      "writes only inside the output folder: remove the link or choose another "
+                                      "--output_dir")
+            if name == LOCK_DIR and os.path.isfile(path) and os.stat(path).st_nlink > 1:  # lock files are rewritten
+                raise OutputPathError(f"{where}: {path} is a hard link shared with another file, which taking the "
+                                      "lock would overwrite; remove it")

@@ -13,10 +13,11 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_tensorboard_available, is_trackio_available, is_wandb_available
 
 from . import checkpoint
-from .configuration_gwm import DEFAULT_BASE
+from .configuration_gwm import DEFAULT_BASE, SEED_MAX
 from .curriculum import Curriculum, CurriculumError
 from .data import NodeData, build_node_data
 from .merging import MergeSpec
+from .output_paths import check_run_contents
 from .run_folder import NodeBusyError, RunFolder, node_lock
 from .tabular import DataError
 from .training_args import TrainingArguments
@@ -46,6 +47,8 @@ class RunPlan:
         self.init_seed = model_seed + args.seed
         self.run_folder = RunFolder(args.output_dir)
         self.output_dir = str(self.run_folder.path)
+        if isinstance(args.seed, bool) or not isinstance(args.seed, int) or not 0 <= args.seed <= SEED_MAX:
+            raise CurriculumError(f"--seed must be an integer in [0, {SEED_MAX}], got {args.seed!r:.60}")
         if args.nonfinite not in ("stop", "skip"):
             raise CurriculumError(f"nonfinite must be 'stop' or 'skip', got {args.nonfinite!r}")
         if args.push_to_hub and not args.hub_model_id:
@@ -98,6 +101,7 @@ class RunPlan:
             if done:
                 raise CurriculumError(f"{self.output_dir} already holds trained node(s) {done}: pass --resume to keep "
                                       "and skip them, or choose a new --output_dir")
+        check_run_contents(self.output_dir, [n.name for n in self.curriculum.nodes], self.run_folder.given)
         self.preflight([n for n in selected if not self.is_complete(n)])
         if self.args.resume:
             self.check_unchanged(selected)
@@ -163,26 +167,33 @@ class RunPlan:
         Compared: every half-trained node to be continued (its checkpoint's record) and every complete node this job
         keeps or builds on (its metrics.json record). `allow_changed_config` lets the new settings take over.
         """
-        if self.args.allow_changed_config:
-            return
         to_train = [n for n in selected if not self.is_complete(n)]
         used = set(selected) | {a for n in to_train for a in self.curriculum.ancestors(n)}
         for name in [n for n in self.curriculum.order() if n in used]:
             if self.is_complete(name):
-                recorded, state = self.run_folder.read_node_json(name, "metrics.json").get("config"), "was trained"
+                self.check_reusable(name)
+            elif self.args.allow_changed_config:
+                continue
             elif (saved := checkpoint.read_state(self.run_folder.checkpoint_dir(name))) is not None:
-                recorded, state = saved.get("config"), f"is half-trained (step {saved.get('step')})"
-            else:
-                continue
-            if not isinstance(recorded, dict):  # a run from before these records: nothing to compare
-                continue
-            changes = checkpoint.config_changes(recorded, self.node_config(name))
-            if changes:
-                shown = "; ".join(changes[:3]) + (f" (and {len(changes) - 3} more)" if len(changes) > 3 else "")
-                raise CurriculumError(f"{self.curriculum.where}: node {name!r} {state} in {self.node_dir(name)} with "
-                                      f"settings that changed since the run started: {shown}; pass "
-                                      "--allow_changed_config to continue with the new settings, or use a new "
-                                      "--output_dir")
+                self._refuse_changes(name, saved.get("config"), f"is half-trained (step {saved.get('step')})")
+
+    def check_reusable(self, name: str) -> None:
+        """A complete node is kept or built on only if its adapter is the one it wrote (checksum) and, unless
+        `allow_changed_config`, its recorded settings are this curriculum's (another job may have trained it)."""
+        metrics = self.run_folder.verified_metrics(name)
+        if not self.args.allow_changed_config:
+            self._refuse_changes(name, metrics.get("config"), "was trained")
+
+    def _refuse_changes(self, name: str, recorded, state: str) -> None:
+        if not isinstance(recorded, dict):  # a run from before these records: nothing to compare
+            return
+        changes = checkpoint.config_changes(recorded, self.node_config(name))
+        if changes:
+            shown = "; ".join(changes[:3]) + (f" (and {len(changes) - 3} more)" if len(changes) > 3 else "")
+            raise CurriculumError(f"{self.curriculum.where}: node {name!r} {state} in {self.node_dir(name)} with "
+                                  f"settings that changed since the run started: {shown}; pass "
+                                  "--allow_changed_config to continue with the new settings, or use a new "
+                                  "--output_dir")
 
     # ------------------------------------------------------------------ dag.json and claims
     def _load_dag(self) -> dict:

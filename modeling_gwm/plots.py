@@ -17,12 +17,19 @@ import pandas as pd
 from .run_folder import RunFolder
 
 
-def _history(metrics: dict) -> tuple[list, list, list, list]:
-    train = [(h.get("step"), h.get("train_loss")) for h in metrics.get("history") or []]
-    val = [(h.get("step"), h.get("val_loss")) for h in metrics.get("val_history") or []]
-    train = [(s, v) for s, v in train if s is not None and v is not None]
-    val = [(s, v) for s, v in val if s is not None and v is not None]
-    return [s for s, _ in train], [v for _, v in train], [s for s, _ in val], [v for _, v in val]
+def _history(metrics: dict, where: str) -> tuple[list, list, list, list]:
+    """(train steps, train losses, val steps, val losses) of a metrics.json; wrong types are a ValueError naming it."""
+    out = []
+    for key, loss in (("history", "train_loss"), ("val_history", "val_loss")):
+        entries = metrics.get(key) or []
+        if not isinstance(entries, list) or not all(isinstance(h, dict) for h in entries):
+            raise ValueError(f"{where}: {key} must be a list of {{step, {loss}}} objects; restore or delete the file")
+        pairs = [(h.get("step"), h.get(loss)) for h in entries]
+        pairs = [(s, v) for s, v in pairs if s is not None and v is not None]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for pair in pairs for x in pair):
+            raise ValueError(f"{where}: {key} holds a step or {loss} that is not a number; restore or delete the file")
+        out += [[s for s, _ in pairs], [v for _, v in pairs]]
+    return out[0], out[1], out[2], out[3]
 
 
 def _ema(values: list[float], span: int) -> list[float]:
@@ -48,7 +55,7 @@ def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: s
     from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in any process
 
     node = title or metrics.get("node") or "node"
-    steps, train, vsteps, val = _history(metrics)
+    steps, train, vsteps, val = _history(metrics, f"metrics of node {node!r}")
     fig = Figure(figsize=(7, 4), dpi=110)
     ax = fig.subplots()
     if train:
@@ -82,7 +89,8 @@ def plot_loss_curves(output_dir: str | os.PathLike, path: str | os.PathLike | io
     ax = fig.subplots()
     offset, all_values, colors = 0, [], colormaps["tab10"]
     for i, name in enumerate(names):
-        steps, train, vsteps, val = _history(folder.read_node_json_if_any(name, "metrics.json"))
+        steps, train, vsteps, val = _history(folder.read_node_json_if_any(name, "metrics.json"),
+                                             str(folder.node_dir(name) / "metrics.json"))
         if not train and not val:
             continue
         color = colors(i % 10)

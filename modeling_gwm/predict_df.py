@@ -16,6 +16,7 @@ items, so later quantiles are those given the median path (see `forecast_quantil
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ import pandas as pd
 from .forecasting import AdapterSpec, predict_windows
 from .tabular import (
     DataError,
+    check_model_units,
     denormalize,
     infer_frequency,
     normalize,
@@ -105,7 +107,12 @@ class _Items:
 def _gridded(df: pd.DataFrame, id_column: str, timestamp_column: str, columns: list[str], spec: AdapterSpec,
              freq: str | None) -> _Items:
     """Sort, check, snap and average every item's rows onto the adapter's grid in a handful of numpy calls."""
-    codes, ids = pd.factorize(df[id_column], sort=False)  # (rows,), (N,)
+    try:
+        codes, ids = pd.factorize(df[id_column], sort=False)  # (rows,), (N,)
+    except TypeError:  # lists, dicts: unhashable
+        odd = next((v for v in df[id_column] if not isinstance(v, Hashable)), None)
+        raise DataError(f"column {id_column!r}: ids must be strings or numbers, got {type(odd).__name__} "
+                        f"{odd!r:.40}") from None
     if (codes < 0).any():
         raise DataError(f"column {id_column!r}: {int((codes < 0).sum())} row(s) have no id")
     times = _timestamps(df[timestamp_column], timestamp_column)
@@ -184,6 +191,7 @@ def _modelled(items: _Items, spec: AdapterSpec, fields: list[str]) -> np.ndarray
             else:  # log_return
                 modelled[rows[1:][pairs]] = np.log(current) - np.log(previous)
         out[:, j] = normalize(modelled, stats)
+        check_model_units(out[:, j], raw, f"field {name!r}")
     return out
 
 
@@ -230,7 +238,13 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
     mapping = _targets(df, id_column, timestamp_column, target, spec)
     columns, fields = list(mapping), list(mapping.values())
     items = _gridded(df, id_column, timestamp_column, columns, spec, freq)
-    short = np.flatnonzero(items.lengths < spec.min_history())
+    valued = np.add.reduceat((~np.isnan(items.values)).any(axis=1), items.offsets[:-1]) > 0  # (N,)
+    if not valued.any():
+        raise DataError(f"no item has a value in the target column(s) {columns}")
+    if not valued.all():  # as documented: such an item gets no rows
+        logger.warning("item(s) %s have no value at all: no forecast rows for them",
+                       ", ".join(_item(i) for i in items.ids[~valued][:5]) + (" ..." if (~valued).sum() > 5 else ""))
+    short = np.flatnonzero((items.lengths < spec.min_history()) & valued)
     if len(short):
         i = int(short[0])
         raise DataError(f"item {_item(items.ids[i])} has {items.lengths[i]} steps on the {items.freq!r} grid; this "
@@ -294,7 +308,7 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
     starts, lengths = items.offsets[:-1], items.lengths
     present, last, due = _schedule(items, context, history, width)  # (N, S), (N, S), (N, W, S)
     any_due = due.any(axis=2)  # (N, W)
-    idle = np.flatnonzero(~any_due.any(axis=1))
+    idle = np.flatnonzero(~any_due.any(axis=1) & present.any(axis=1))  # an item with no value: no rows, no error
     if len(idle):
         raise DataError(f"item {_item(items.ids[idle[0]])}: no field is observed in its last {context} steps (the "
                         f"adapter's context_len): nothing to forecast from")

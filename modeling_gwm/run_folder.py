@@ -22,12 +22,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json, read_json
+from .io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NODE_FILES = (*ADAPTER_FILES, "README.md", "loss_curve.png", "metrics.json")  # what a node publishes
 RUN_FILES = ("README.md", "dag.json", "loss_curves.png")  # what the run publishes at the repo root
 COMPLETE_MARKER = "COMPLETE"
+CHECKSUM_KEY = "adapter_sha256"  # metrics.json: the SHA-256 of the node's adapter_model.safetensors
 DAG_FILE = "dag.json"
 FINAL_NODE = "final"
 CHECKPOINT_DIR = "checkpoint"
@@ -84,6 +85,28 @@ class RunFolder:
         """Like `read_node_json`, but {} when the file is not there (a node not trained yet, a bare adapter folder)."""
         path = self.node_dir(name) / filename
         return read_json(path) if path.is_file() else {}
+
+    def adapter_sha256(self, name: str) -> str:
+        """The SHA-256 of a node's adapter_model.safetensors (recorded in its metrics.json as `adapter_sha256`)."""
+        return file_sha256(self.node_dir(name) / ADAPTER_FILES[1])
+
+    def verified_metrics(self, name: str) -> dict:
+        """A complete node's metrics.json, after checking that its adapter weights are the ones it recorded.
+
+        A missing metrics.json, or weights whose SHA-256 differs from `adapter_sha256` (damaged, truncated, or another
+        adapter's file copied in), is a ValueError naming the node and file and how to recover.
+        """
+        folder, path = self.node_dir(name), self.node_dir(name) / "metrics.json"
+        if not path.is_file():
+            raise ValueError(f"node {name!r}: {path} is missing, so its settings and adapter checksum cannot be "
+                             f"checked; restore it, or delete {folder / COMPLETE_MARKER} to train the node again")
+        metrics = read_json(path)
+        recorded = metrics.get(CHECKSUM_KEY)
+        if recorded is not None and recorded != self.adapter_sha256(name):
+            raise ValueError(f"node {name!r}: {folder / ADAPTER_FILES[1]} is not the adapter the node wrote (its "
+                             f"SHA-256 differs from {CHECKSUM_KEY} in metrics.json: damaged or replaced); restore it, "
+                             f"or delete {folder / COMPLETE_MARKER} to train the node again")
+        return metrics
 
     def adapter_fields(self, name: str) -> list[str]:
         """The field names a saved node adapter holds, in its slot order."""

@@ -51,6 +51,12 @@ def read_table(path: str, fmt: str | None, where: str) -> pd.DataFrame:
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if table.empty:
         raise DataError(f"{where}: cannot read {path} as {fmt}: no data rows")
+    if fmt == "csv":  # pandas renames a repeated header name (value, value.1): which one is meant is unknowable
+        header = Counter(str(c) for c in pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0])
+        twice = sorted(c for c, n in header.items() if n > 1)
+        if twice:
+            raise DataError(f"{where}: {path}: column name(s) {twice} appear more than once in the header; rename "
+                            "them so each column has its own name")
     return table
 
 
@@ -124,7 +130,11 @@ def parse_times(column: pd.Series, where: str) -> pd.Series:
             example = column.tolist()[int(np.argmax(not_years))]
             raise DataError(f"{where}: numeric time values (e.g. {example!r}) are not dates; use ISO dates "
                             "(YYYY-MM-DD) or whole years")
-        times = pd.to_datetime(pd.Series(numbers.astype(int)).astype(str).str.zfill(4), format="%Y")
+        try:
+            times = pd.to_datetime(pd.Series(numbers.astype(int)).astype(str).str.zfill(4), format="%Y")
+        except (ValueError, OverflowError):  # pandas' OutOfBoundsDatetime: before 1678 or after 2261
+            raise DataError(f"{where}: years {int(numbers.min())}-{int(numbers.max())} reach outside the dates pandas "
+                            f"can hold ({pd.Timestamp.min.year + 1}-{pd.Timestamp.max.year - 1})") from None
     else:
         try:
             times = pd.to_datetime(column, format="mixed")
@@ -249,6 +259,21 @@ def invert_transform(values: np.ndarray, transform: str, last_raw: float | None 
 def normalize(values: np.ndarray, stats: FieldStats) -> np.ndarray:
     """Transformed values -> the model's units."""
     return (np.asarray(values, dtype=np.float64) - stats.mean) / stats.std
+
+
+MAX_MODEL_UNITS = 1e12  # |value - mean| / std of a history value; past it the model's float32 arithmetic overflows
+
+
+def check_model_units(normalized: np.ndarray, raw: np.ndarray, where: str) -> None:
+    """Refuse a history value too far from the adapter's training statistics to compute with (e.g. 1e300 in a
+    series whose std is 1), naming it: the forecast would be inf, which looks like damaged weights."""
+    with np.errstate(invalid="ignore"):
+        far = np.abs(normalized) > MAX_MODEL_UNITS
+    if far.any():
+        k = int(np.argmax(far))
+        raise DataError(f"{where}: value {float(np.ravel(raw)[k])!r} lies {float(np.abs(normalized).ravel()[k]):.3g} "
+                        f"standard deviations from the adapter's training mean (limit {MAX_MODEL_UNITS:.0e}, "
+                        "tabular.MAX_MODEL_UNITS); check the data's units")
 
 
 def denormalize(values: np.ndarray, stats: FieldStats) -> np.ndarray:

@@ -9,6 +9,7 @@ far are part of every checkpoint, so a resumed node also picks and writes the sa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,6 +22,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -35,8 +37,9 @@ from .loop import LoopConfig
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
 from .node_loop import NodeRun, all_finite, make_scheduler, node_metrics, set_base_rate, training_step, validation_loss
+from .output_paths import check_run_contents
 from .plan import RunPlan
-from .run_folder import ADAPTER_FILES
+from .run_folder import ADAPTER_FILES, CHECKSUM_KEY
 from .training_args import TrainingArguments
 
 logger = get_logger(__name__)
@@ -113,11 +116,13 @@ class DAGCurriculumTrainer(RunPlan):
                                              **{k: str(v) for k, v in self.model_config.items()}})
         for name in selected:
             if self.is_complete(name):
+                self.check_reusable(name)  # maybe finished by another job since this one started
                 logger.info(f"node {name}: complete in {self.node_dir(name)}, skipped", main_process_only=True)
                 continue
             self._check_parents_ready(name)
             with self._claim_node(name):
                 if self.is_complete(name):  # another job finished it meanwhile
+                    self.check_reusable(name)
                     continue
                 self.train_node(name, dag)
             crash_point("node_done", name)
@@ -137,6 +142,8 @@ class DAGCurriculumTrainer(RunPlan):
         if missing:
             raise NodeNotReadyError(f"node {name!r} cannot start: parent adapter(s) {missing} are not complete in "
                                     f"{self.output_dir} (train them first, e.g. --nodes {' '.join(missing)})")
+        for parent in self.curriculum.node(name).parents:
+            self.check_reusable(parent)
 
     # ------------------------------------------------------------------ model
     def _ensure_model(self) -> GWMModel:
@@ -184,7 +191,12 @@ class DAGCurriculumTrainer(RunPlan):
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model, adapter_name=name).items()}
 
     def _parent_state(self, parent: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-        state = load_file(self.run_folder.node_dir(parent) / "adapter_model.safetensors")
+        path = self.run_folder.node_dir(parent) / "adapter_model.safetensors"
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise CurriculumError(f"node {parent!r}: its adapter {path} is unreadable ({str(err).splitlines()[0]}); "
+                                  f"restore it, or delete {path.parent / 'COMPLETE'} to train the node again") from None
         return state, self.run_folder.adapter_fields(parent)
 
     def start_state(self, name: str, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -361,7 +373,7 @@ class DAGCurriculumTrainer(RunPlan):
         if self.write_cards and acc.is_main_process:
             from .cards import write_node_card
 
-            with self.run_folder.lock():  # it also rewrites the run's index card and plot
+            with self.run_folder.lock(), writing_card(name, self.node_dir(name)):  # also the run's index card, plot
                 write_node_card(self.output_dir, name)
         crash_point("before_complete", name)
         if acc.is_main_process:
@@ -381,6 +393,7 @@ class DAGCurriculumTrainer(RunPlan):
         acc = self.accelerator
         folder = self.node_dir(name)
         if acc.is_main_process:
+            check_run_contents(self.output_dir, [name], self.run_folder.given)  # links made since the run started
             staging = os.path.join(folder, ".staging")
             shutil.rmtree(staging, ignore_errors=True)
             with writing(f"the adapter of node {name!r} to {folder}"):
@@ -390,6 +403,7 @@ class DAGCurriculumTrainer(RunPlan):
                 atomic_move_file(os.path.join(saved, filename), os.path.join(folder, filename))
             shutil.rmtree(staging, ignore_errors=True)
             crash_point("adapter_written", name)
+            metrics[CHECKSUM_KEY] = self.run_folder.adapter_sha256(name)  # checked when a child or --resume reads it
             atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
         acc.wait_for_everyone()
 
@@ -405,6 +419,16 @@ class DAGCurriculumTrainer(RunPlan):
         sink = self.curriculum.sink()
         if self.accelerator.is_main_process and self.is_complete(sink):
             self.run_folder.write_final(sink)
+
+
+@contextlib.contextmanager
+def writing_card(name: str, folder: str):
+    """A card or plot that cannot be written (disk full, EFBIG) is one line naming the node and its folder."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"could not write the model card or loss plot of node {name!r} in {folder}: "
+                      f"{err.strerror or str(err).splitlines()[0]}") from None
 
 
 def summary(dag: dict, output_dir: str) -> str:

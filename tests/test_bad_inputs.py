@@ -146,6 +146,73 @@ def _link(link: Path, target: Path) -> Path:
     return link
 
 
+def _notes(env: Env) -> Path:
+    """A folder of the user's own, outside the run: nothing may be written there."""
+    folder = env.tmp / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / "README.md").write_text("my notes\n")
+    return folder
+
+
+def _alias_bomb(tail: str) -> str:
+    """A YAML 'billion laughs': anchor l8 expands to 9**8 (43 million) strings; `tail` refers to it."""
+    lines = ['l0: &l0 "lol"'] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n" + tail
+
+
+def _config_to_dev_zero(folder: Path) -> None:
+    (folder / "adapter_config.json").unlink()
+    _link(folder / "adapter_config.json", Path("/dev/zero"))
+
+
+def _spec_text(old: str, new: str) -> str:
+    """The test curriculum as YAML text with one edit a dict cannot hold (a key twice)."""
+    text = yaml.safe_dump(spec(), sort_keys=False)
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def _other_run(env: Env, edit, *extra: str) -> list[str]:
+    """A copy of the run (`run2`) changed by `edit(folder)`, then node j trained into it."""
+    run = env.tmp / "run2"
+    shutil.copytree(env.out, run)
+    edit(run)
+    return ["--output_dir", str(run), "--config", str(env.config), "--nodes", "j", "--max_steps", "1", *extra]
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _old_run_truncated_a(run: Path) -> None:
+    """A run from before adapter checksums were recorded, whose node a's adapter was truncated since."""
+    _edit_json(run / "a" / "metrics.json", lambda m: m.pop("adapter_sha256"))
+    _truncate(run / "a" / "adapter_model.safetensors")
+
+
+def _edit_field(folder: Path, **values) -> None:
+    _edit_json(folder / "adapter_config.json", lambda c: c["fields"][0].update(values))
+
+
+def _plot_losses_of_copy(env: Env, edit) -> list[str]:
+    """`gwm plot-losses` of a copy of the run whose node a's metrics.json is changed by `edit(metrics)`."""
+    run = env.tmp / "run2"
+    shutil.copytree(env.out, run)
+    _edit_json(run / "a" / "metrics.json", edit)
+    return ["gwm", "plot-losses", str(run), "--out", str(env.tmp / "losses.png")]
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _copy(source: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
@@ -391,6 +458,133 @@ CASES = [
     ("gwm-params-d-model-over-limit", lambda e: ["gwm", "params", "--architecture", "THUDM/CogVideoX-2b",
                                                  "--d_model", "100000000"], 2, "--d_model"),
     # ------------------------------------------------ end of badcli's block
+    # ------------------------------------------------ bad20 (issue 20): writes stay in the output folder; no hang, no
+    # unbounded memory; nothing silently wrong; one line instead of a traceback; the right culprit named
+    ("cli-node-folder-linked-outside", lambda e: _train_node_j(e) if _link(e.out / "j", _notes(e)) else None, 2,
+     "is a symbolic link"),
+    ("cli-node-folder-linked-into-base", lambda e: _train_node_j(e) if _link(e.out / "j", TINY_BASE / "transformer")
+     else None, 2, "/j is a symbolic link"),
+    ("cli-final-linked-outside", lambda e: _train_node_j(e) if _link(e.out / "final", _notes(e)) else None, 2,
+     "/final is a symbolic link"),
+    ("cli-node-file-linked-outside", lambda e: _train_node_j(e) if _link(_mkdir(e.out / "j") / "README.md",
+                                                                         _notes(e) / "README.md") else None, 2,
+     "README.md is a symbolic link"),
+    ("cli-lock-file-hard-linked-outside", lambda e: _train_node_j(e) if os.link(
+        _notes(e) / "README.md", _mkdir(e.out / ".locks") / "j.lock") is None else None, 2, "j.lock is a hard link"),
+    ("yaml-alias-bomb-in-unit", lambda e: lambda: load_curriculum(e.yaml(_alias_bomb(
+        "sources:\n  co2:\n    path: x.csv\n    fields:\n      c: {column: co2, unit: *l8}\n"))), CurriculumError,
+     "bad.yaml: not valid YAML (its anchors and aliases expand to more than 1,000,000 values"),
+    ("yaml-alias-bomb-in-description", lambda e: lambda: load_curriculum(e.yaml(_alias_bomb(
+        "nodes:\n  - {name: a, description: *l8}\n"))), CurriculumError, "expand to more than 1,000,000"),
+    ("yaml-recursive-alias", lambda e: lambda: load_curriculum(e.yaml("nodes: &n [{name: a, sources: *n}]\n")),
+     CurriculumError, "refers to its own anchor"),
+    ("yaml-over-size-limit", lambda e: lambda: load_curriculum(_link(e.tmp / "zero.yaml", Path("/dev/zero"))),
+     CurriculumError, "larger than 16 MiB"),
+    ("gwm-adapter-config-linked-to-dev-zero", lambda e: _gwm_forecast(
+        e, "--out", str(e.tmp / "p.csv"), adapter=e.adapter(_config_to_dev_zero)), 2,
+     "adapter_config.json is larger than 16 MiB"),
+    ("adapter-config-time-steps-times-width", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c["gwm_config"].update(
+            max_time_steps=1_000_000, d_model=16_384)))), AdapterLoadError, "max_time_steps × d_model"),
+    ("yaml-model-d-model-over-limit", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["model"].update(d_model=10**9))), CurriculumError, "model: d_model 1000000000 is over the limit"),
+    ("yaml-model-scratch-layers-over-limit", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["model"].update(scratch_num_layers=10**7))), CurriculumError, "scratch_num_layers 10000000"),
+    ("yaml-model-max-fields-inf", lambda e: lambda: load_curriculum(e.yaml(yaml.safe_dump(spec()).replace(
+        "seed: 0", "seed: 0\n  max_fields: 1.0e+400"))), CurriculumError, "max_fields must be a positive integer, "
+     "got inf"),
+    ("yaml-model-max-fields-abc", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["model"].update(max_fields="abc"))), CurriculumError, "max_fields must be a positive integer"),
+    ("yaml-model-seed-abc", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["model"].update(seed="abc"))),
+     CurriculumError, "model: seed must be an integer in [0, 4,294,967,295], got 'abc'"),
+    ("yaml-model-seed-2-70", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["model"].update(seed=2**70))),
+     CurriculumError, "model: seed must be an integer"),
+    ("yaml-model-block-timestep-huge", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["model"].update(block_timestep=10**30))), CurriculumError, "block_timestep must be an integer"),
+    ("yaml-model-block-timestep-abc", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["model"].update(block_timestep="abc"))), CurriculumError, "block_timestep must be an integer"),
+    ("cli-seed-2-70", lambda e: e.cli("--config", str(e.config), "--resume", "--seed", str(2**70)), 2, "--seed"),
+    ("yaml-source-field-twice", lambda e: lambda: load_curriculum(e.yaml(_spec_text(
+        "macro.us.inflation: infl\n", "macro.us.inflation: infl\n      macro.us.inflation: unemp\n"))),
+     CurriculumError, "columns 'infl' and 'unemp' are both mapped to field 'macro.us.inflation'"),
+    ("yaml-key-twice-in-node", lambda e: lambda: load_curriculum(e.yaml(_spec_text(
+        "- name: b\n", "- name: b\n  steps: 3\n  steps: 5\n"))), CurriculumError, "key 'steps' is given twice"),
+    ("gwm-forecast-columns-one-column-twice", lambda e: _gwm_forecast(
+        e, "--columns", "unemp=macro.us.inflation", "--out", str(e.tmp / "p.csv")), 2,
+     "--columns maps column 'unemp' to 'macro.us.unemployment' and to 'macro.us.inflation'"),
+    ("gwm-forecast-columns-two-columns-one-field", lambda e: [
+        "gwm", "forecast", "--adapter", str(e.out / "a"), "--data", str(e.data), "--columns", "unemp=X,infl=X",
+        "--horizon", "2", "--out", str(e.tmp / "p.csv")], 2,
+     "--columns maps columns 'unemp' and 'infl' both to field 'X'"),
+    ("data-csv-header-column-twice", lambda e: lambda: _source(e.csv("date,value,value\n2000-01-01,1,2\n")).read(),
+     DataError, "column name(s) ['value'] appear more than once"),
+    ("cli-finished-node-from-another-job-other-lr", lambda e: _other_run(
+        e, lambda run: _edit_json(run / "b" / "metrics.json", lambda m: m["config"].update(learning_rate=0.05))), 2,
+     "node 'b' was trained in"),
+    ("cli-resume-finished-adapter-damaged", lambda e: _other_run(e, lambda run: _flip_last_byte(
+        run / "a" / "adapter_model.safetensors"), "--resume"), 2, "is not the adapter the node wrote"),
+    ("cli-resume-finished-adapter-truncated", lambda e: _other_run(e, lambda run: _truncate(
+        run / "a" / "adapter_model.safetensors"), "--resume"), 2, "adapter_model.safetensors is not the adapter"),
+    ("cli-resume-finished-metrics-deleted", lambda e: _other_run(e, lambda run: (run / "a" / "metrics.json").unlink(),
+                                                                 "--resume"), 2, "COMPLETE to train the node again"),
+    ("cli-resume-old-run-truncated-parent", lambda e: _other_run(e, _old_run_truncated_a, "--resume"), 2,
+     "node 'a': its adapter"),
+    ("cli-resume-checkpoint-negative-step", lambda e: _resume_damaged_j(e, lambda c: _edit_json(
+        c / "trainer_state.json", lambda t: t.update(step=-50))), 2,
+     "trainer_state.json: step must be an integer in [0, 2], got -50"),
+    ("cli-resume-checkpoint-adapter-truncated", lambda e: _resume_damaged_j(
+        e, lambda c: _truncate(c / "adapter.safetensors")), 2, "checkpoint in"),
+    ("cli-resume-checkpoint-optimizer-truncated", lambda e: _resume_damaged_j(
+        e, lambda c: _truncate(c / "optimizer.safetensors")), 2, "is damaged"),
+    ("adapter-weights-int64", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_weights(f, lambda w: w.update({k: v.to(torch.int64) for k, v in w.items()})))),
+     AdapterMismatchError, "has dtype I64"),
+    ("gwm-plot-losses-metrics-wrong-types", lambda e: _plot_losses_of_copy(e, lambda m: m.update(
+        history=[{"step": "one", "train_loss": [1]}])), 2, "a/metrics.json: history holds a step"),
+    ("yaml-merge-density-string", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][2].update(
+        merge={"method": "ties", "density": "0.5"}))), CurriculumError, "node 'j': merge density must be in (0, 1]"),
+    ("yaml-parents-nested-list", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][2].update(
+        parents=[["a"], "b"]))), CurriculumError, "node 'j': parents must be a list of names, got [['a'], 'b']"),
+    ("yaml-sources-of-mappings", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][0].update(
+        sources=[{"x": 1}]))), CurriculumError, "node 'a': sources must be a list of names"),
+    ("yaml-node-fields-number", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][0].update(
+        fields=5))), CurriculumError, "node 'a': fields must be a list of names, got 5"),
+    ("yaml-node-description-mapping", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][0].update(
+        description={"x": 1}))), CurriculumError, "node 'a': description must be a string"),
+    ("yaml-time-column-list", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["sources"]["co2"].update(
+        time_column=["date"]))), CurriculumError, "source 'co2': time_column must be a string, got ['date']"),
+    ("yaml-frequency-zero", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["sources"]["co2"].update(
+        frequency="0D"))), CurriculumError, "source 'co2': frequency '0D' is not a pandas offset alias of a positive"),
+    ("yaml-frequency-negative", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["sources"]["co2"].update(
+        frequency="-1MS"))), CurriculumError, "source 'co2': frequency '-1MS'"),
+    ("yaml-merge-weights-overflow", lambda e: lambda: load_curriculum(e.spec_with(lambda s: s["nodes"][2].update(
+        merge={"method": "linear", "weights": [1e308, 1e308]}))), CurriculumError, "node 'j': merge weights"),
+    ("adapter-field-frequency-zero", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_field(f, frequency="0D"))), AdapterLoadError, "adapter_config.json: fields[0] its grid: "
+     "frequency '0D'"),
+    ("adapter-field-frequency-bogus", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_field(f, frequency="bogus"))), AdapterLoadError, "adapter_config.json: fields[0]"),
+    ("adapter-field-frequency-negative", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_field(f, frequency="-1QS"))), AdapterLoadError, "frequency '-1QS'"),
+    ("adapter-field-frequency-number", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_field(f, frequency=5))), AdapterLoadError, "adapter_config.json: fields[0] its grid: "
+     "frequency 5"),
+    ("adapter-field-std-subnormal", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_field(f, std=1e-320))), AdapterLoadError, "adapter_config.json: fields[0] std 1e-320"),
+    ("adapter-format-version-string", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
+        lambda f: _edit_json(f / "adapter_config.json", lambda c: c.update(format_version="2")))), AdapterLoadError,
+     "adapter_config.json: format_version must be the integer 2, got '2'"),
+    ("api-history-value-1e300", lambda e: lambda: forecast(GWMModel.from_pretrained(TINY_BASE, adapter=e.out / "a"),
+                                                           _macro_history(e).assign(**{"macro.us.unemployment": [
+                                                               1e300] + [5.0] * (len(_macro_history(e)) - 1)}), 2),
+     DataError, "field 'macro.us.unemployment': value 1e+300 lies"),
+    ("data-years-before-pandas-dates", lambda e: lambda: _source(e.csv("date,value\n1500,1\n1501,2\n")).read(),
+     DataError, "source 'src', column 'date': years 1500-1501 reach outside the dates pandas can hold"),
+    ("api-predict-df-list-ids", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.out / "a").predict_df(
+        _macro_history(e).assign(item_id=[["x"]] * len(_macro_history(e))), timestamp_column="date"), DataError,
+     "column 'item_id': ids must be strings or numbers"),
+    ("yaml-node-name-trailing-newline", lambda e: lambda: load_curriculum(e.spec_with(
+        lambda s: s["nodes"][0].update(name="a\n"))), CurriculumError, "node name 'a\\n' is not a safe folder name"),
 ]
 
 
@@ -490,6 +684,22 @@ def test_read_only_output_directory_is_one_clean_line(tmp_path, trained):
     _assert_unchanged(env, before)
 
 
+def test_a_long_chain_plans_in_linear_time(tmp_path):
+    """A 1,000-node fork chain: loading, checking and `--dry_run` take well under a second each (no n³ order)."""
+    import time
+
+    s = spec()
+    s["nodes"] = [{"name": "n0", "sources": ["co2"]}] + [
+        {"name": f"n{i}", "parents": [f"n{i - 1}"], "sources": ["co2"]} for i in range(1, 1000)]
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump(s))
+    started = time.perf_counter()
+    assert dag_train.main(["--config", str(config), "--dry_run"]) == 0
+    curriculum = load_curriculum(config)
+    assert curriculum.order()[-1] == "n999" and len(curriculum.ancestors("n999")) == 999
+    assert time.perf_counter() - started < 20  # 34.7 s for 400 nodes before; about 1 s now on a loaded CI core
+
+
 # ---------------------------------------------------------------------------------------------------- baddata block
 # Helpers of the baddata cases above, and the checks that need more than one line of outcome.
 def _edit_weights(folder: Path, edit) -> None:
@@ -529,6 +739,13 @@ def _resume_j(env: Env, edit, *extra: str, half_trained: bool = False) -> list[s
     edit(s)
     config = env.yaml(yaml.safe_dump(s, sort_keys=False))  # sorted keys would reorder the fields: a change too
     return env.cli("--config", str(config), "--resume", "--nodes", "j", *extra)
+
+
+def _resume_damaged_j(env: Env, edit) -> list[str]:
+    """Node j half-trained, its checkpoint folder changed by `edit(folder)`, then resumed."""
+    _half_train_j(env)
+    edit(env.out / "j" / "checkpoint")
+    return _resume_j(env, lambda s: None)
 
 
 def _add_sunspots_to_a(s: dict) -> None:
@@ -630,3 +847,86 @@ def test_accelerate_launch_quiet_ends_with_the_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("dag_train.py: error: ") and "bad.yaml" in last, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------- bad20: held
+def test_a_node_records_its_adapter_checksum_and_the_base_it_was_trained_on(tmp_path, trained, caplog):
+    """metrics.json holds the adapter's SHA-256 (weights changed since: a warning at load); the adapter holds a sample
+    of its base's weights, so another base of the same shapes (other seed) loads with a warning, the own base (also
+    in bf16) without one."""
+    import hashlib
+
+    env = Env(tmp_path, trained)
+    metrics = json.loads((env.out / "a" / "metrics.json").read_text())
+    assert metrics["adapter_sha256"] == hashlib.sha256((env.out / "a" / "adapter_model.safetensors").read_bytes()
+                                                       ).hexdigest()
+    assert len(load_adapter_config(env.out / "a").base_weights) == 32
+    other = make_tiny_cogvideox(tmp_path / "other-base", seed=1)
+    for base, kwargs, warned in ((TINY_BASE, {}, False), (TINY_BASE, {"frozen_dtype": "bfloat16"}, False),
+                                 (other, {}, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="modeling_gwm.adapter_files"):
+            GWMModel.from_pretrained(base, adapter=env.out / "a", **kwargs)
+        assert any("trained on a base with other weights" in r.getMessage() for r in caplog.records) == warned, base
+    changed = env.adapter(lambda f: _flip_last_byte(f / "adapter_model.safetensors"))  # loads: shapes still fit
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling_gwm.adapter_files"):
+        GWMModel.from_pretrained(TINY_BASE, adapter=changed)
+    assert any("are not the ones its metrics.json recorded" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_full_disk_leaves_no_checkpoint_staging_folder(tmp_path):
+    """Disk full (RLIMIT_FSIZE: EFBIG, which Python gets as an error, not a signal) while a checkpoint is written:
+    one OSError naming the node, the previous checkpoint untouched, no `.checkpoint.tmp` left behind."""
+    from modeling_gwm import checkpoint
+
+    folder = tmp_path / "node" / "checkpoint"
+    weight = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(4)
+    optimizer.step()
+    checkpoint.save(folder, "node", checkpoint.NodeState(step=1), {"w": weight.detach()}, optimizer, {})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+    try:
+        with pytest.raises(OSError, match="node 'node'"):
+            checkpoint.save(folder, "node", checkpoint.NodeState(step=2), {"w": torch.zeros(100_000)}, optimizer, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not (tmp_path / "node" / ".checkpoint.tmp").exists()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_model_limits_are_the_ones_gwm_params_uses():
+    from modeling_gwm.configuration_gwm import MODEL_LIMITS
+
+    assert commands.PARAMS_LIMITS["d_model"] == MODEL_LIMITS["d_model"]
+
+
+def test_forecast_quantiles_without_the_median_writes_those_levels(tmp_path, trained):
+    """`--quantiles 0.9 0.1`: the median is computed for the point forecast and the plot, the CSV has the levels asked
+    for (any order), with and without --plot."""
+    env = Env(tmp_path, trained)
+    for plot in ([], ["--plot", str(tmp_path / "p.png")]):
+        out = tmp_path / "q.csv"
+        assert commands.main(_gwm_forecast(env, "--out", str(out), "--quantiles", "0.9", "0.1", *plot)[1:]) == 0
+        columns = pd.read_csv(out).columns
+        assert sorted(c.split("@")[1] for c in columns if "@" in c) == ["0.1", "0.1", "0.9", "0.9"], list(columns)
+
+
+def test_full_disk_at_the_card_names_the_node_and_folder(tmp_path, trained):
+    """The adapter fits in 30,000 bytes, the card's loss plot does not: one line naming node j and its folder."""
+    env = Env(tmp_path, trained)
+    before = _snapshot(env.out)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    proc = _subprocess(_train_node_j(env), preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "File too large" in lines[0], proc.stderr[-3000:]
+    assert f"model card or loss plot of node 'j' in {env.out / 'j'}" in lines[0], lines[0]
+    assert not (env.out / "j" / "COMPLETE").exists()
+    _assert_unchanged(env, before)

@@ -136,6 +136,8 @@ def _bad(kind: str) -> tuple[pd.DataFrame, dict]:
         return pd.concat([df, df.iloc[[3]]]), {}
     if kind == "text":
         return df.assign(**{"demo.level": df["demo.level"].astype(object).where(df.index != 5, "warm")}), {}
+    if kind == "list_ids":
+        return df.assign(item_id=[["a"]] * len(df)), {}
     if kind == "field":
         return df.rename(columns={"demo.level": "sst"}), {}
     return df, {"prediction_length": 0}
@@ -150,6 +152,7 @@ def _bad(kind: str) -> tuple[pd.DataFrame, dict]:
     ("text", "column 'demo.level' is not numeric (e.g. 'warm')"),
     ("field", "unknown field(s) ['sst']: this adapter knows"),
     ("length", "prediction_length must be a positive number of steps, got 0"),
+    ("list_ids", "column 'item_id': ids must be strings or numbers, got list ['a']"),
 ])
 def test_bad_input_is_one_clear_line(model, kind, message):
     df, kwargs = _bad(kind)
@@ -171,3 +174,15 @@ def test_an_item_with_nothing_recent_is_named_and_a_stale_field_is_nan(model):
     df.loc[(df["item_id"] == 8) & (df["timestamp"] >= "2001-01-01"), ["demo.level", "demo.price"]] = np.nan
     with pytest.raises(DataError, match="item 8: no field is observed in its last 12 steps"):
         model.predict_df(df, prediction_length=2)
+
+
+def test_an_item_with_no_value_at_all_gets_no_rows(model):
+    """As documented: the other items are forecast; the empty one is left out (and named in a warning)."""
+    df = pd.concat([_item("a", 20, "2000-01-01", 0), _item("b", 20, "2001-01-01", 1), _item("c", 5, "2001-01-01", 2)])
+    df.loc[df["item_id"] == "c", ["demo.level", "demo.price", "demo.gdp"]] = np.nan
+    out = model.predict_df(df, prediction_length=2)
+    assert sorted(out["item_id"].unique()) == ["a", "b"] and out["predictions"].notna().all()
+    alone = model.predict_df(df[df["item_id"] != "c"], prediction_length=2)
+    pd.testing.assert_frame_equal(out.reset_index(drop=True), alone.reset_index(drop=True))
+    with pytest.raises(DataError, match="no item has a value"):
+        model.predict_df(df[df["item_id"] == "c"], prediction_length=2)

@@ -48,6 +48,11 @@ class LoopConfig(PeftConfig):
         default_factory=dict,
         metadata={"help": "The GWMConfig of the model the adapter was made on (set at creation), to rebuild it."},
     )
+    base_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "A sample of the frozen base's weights (set at creation): a base of the same shapes but "
+                          "other weights is warned about on load."},
+    )
     format_version: int | None = field(
         default=None,
         metadata={"help": "What the weights mean (set at creation); adapters without it predate scale-free windows "

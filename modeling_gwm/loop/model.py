@@ -64,6 +64,8 @@ class LoopModel(BaseTuner):
         # The base is written from gwm_config when the config is saved (LoopConfig.to_dict). Kept empty in memory:
         # PEFT's save_pretrained would otherwise probe the base (the Hub, for an id) for a vocabulary config.json.
         config.base_model_name_or_path = None
+        if config.base_weights is None:
+            config.base_weights = self.model.base_weights_sample()
         if self.model.config.backbone == "scratch":
             config.train_blocks = True  # random blocks carry no prior: they are trained with the adapter
         if len(config.fields) > self.model.config.max_fields:
