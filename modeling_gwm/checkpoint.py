@@ -69,9 +69,12 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
     if saved is None:
         return None
     try:
-        set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter.safetensors")), adapter_name=name)
-        optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors")),
-                                                   saved["optimizer"]))
+        # read on the CPU; PEFT copies the adapter onto its parameters' device, torch moves the optimizer state to
+        # each parameter's device (and keeps this optimizer's implementation: fused on CUDA, the default on the CPU)
+        set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter.safetensors"), device="cpu"),
+                                  adapter_name=name)
+        optimizer.load_state_dict(_optimizer_state(load_file(os.path.join(folder, "optimizer.safetensors"),
+                                                             device="cpu"), saved["optimizer"], optimizer))
     except (RuntimeError, ValueError, KeyError) as err:
         changes = "; ".join(config_changes(saved.get("config") or {}, config)[:3]) or "unknown changes"
         raise CurriculumError(f"node {name!r}: its step-{saved.get('step')} checkpoint in {folder} does not fit "
@@ -101,9 +104,15 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+# How an optimizer runs, not what it learned: a checkpoint written on a GPU (fused AdamW) resumes on a CPU and back.
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, optimizer: torch.optim.Optimizer) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [{**saved, **{key: group[key] for key in _IMPLEMENTATION_KEYS if key in group}}
+              for saved, group in zip(meta["param_groups"], optimizer.param_groups)]
+    return {"state": state, "param_groups": groups + meta["param_groups"][len(groups):]}

@@ -199,7 +199,7 @@ def cmd_forecast(args) -> int:
     levels = spec.check_levels(args.quantiles or None) if args.quantiles is not None else [0.5]
     history, freq = _history(args, spec)
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
-    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=args.device)
     # the plot's 10-90 % band needs those levels even when only the median is written
     plotted = sorted({*levels, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
     with _naming_adapter(args):
@@ -236,7 +236,7 @@ def cmd_evaluate(args) -> int:
     check_evaluate_request(len(history), args.holdout, spec)
     if args.season is not None and args.season < 1:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
-    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=args.device)
     with _naming_adapter(args):
         result = evaluate(model, history, args.holdout, season=args.season, methods=methods, freq=freq)
     print(format_evaluation(result))
@@ -294,6 +294,16 @@ def _whole(what: str = "", high: int | None = None):
     return parse
 
 
+def _device(value: str):
+    """argparse type of --device: the torch device (auto: CUDA when present); a missing CUDA is argparse's exit 2."""
+    from .base import DeviceError, resolve_device
+
+    try:
+        return resolve_device(value, "--device")
+    except DeviceError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--device {value}: ")) from None
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter folder (a run's node or final/) or Hub id")
     parser.add_argument("--base", default=None,
@@ -304,6 +314,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--columns", action="append", metavar="RAW=FIELD",
                         help="map a raw column to a field of the adapter (repeatable, or comma-separated)")
     parser.add_argument("--freq", default=None, help="pandas frequency of the series (default: inferred)")
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="cpu, cuda or cuda:N (default: auto, CUDA when there is a CUDA device, else the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

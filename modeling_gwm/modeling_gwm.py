@@ -19,7 +19,14 @@ from .adapter_files import (
     _saved_model_file,
     load_adapter_config,
 )
-from .base import FrozenBase, build_frozen_base, cast_at_block_boundary, resolve_frozen_dtype
+from .base import (
+    FrozenBase,
+    build_frozen_base,
+    cast_at_block_boundary,
+    compile_frozen_blocks,
+    resolve_device,
+    resolve_frozen_dtype,
+)
 from .canvas import FieldCodec, pinball_loss, seasonal_lag, sinusoidal_encoding, window_scale
 from .configuration_gwm import GWMConfig
 from .loop import LoopLayer, check_adapter_fits
@@ -88,6 +95,7 @@ class GWMModel(PreTrainedModel):
     _no_split_modules = ["LoopLayer"]
 
     def __init__(self, config: GWMConfig, frozen_base: FrozenBase | None = None, device: str | None = None):
+        device = None if device is None else resolve_device(device)
         super().__init__(config)
         config._name_or_path = config.base_model_name_or_path  # PEFT records it as the adapter's base_model
         frozen_dtype = resolve_frozen_dtype(config.frozen_dtype, device)
@@ -113,6 +121,8 @@ class GWMModel(PreTrainedModel):
         self._keys_to_ignore_on_save = {f"transformer_blocks.{key}" for key in self.transformer_blocks.state_dict()}
         if device is not None:
             self.to(device)
+        if config.compile_blocks and config.backbone == "cogvideox":  # scratch blocks are trained, copied per adapter
+            compile_frozen_blocks(self.transformer_blocks)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Modules initialise themselves; the frozen blocks must never be touched.
@@ -151,7 +161,9 @@ class GWMModel(PreTrainedModel):
             subfolder / revision / token: where the adapter lives inside a Hub repo (a DAG node's subfolder).
             adapter_name: name of the loaded adapter on the model (several can sit on one base).
             is_trainable: load the adapter for further training rather than inference.
-            device: where to put the model; the frozen blocks go to bf16 on CUDA when `frozen_dtype="auto"`.
+            device: where to put the model (`"cpu"`, `"cuda"`, `"cuda:1"`, or `"auto"`: CUDA when there is one);
+                default: the CPU. The frozen blocks go to bf16 on CUDA when `frozen_dtype="auto"`; a CUDA device the
+                machine lacks is a `DeviceError` (a `ValueError`) saying so.
             config / config_overrides: a `GWMConfig` or fields of one, for a model without adapter.
 
         Returns:
@@ -190,9 +202,9 @@ class GWMModel(PreTrainedModel):
         _check_adapter_weights(os.path.join(adapter, subfolder or ""), loop_config, model.adapter_architecture(),
                                expected=_expected_adapter_shapes(model, loop_config, str(adapter)))
         try:
-            return PeftModel.from_pretrained(
+            return PeftModel.from_pretrained(  # the adapter's tensors are read straight onto the model's device
                 model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, subfolder=subfolder,
-                revision=revision, token=token,
+                revision=revision, token=token, torch_device=str(model.device),
             )
         except Exception as err:  # safetensors raises its own error types on damaged files
             if "safetensors" in type(err).__module__ or "header" in str(err).lower():
@@ -219,7 +231,7 @@ class GWMModel(PreTrainedModel):
         from safetensors.torch import load_file
 
         try:
-            state = load_file(path)
+            state = load_file(path, device="cpu")  # load_state_dict copies onto the parameters' device
         except Exception as err:  # safetensors raises its own error types on damaged files
             raise ModelLoadError(f"Weights {path} are unreadable (truncated or not a safetensors file): "
                                  f"{err}") from None

@@ -92,21 +92,32 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
     return float(acc.reduce(sse_step, reduction="sum")) / scored_total, finite, overflow
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The node's optimizer: AdamW, fused into one kernel per step when the parameters are on CUDA (the default
+    implementation elsewhere, so CPU runs are unchanged)."""
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
 def all_finite(acc: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer) -> bool:
     """Whether this step's loss and every gradient are finite, agreed by all processes.
 
     Under fp16 the gradients are unscaled first (GradScaler records their overflow for its `step`). While the scale
     is above 1, a non-finite gradient is an overflow of the scaled backward pass: GradScaler skips that step and
     lowers the scale, so it is no training failure. At a scale of 1 or less nothing was amplified, and a non-finite
-    gradient is real.
+    gradient is real. One host sync for the whole check (not one per parameter).
     """
     scaler = acc.scaler
     if scaler is not None:
         scaler.unscale_(optimizer.optimizer)  # true gradients from here on; step() does not unscale again
-    bad_grads = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+    grads = [p.grad for p in params if p.grad is not None]
+    grads_ok = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else
+                torch.ones((), dtype=torch.bool, device=loss.device))
+    loss_ok, grads_ok = torch.stack([torch.isfinite(loss).all(), grads_ok.to(loss.device)]).tolist()  # one sync
+    bad_grads = not grads_ok
     if bad_grads and scaler is not None and scaler.get_scale() > 1:
         bad_grads = False  # GradScaler's overflow: skipped and backed off in optimizer.step()
-    bad = not bool(torch.isfinite(loss).all()) or bad_grads
+    bad = not loss_ok or bad_grads
     if acc.num_processes > 1:
         bad = float(acc.reduce(torch.tensor(float(bad), device=acc.device))) > 0
     return not bad

@@ -14,7 +14,7 @@ from accelerate.utils import broadcast_object_list, is_tensorboard_available, is
 
 from . import checkpoint
 from .configuration_gwm import DEFAULT_BASE
-from .curriculum import Curriculum, CurriculumError
+from .curriculum import RUNTIME_MODEL_KEYS, Curriculum, CurriculumError
 from .data import NodeData, build_node_data
 from .merging import MergeSpec
 from .run_folder import NodeBusyError, RunFolder, node_lock
@@ -141,7 +141,7 @@ class RunPlan:
         node = self.curriculum.node(name)
         settings = {k: v for k, v in node.to_dict().items() if k not in ("name", "description", "checkpoint_every")}
         model = {k: os.path.abspath(v) if k == "base" and os.path.isdir(str(v)) else v
-                 for k, v in self.model_config.items() if k != "gradient_checkpointing"}
+                 for k, v in self.model_config.items() if k not in RUNTIME_MODEL_KEYS}
         config = {**settings, "fields": self.curriculum.node_fields(name),
                   "adapter_fields": self.curriculum.adapter_fields(name),
                   "source_declarations": {s: self.curriculum.sources[s].to_dict() for s in node.sources},
