@@ -29,6 +29,7 @@ from modeling_gwm import GWMModel
 from modeling_gwm.data import DataSource, build_node_data, collate_canvas
 from modeling_gwm.loop import LoopConfig, LoopLayer
 from modeling_gwm.masking import sample_target_mask
+from modeling_gwm.node_loop import adamw
 
 
 def synthetic_source(folder: Path, n_fields: int, n_rows: int, seed: int = 0) -> DataSource:
@@ -80,7 +81,7 @@ class StepBench:
         self.field_ids = torch.arange(args.fields, device=self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        optimizer = adamw(params, 1e-3, 0.01)  # the trainer's: fused on CUDA
         if getattr(peft_model, "_bench_prepared", False):  # a model reused across canvases is prepared (wrapped) once
             self.ddp_model, self.optimizer = peft_model, self.accelerator.prepare(optimizer)
         else:

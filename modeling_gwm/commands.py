@@ -194,12 +194,13 @@ def cmd_forecast(args) -> int:
     from .modeling_gwm import GWMModel
     from .plots import plot_forecast
 
+    device = _device(args)
     _check_outputs(args, "out", "plot")
     spec = _spec(args.adapter, args.subfolder)
     levels = spec.check_levels(args.quantiles or None) if args.quantiles is not None else [0.5]
     history, freq = _history(args, spec)
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
-    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=args.device)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)
     # the plot's 10-90 % band needs those levels even when only the median is written
     plotted = sorted({*levels, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
     with _naming_adapter(args):
@@ -230,13 +231,14 @@ def cmd_evaluate(args) -> int:
 
     methods = check_methods([m.strip() for v in args.methods for m in v.split(",") if m.strip()]) \
         if args.methods else None  # before reading anything: a missing extra fails fast
+    device = _device(args)
     _check_outputs(args, "json", "plot")
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
     check_evaluate_request(len(history), args.holdout, spec)
     if args.season is not None and args.season < 1:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
-    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=args.device)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)
     with _naming_adapter(args):
         result = evaluate(model, history, args.holdout, season=args.season, methods=methods, freq=freq)
     print(format_evaluation(result))
@@ -294,14 +296,11 @@ def _whole(what: str = "", high: int | None = None):
     return parse
 
 
-def _device(value: str):
-    """argparse type of --device: the torch device (auto: CUDA when present); a missing CUDA is argparse's exit 2."""
-    from .base import DeviceError, resolve_device
+def _device(args):
+    """--device as a torch device, checked before anything is read (a missing CUDA is one line, exit 2)."""
+    from .base import resolve_device
 
-    try:
-        return resolve_device(value, "--device")
-    except DeviceError as err:
-        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--device {value}: ")) from None
+    return resolve_device(args.device, "--device")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,7 +313,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--columns", action="append", metavar="RAW=FIELD",
                         help="map a raw column to a field of the adapter (repeatable, or comma-separated)")
     parser.add_argument("--freq", default=None, help="pandas frequency of the series (default: inferred)")
-    parser.add_argument("--device", type=_device, default="auto",
+    parser.add_argument("--device", default="auto",
                         help="cpu, cuda or cuda:N (default: auto, CUDA when there is a CUDA device, else the CPU)")
 
 
