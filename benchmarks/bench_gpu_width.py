@@ -2,7 +2,8 @@
 
 A CogVideoX-2b-architecture base (30 blocks, width 1920; `--model 5b` for 42 blocks of width 3072) with random
 weights, built from the published settings on the GPU (no download), frozen blocks in bf16, adapter in fp32, the
-trainer's step (fused AdamW on CUDA, as the trainer) under accelerate's bf16 mixed precision. For each canvas size
+trainer's own step (`node_loop.training_step`: its batch, pinball loss, non-finite guard, fused AdamW on CUDA) under
+accelerate's bf16 mixed precision. For each canvas size
 (`--positions`, per sample; `--batch_size` canvases packed into one step) and each checkpointing mode (`none`, and
 the two granularities `loop` and `application`), it prints:
 
@@ -126,14 +127,14 @@ def _peak_memory(bench, device: torch.device) -> tuple[int | None, int | None]:
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    bench.step()
+    bench.trainer_step()
     torch.cuda.synchronize()
     return resident, torch.cuda.max_memory_allocated() - resident
 
 
 def _measure(bench, args, mode: str, sync, peak: float | None, device: torch.device, floor: dict) -> dict:
     """One (canvas, checkpointing) row: step time, the share outside the frozen work, MFU, peak memory."""
-    step = summary(timed(bench.step, args.repeats, args.warmup, sync=sync))
+    step = summary(timed(bench.trainer_step, args.repeats, args.warmup, sync=sync))
     recomputes = 0 if mode == "none" else (2 if mode == "loop" and args.n_loops > 1 else 1)
     frozen_s = floor["floor"]["median_s"] + recomputes * floor["floor_forward"]["median_s"]
     resident, peak_memory = _peak_memory(bench, device)
@@ -158,7 +159,7 @@ def _floor(bench, args, positions: int, sync) -> dict:
     return {"positions": positions, "floor_flops": flops,
             "floor": summary(timed(bench.floor, args.repeats, args.warmup, sync=sync)),
             "floor_forward": summary(timed(bench.floor_forward, args.repeats, args.warmup, sync=sync)),
-            "batch_assembly": summary(timed(bench.batch, args.repeats, args.warmup, sync=sync))}
+            "batch_assembly": summary(timed(bench.trainer_batch, args.repeats, args.warmup, sync=sync))}
 
 
 def main(argv: list[str] | None = None) -> dict:

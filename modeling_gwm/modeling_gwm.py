@@ -325,11 +325,11 @@ class GWMModel(PreTrainedModel):
                 target_mask AND presence.
         """
         batch, steps, n_fields = values.shape
-        if field_ids is None:
-            field_ids = torch.arange(n_fields, device=values.device)
-        presence = presence.bool()
+        field_ids = torch.arange(n_fields, device=values.device) if field_ids is None else field_ids.to(values.device)
+        presence = presence.bool().to(values.device)
         values = torch.where(presence, values, torch.zeros_like(values)).float()  # NaN never reaches the network
-        visible = presence if target_mask is None else presence & ~target_mask.bool()
+        target_mask = None if target_mask is None else target_mask.bool().to(values.device)
+        visible = presence if target_mask is None else presence & ~target_mask
         loc, scale = window_scale(values, visible, self.config.window_scaling)  # (B, 1, F) each, from visible only
         scaled = (values - loc) / scale  # (B, T, F)
         window_stats = torch.stack([loc[:, 0], scale[:, 0].log()], dim=-1)  # (B, F, 2)
@@ -342,7 +342,7 @@ class GWMModel(PreTrainedModel):
             quantiles = quantiles.sort(dim=-1).values  # no crossing quantiles at inference
         loss = position_loss = None
         if target_mask is not None:
-            scored = (target_mask.bool() & presence).float()  # (B, T, F)
+            scored = (target_mask & presence).float()  # (B, T, F)
             position_loss = pinball_loss(quantiles, scaled, self.quantile_levels.float()) * presence  # (B, T, F)
             loss = (position_loss * scored).sum() / scored.sum().clamp_min(1.0)
         quantiles = quantiles * scale.unsqueeze(-1) + loc.unsqueeze(-1)  # (B, T, F, Q) input units
