@@ -68,7 +68,7 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
     """One optimizer step over this process's micro-batches: (train loss, finite, fp16 overflow)."""
     model, optimizer, step = run.model, run.optimizer, run.state.step + 1
     sse_step = torch.zeros((), device=acc.device)
-    finite, overflow = True, False
+    finite, overflow, train_loss = True, False, float("nan")
     for micro in micro_batches(acc, run.data, run.node, seed, run.index, run.state.step):
         with acc.accumulate(model):
             with acc.autocast():
@@ -80,6 +80,9 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
             acc.backward(sse * scale)
             if acc.sync_gradients:
                 finite = all_finite(acc, sse_step + sse.detach(), run.params, optimizer)
+                # read now, while the device waits anyway (the guard synced): the optimizer step is then queued and
+                # the host goes on to the next batch without waiting for it
+                train_loss = float(acc.reduce(sse_step + sse.detach(), reduction="sum")) / micro["scored_total"]
                 crash_point("step", run.name, step)
                 if finite:
                     optimizer.step()  # under fp16, GradScaler skips a step whose gradients overflowed
@@ -88,8 +91,7 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
                     acc.scaler.update()  # the scale backs off even when the guard skips or stops the step
             optimizer.zero_grad()
         sse_step += sse.detach()
-        scored_total = micro["scored_total"]
-    return float(acc.reduce(sse_step, reduction="sum")) / scored_total, finite, overflow
+    return train_loss, finite, overflow
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_tensorboard_available, is_trackio_available, is_wandb_available
 
 from . import checkpoint
+from .base import resolve_device
 from .configuration_gwm import DEFAULT_BASE
 from .curriculum import RUNTIME_MODEL_KEYS, Curriculum, CurriculumError
 from .data import NodeData, build_node_data
@@ -53,6 +54,7 @@ class RunPlan:
         # accelerate only joins them into one gloo (MULTI_CPU) group when told to use the CPU, else each process
         # would silently train alone on the full batch.
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        device = None if device is None else resolve_device(device).type  # "cuda" without CUDA: one sentence
         use_cpu = device == "cpu" or (device is None and launched and not torch.cuda.is_available())
         self.accelerator = Accelerator(
             cpu=use_cpu, mixed_precision=args.mixed_precision, log_with=log_with,

@@ -177,3 +177,16 @@ def test_errors_of_the_block_itself_are_not_taken_for_a_compiler_failure(tiny_ba
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         _outputs(model)
     assert base_module._compile_failure == []
+
+
+@no_cuda
+def test_trainer_on_cuda_without_cuda_is_refused_with_one_sentence(tmp_path):
+    from _tiny import tiny_curriculum, write_curriculum
+
+    from modeling_gwm.curriculum import load_curriculum
+    from modeling_gwm.trainer import DAGCurriculumTrainer
+
+    curriculum = load_curriculum(write_curriculum(tmp_path, tiny_curriculum()))
+    with pytest.raises(DeviceError, match=r"^device='cuda': CUDA is not available"):
+        DAGCurriculumTrainer(curriculum=curriculum, output_dir=str(tmp_path / "out"), device="cuda")
+    assert not (tmp_path / "out").exists()
