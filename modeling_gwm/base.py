@@ -285,7 +285,7 @@ def build_scratch_base(num_layers: int, num_attention_heads: int, attention_head
     """Randomly initialised blocks (seeded, so every process builds the same ones), in `dtype`."""
     inner_dim = num_attention_heads * attention_head_dim
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         blocks = nn.ModuleList([ScratchBlock(inner_dim, num_attention_heads, time_embed_dim)
                                 for _ in range(num_layers)])
         temb = torch.randn(1, time_embed_dim) / math.sqrt(time_embed_dim)
@@ -320,7 +320,7 @@ def make_tiny_cogvideox(path: str | os.PathLike, seed: int = 0, **overrides) -> 
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         transformer = CogVideoXTransformer3DModel(**{**TINY_ARCHITECTURE, **overrides})
         # Unit-gain random weights (std 1/sqrt(fan_in)): attention logits of order one, so the random blocks route
         # information selectively, as trained ones do; a small-std init would make every attention map uniform.

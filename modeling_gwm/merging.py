@@ -136,7 +136,7 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
     parents, init = [_on_cpu(state) for state in parents], _on_cpu(init)
     aligned, holds = zip(*(align_fields(s, f, child_fields, init) for s, f in zip(parents, parent_fields)))
     with torch.random.fork_rng(devices=[]):  # DARE's random drop, seeded; the caller's generator is left as it was
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return _merge_aligned(aligned, holds, init, weights, spec)
 
 

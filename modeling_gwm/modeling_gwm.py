@@ -103,8 +103,10 @@ class GWMModel(PreTrainedModel):
             frozen_base = build_frozen_base(config, dtype=frozen_dtype)  # read straight in its dtype
         self.base_source = frozen_base.source
         self.inner_dim = frozen_base.inner_dim
-        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
-            torch.manual_seed(config.seed)  # every model built from one config starts from the same adapter init
+        # every model built from one config starts from the same adapter init, drawn on the CPU (then moved); the
+        # caller's generators, CPU and CUDA, are left as they were
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(config.seed)
             self.codec = FieldCodec(config.max_fields, config.d_model, n_quantiles=len(config.quantile_levels),
                                     stats_input=config.window_stats_input, lag_input=config.seasonal_lag_input)
             self.proj_in = nn.Linear(config.d_model, self.inner_dim)

@@ -131,6 +131,7 @@ def test_every_merge_method_on_cuda_matches_the_cpu_merge(tiny_base):
     names = [[f["name"] for f in FIELDS[:2]], [f["name"] for f in FIELDS[1:]]]
     child = [f["name"] for f in FIELDS]
     for method in MERGE_METHODS:
+        cuda_rng = torch.cuda.get_rng_state()
         spec = MergeSpec(method, [0.6, 0.4])
         expected = merge_adapters([{k: v.cpu() for k, v in states[n].items()} for n in ("a", "b")], names, child,
                                   {k: v.cpu() for k, v in states["init"].items()}, spec=spec, seed=1)
@@ -140,6 +141,7 @@ def test_every_merge_method_on_cuda_matches_the_cpu_merge(tiny_base):
         assert all(torch.equal(mixed[k], expected[k]) for k in expected), method
         peft_model.base_model.add_weighted_adapter(["a", "b"], [0.6, 0.4], f"m_{method}", combination_type=method,
                                                    init="init", seed=1)
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_rng), method  # DARE drew from the CPU generator only
         merged = peft.get_peft_model_state_dict(peft_model, adapter_name=f"m_{method}")
         assert all(merged[k].is_cuda and torch.equal(merged[k].cpu(), expected[k]) for k in expected), method
         peft_model.set_adapter(f"m_{method}")
