@@ -106,7 +106,7 @@ class StepBench:
                             horizon=args.horizon, n_loops=args.n_loops)
         self.run = NodeRun(name="bench", node=node, index=0, data=self.data, child_fields=self.data.field_names,
                            field_ids=self.field_ids, started=time.time(), params=params, optimizer=self.optimizer,
-                           model=self.ddp_model)
+                           model=self.ddp_model, steps=10**9)  # steps: the next batch is drawn ahead, as in training
 
     def batch(self) -> dict[str, torch.Tensor]:
         """The trainer's batch assembly: random windows, collate, target mask (seeded per step)."""

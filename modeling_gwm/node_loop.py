@@ -37,22 +37,32 @@ class NodeRun:
     model: torch.nn.Module | None = None  # the PEFT model as accelerate prepared it
     state: NodeState = field(default_factory=NodeState)
     progress: tqdm | None = None
+    next_batch: tuple[int, dict] | None = None  # (step, its CPU batch), drawn ahead while the device works
 
 
 def step_seed(seed: int, node_index: int, step: int) -> int:
     return (seed * 1_000_003 + node_index * 7_919 + step) % (2**63 - 1)
 
 
-def micro_batches(acc: Accelerator, data: NodeData, node: TrainingNode, seed: int, node_index: int,
-                  step: int) -> list[dict]:
-    """This process's micro-batches of the step's global batch, plus the global count of scored positions."""
-    world, accumulation = acc.num_processes, acc.gradient_accumulation_steps
+def step_batch(data: NodeData, node: TrainingNode, seed: int, node_index: int, step: int) -> dict:
+    """The step's global batch on the CPU: its windows, target mask and count of scored positions, drawn from
+    (seed, node, step) alone with a CPU generator (the same batch on every machine and device)."""
     generator = torch.Generator().manual_seed(step_seed(seed, node_index, step))
     picks = torch.randint(len(data.train), (node.batch_size,), generator=generator)
     batch = collate_canvas([data.train[int(i)] for i in picks])
-    mask = sample_target_mask(batch["presence"], node.horizon, node.random_fraction, node.forecast_probability,
-                              generator=generator)
-    scored_total = float((mask & batch["presence"]).sum().clamp_min(1))
+    batch["target_mask"] = sample_target_mask(batch["presence"], node.horizon, node.random_fraction,
+                                              node.forecast_probability, generator=generator)
+    batch["scored_total"] = float((batch["target_mask"] & batch["presence"]).sum().clamp_min(1))
+    return batch
+
+
+def micro_batches(acc: Accelerator, data: NodeData, node: TrainingNode, seed: int, node_index: int,
+                  step: int, batch: dict | None = None) -> list[dict]:
+    """This process's micro-batches of the step's global batch (`batch`, else drawn here), on the device, plus the
+    global count of scored positions."""
+    world, accumulation = acc.num_processes, acc.gradient_accumulation_steps
+    batch = batch or step_batch(data, node, seed, node_index, step)
+    mask, scored_total = batch["target_mask"], batch["scored_total"]
     per_process = node.batch_size // world  # the trainer's preflight checked that the batch splits
     rows = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
     micro = per_process // accumulation
@@ -69,7 +79,10 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
     model, optimizer, step = run.model, run.optimizer, run.state.step + 1
     sse_step = torch.zeros((), device=acc.device)
     finite, overflow, train_loss = True, False, float("nan")
-    for micro in micro_batches(acc, run.data, run.node, seed, run.index, run.state.step):
+    ahead = run.next_batch if run.next_batch is not None and run.next_batch[0] == run.state.step else None
+    run.next_batch = None
+    micros = micro_batches(acc, run.data, run.node, seed, run.index, run.state.step, ahead and ahead[1])
+    for micro in micros:
         with acc.accumulate(model):
             with acc.autocast():
                 position_loss = model(micro["values"], micro["presence"], field_ids=run.field_ids,
@@ -79,6 +92,8 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
             scale = acc.num_processes * acc.gradient_accumulation_steps / micro["scored_total"]
             acc.backward(sse * scale)
             if acc.sync_gradients:
+                if step < run.steps:  # the next step's windows, assembled on the CPU while the device computes
+                    run.next_batch = (step, step_batch(run.data, run.node, seed, run.index, step))
                 finite = all_finite(acc, sse_step + sse.detach(), run.params, optimizer)
                 # read now, while the device waits anyway (the guard synced): the optimizer step is then queued and
                 # the host goes on to the next batch without waiting for it
