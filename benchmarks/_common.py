@@ -45,6 +45,8 @@ def machine() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["gpu_count"] = torch.cuda.device_count()
     return info
 
 

@@ -1,13 +1,24 @@
-"""Training at the real CogVideoX width on a GPU (issue 7, item 5).
+"""Training at the real CogVideoX width on a GPU (issue 7, item 5; issue 19, item 4).
 
 A CogVideoX-2b-architecture base (30 blocks, width 1920; `--model 5b` for 42 blocks of width 3072) with random
 weights, built from the published settings on the GPU (no download), frozen blocks in bf16, adapter in fp32, the
-trainer's step under accelerate's bf16 mixed precision. For canvases of 1k-4k positions, with and without gradient
-checkpointing: canvas positions per second, MFU of the frozen-block work (the FLOPs of the frozen-compute floor,
-counted by torch's FlopCounterMode, over the step time and the GPU's dense bf16 peak), the step against the floor,
-and peak memory (`torch.cuda.max_memory_allocated`) above the loaded model.
+trainer's own step (`node_loop.training_step`: its batch, pinball loss, non-finite guard, fused AdamW on CUDA) under
+accelerate's bf16 mixed precision. For each canvas size
+(`--positions`, per sample; `--batch_size` canvases packed into one step) and each checkpointing mode (`none`, and
+the two granularities `loop` and `application`), it prints:
 
-    python benchmarks/bench_gpu_width.py --out benchmarks/results/gpu_width.json
+- the step time and the frozen-compute floor (every block applied n_loops times forward, input gradients backward;
+  plus the recomputed forwards when checkpointing), and the SHARE OF THE STEP OUTSIDE THE FROZEN WORK:
+  (step - floor - recomputation) / step;
+- the time to assemble one batch of windows on the CPU (a part of that share);
+- the MFU of the useful frozen work: the floor's FLOPs (torch's FlopCounterMode, without recomputation) over the
+  step time and the GPU's dense bf16 peak;
+- peak memory (`torch.cuda.max_memory_allocated`) above the loaded model.
+
+`--compile_blocks` compiles the frozen blocks first (`GWMConfig.compile_blocks`, regional `torch.compile`).
+
+    python benchmarks/bench_gpu_width.py --positions 2048 8192 16384 --out benchmarks/results/gpu/gpu_width.json
+    python benchmarks/bench_gpu_width.py --positions 2048 --batch_size 4 --compile_blocks    # packing, compiled
 
 Needs CUDA; without it, it says so and exits 2. `--device cpu` with a narrow `--num_layers/--num_attention_heads`
 only checks that the script runs (its figures mean nothing).
@@ -16,8 +27,10 @@ only checks that the script runs (its figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +52,8 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def random_width_model(architecture: dict, name: str, d_model: int, device: torch.device) -> GWMModel:
+def random_width_model(architecture: dict, name: str, d_model: int, device: torch.device,
+                       compile_blocks: bool = False) -> GWMModel:
     """GWMModel over a CogVideoX transformer built on `device` from its settings, unit-gain random weights."""
     from diffusers import CogVideoXTransformer3DModel
 
@@ -59,17 +73,25 @@ def random_width_model(architecture: dict, name: str, d_model: int, device: torc
     inner_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     base = FrozenBase(blocks=transformer.transformer_blocks, temb=temb, inner_dim=inner_dim,
                       source=f"{name} architecture, random weights")
-    config = GWMConfig(base_model_name_or_path=name, d_model=d_model, frozen_dtype="auto")
+    config = GWMConfig(base_model_name_or_path=name, d_model=d_model, frozen_dtype="auto",
+                       compile_blocks=compile_blocks)
     return GWMModel(config, frozen_base=base, device=str(device))
 
 
-def main(argv: list[str] | None = None) -> dict:
+CHECKPOINTING = ("none", "loop", "application")
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SHORT_NAMES), default="2b")
-    parser.add_argument("--positions", type=int, nargs="+", default=[1024, 2048, 4096],
-                        help="canvas positions (context_len x fields)")
+    parser.add_argument("--positions", type=int, nargs="+", default=[2048, 8192, 16384],
+                        help="canvas positions per sample (context_len x fields)")
     parser.add_argument("--fields", type=int, default=16)
-    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="canvases per step: packing small canvases so that a step carries enough positions")
+    parser.add_argument("--checkpointing", nargs="+", choices=CHECKPOINTING, default=list(CHECKPOINTING),
+                        help="none, and the gradient checkpointing granularities (GWMConfig)")
+    parser.add_argument("--compile_blocks", action="store_true", help="compile the frozen blocks (torch.compile)")
     parser.add_argument("--n_loops", type=int, default=3)
     parser.add_argument("--d_model", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
@@ -79,7 +101,69 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_layers", type=int, default=None, help="override (only to check the script on a CPU)")
     parser.add_argument("--num_attention_heads", type=int, default=None, help="override (as --num_layers)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _set_checkpointing(model: GWMModel, mode: str) -> None:
+    with warnings.catch_warnings():  # transformers 5 prefers activation_checkpointing_*; older ones lack them
+        warnings.simplefilter("ignore", FutureWarning)
+        if mode == "none":
+            model.gradient_checkpointing_disable()
+        else:
+            model.config.gradient_checkpointing_granularity = mode
+            model.gradient_checkpointing_enable()
+
+
+def _eager():
+    """FLOPs are counted on the plain blocks: a dispatch mode does not see inside compiled code."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance else contextlib.nullcontext()
+
+
+def _peak_memory(bench, device: torch.device) -> tuple[int | None, int | None]:
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    bench.trainer_step()
+    torch.cuda.synchronize()
+    return resident, torch.cuda.max_memory_allocated() - resident
+
+
+def _measure(bench, args, mode: str, sync, peak: float | None, device: torch.device, floor: dict) -> dict:
+    """One (canvas, checkpointing) row: step time, the share outside the frozen work, MFU, peak memory."""
+    step = summary(timed(bench.trainer_step, args.repeats, args.warmup, sync=sync))
+    recomputes = 0 if mode == "none" else (2 if mode == "loop" and args.n_loops > 1 else 1)
+    frozen_s = floor["floor"]["median_s"] + recomputes * floor["floor_forward"]["median_s"]
+    resident, peak_memory = _peak_memory(bench, device)
+    return {
+        "positions": floor["positions"], "batch_size": args.batch_size, "checkpointing": mode, "step": step,
+        **floor, "recomputed_forwards": recomputes, "frozen_work_s": frozen_s,
+        "step_over_floor": step["median_s"] / floor["floor"]["median_s"],
+        "step_over_frozen_work": step["median_s"] / frozen_s,
+        "outside_frozen_share": (step["median_s"] - frozen_s) / step["median_s"],
+        "batch_assembly_share": floor["batch_assembly"]["median_s"] / step["median_s"],
+        "positions_per_s": args.batch_size * floor["positions"] / step["median_s"],
+        "mfu_useful": floor["floor_flops"] / step["median_s"] / peak if peak else None,
+        "mfu_floor": floor["floor_flops"] / floor["floor"]["median_s"] / peak if peak else None,
+        "resident_bytes": resident, "peak_above_resident_bytes": peak_memory,
+    }
+
+
+def _floor(bench, args, positions: int, sync) -> dict:
+    _set_checkpointing(bench.gwm, "none")
+    with _eager():
+        flops = bench.floor_flops()
+    return {"positions": positions, "floor_flops": flops,
+            "floor": summary(timed(bench.floor, args.repeats, args.warmup, sync=sync)),
+            "floor_forward": summary(timed(bench.floor_forward, args.repeats, args.warmup, sync=sync)),
+            "batch_assembly": summary(timed(bench.trainer_batch, args.repeats, args.warmup, sync=sync))}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _arguments(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu_width.py: no CUDA device here: this benchmark measures the real CogVideoX width on a GPU and "
@@ -104,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
-    model = random_width_model(architecture, name, args.d_model, device)
+    model = random_width_model(architecture, name, args.d_model, device, compile_blocks=args.compile_blocks)
     fields = [{"name": f"bench.series_{j:02d}", "mean": 0.0, "std": 1.0, "transform": "none"}
               for j in range(args.fields)]
     peft_model = get_peft_model(model, LoopConfig(n_loops=args.n_loops, fields=fields), adapter_name="bench")
@@ -113,44 +197,21 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gwm-bench-gpu-") as workdir:
         for positions in args.positions:
-            for checkpointing in (False, True):
-                model.gradient_checkpointing_enable() if checkpointing else model.gradient_checkpointing_disable()
-                context_len = positions // args.fields
-                step_args = argparse.Namespace(context_len=context_len, fields=args.fields,
-                                               rows=max(600, 2 * context_len), horizon=min(4, context_len // 2),
-                                               batch_size=args.batch_size, n_loops=args.n_loops)
-                bench = StepBench(step_args, Path(workdir), peft_model=peft_model, accelerator=accelerator)
-                step_times = timed(bench.step, args.repeats, args.warmup, sync=sync)
-                floor_times = timed(bench.floor, args.repeats, args.warmup, sync=sync)
-                forward = summary(timed(bench.floor_forward, args.repeats, args.warmup, sync=sync))
-                flops = bench.floor_flops()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    resident = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    bench.step()
-                    torch.cuda.synchronize()
-                    peak_memory = torch.cuda.max_memory_allocated() - resident
-                else:
-                    resident = peak_memory = None
-                step, floor = summary(step_times), summary(floor_times)
-                tokens = args.batch_size * positions
-                rows.append({
-                    "positions": positions, "gradient_checkpointing": checkpointing, "step": step, "floor": floor,
-                    "step_over_floor": step["median_s"] / floor["median_s"], "floor_forward": forward,
-                    # with checkpointing the loop layer recomputes each application's forward twice (n_loops > 1)
-                    "step_over_floor_with_recompute": step["median_s"] / (
-                        floor["median_s"] + checkpointing * (2 if args.n_loops > 1 else 1) * forward["median_s"]),
-                    "positions_per_s": tokens / step["median_s"],
-                    "floor_tflop": flops / 1e12,
-                    "mfu_step": flops / step["median_s"] / peak if peak else None,
-                    "mfu_floor": flops / floor["median_s"] / peak if peak else None,
-                    "resident_bytes": resident, "peak_above_resident_bytes": peak_memory,
-                })
-                print(f"N={positions} checkpointing={checkpointing}: step {step['median_s'] * 1e3:.1f} ms, floor "
-                      f"{floor['median_s'] * 1e3:.1f} ms", flush=True)
-                del bench
+            context_len = positions // args.fields
+            step_args = argparse.Namespace(context_len=context_len, fields=args.fields,
+                                           rows=max(600, 2 * context_len), horizon=min(4, context_len // 2),
+                                           batch_size=args.batch_size, n_loops=args.n_loops)
+            bench = StepBench(step_args, Path(workdir), peft_model=peft_model, accelerator=accelerator)
+            floor = _floor(bench, args, positions, sync)
+            for mode in args.checkpointing:
+                _set_checkpointing(model, mode)
+                rows.append(_measure(bench, args, mode, sync, peak, device, floor))
+                r = rows[-1]
+                print(f"N={positions} B={args.batch_size} checkpointing={mode}: step "
+                      f"{r['step']['median_s'] * 1e3:.1f} ms, frozen work {r['frozen_work_s'] * 1e3:.1f} ms, "
+                      f"outside {r['outside_frozen_share']:.1%}",
+                      flush=True)
+            del bench
     result = {
         "benchmark": "gpu_width",
         "machine": info,
@@ -158,18 +219,24 @@ def main(argv: list[str] | None = None) -> dict:
                      "peak_bf16_flops": peak},
         "rows": rows,
     }
-    frozen_dtype = next(model.transformer_blocks.parameters()).dtype
-    print_table(f"{args.model} architecture (random weights), B={args.batch_size}, n_loops={args.n_loops}, "
-                f"{frozen_dtype} frozen blocks, {frozen_params / 1e6:.0f}M frozen parameters", [{
-                    "positions": r["positions"], "checkpointing": r["gradient_checkpointing"],
-                    "step ms": r["step"]["median_s"] * 1e3, "floor ms": r["floor"]["median_s"] * 1e3,
-                    "step/floor": r["step_over_floor"], "step/(floor+recompute)": r["step_over_floor_with_recompute"],
-                    "positions/s": r["positions_per_s"],
-                    "MFU step": r["mfu_step"], "MFU floor": r["mfu_floor"],
-                    "peak MiB": None if r["peak_above_resident_bytes"] is None else mib(r["peak_above_resident_bytes"]),
-                } for r in rows])
+    _print(args, model, frozen_params, rows)
     write_json(args.out, result)
     return result
+
+
+def _print(args, model: GWMModel, frozen_params: int, rows: list[dict]) -> None:
+    frozen_dtype = next(model.transformer_blocks.parameters()).dtype
+    mib_or_none = lambda v: None if v is None else mib(v)  # noqa: E731
+    print_table(f"{args.model} architecture (random weights), B={args.batch_size}, n_loops={args.n_loops}, "
+                f"{frozen_dtype} frozen blocks{', compiled' if args.compile_blocks else ''}, "
+                f"{frozen_params / 1e6:.0f}M frozen parameters", [{
+                    "positions": r["positions"], "checkpointing": r["checkpointing"],
+                    "step ms": r["step"]["median_s"] * 1e3, "frozen work ms": r["frozen_work_s"] * 1e3,
+                    "outside frozen": r["outside_frozen_share"], "batch assembly": r["batch_assembly_share"],
+                    "step/(floor+recompute)": r["step_over_frozen_work"], "positions/s": r["positions_per_s"],
+                    "MFU useful": r["mfu_useful"], "MFU floor": r["mfu_floor"],
+                    "peak MiB": mib_or_none(r["peak_above_resident_bytes"]),
+                } for r in rows])
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ import torch
 from _common import BENCH_ARCHITECTURE, machine, make_bench_base, print_machine, print_table, summary, timed, write_json
 
 from modeling_gwm import GWMModel
+from modeling_gwm.curriculum import TrainingNode
 from modeling_gwm.data import DataSource, build_node_data, collate_canvas
 from modeling_gwm.loop import LoopConfig, LoopLayer
 from modeling_gwm.masking import sample_target_mask
+from modeling_gwm.node_loop import NodeRun, adamw, micro_batches, training_step
 
 
 def synthetic_source(folder: Path, n_fields: int, n_rows: int, seed: int = 0) -> DataSource:
@@ -80,7 +82,7 @@ class StepBench:
         self.field_ids = torch.arange(args.fields, device=self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        optimizer = adamw(params, 1e-3, 0.01)  # the trainer's: fused on CUDA
         if getattr(peft_model, "_bench_prepared", False):  # a model reused across canvases is prepared (wrapped) once
             self.ddp_model, self.optimizer = peft_model, self.accelerator.prepare(optimizer)
         else:
@@ -99,6 +101,12 @@ class StepBench:
         self.floor_encoder = torch.randn(batch, 1, inner, generator=generator).to(self.device, dtype)
         self.floor_hidden.requires_grad_(True)
         self.floor_encoder.requires_grad_(True)
+        # the trainer's own inner loop (node_loop.training_step), for `trainer_step`
+        node = TrainingNode(name="bench", batch_size=args.batch_size, context_len=args.context_len,
+                            horizon=args.horizon, n_loops=args.n_loops)
+        self.run = NodeRun(name="bench", node=node, index=0, data=self.data, child_fields=self.data.field_names,
+                           field_ids=self.field_ids, started=time.time(), params=params, optimizer=self.optimizer,
+                           model=self.ddp_model, steps=10**9)  # steps: the next batch is drawn ahead, as in training
 
     def batch(self) -> dict[str, torch.Tensor]:
         """The trainer's batch assembly: random windows, collate, target mask (seeded per step)."""
@@ -124,6 +132,16 @@ class StepBench:
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.step_index += 1
+
+    def trainer_batch(self) -> list[dict]:
+        """The trainer's batch of the next step (`node_loop.micro_batches`), on the device."""
+        return micro_batches(self.accelerator, self.data, self.run.node, 0, 0, self.run.state.step)
+
+    def trainer_step(self) -> None:
+        """One step of `node_loop.training_step`, the trainer's: its batch, pinball loss, non-finite guard (one host
+        sync), the optimizer, and the loss read back."""
+        training_step(self.accelerator, self.run, seed=0)
+        self.run.state.step += 1
 
     def floor_forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The floor's forward half: blocks x n_loops applications (what a checkpointing recompute repeats)."""

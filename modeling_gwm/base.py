@@ -7,9 +7,11 @@ base a `GWMConfig` names.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +62,32 @@ class FrozenBase:
     source: str  # what was loaded, for messages and cards
 
 
+class DeviceError(ValueError):
+    """A device that this machine does not have (e.g. `cuda` without a CUDA device), or a name torch does not know."""
+
+
+def resolve_device(device: str | torch.device | None = "auto", flag: str | None = None) -> torch.device:
+    """The torch device `device` names; `"auto"` (or None) is CUDA when a CUDA device is present, else the CPU.
+
+    A CUDA device this machine lacks, or a name torch does not know, is a `DeviceError` of one sentence naming
+    `flag` (a command-line flag such as `--device`) or else the `device=` argument.
+    """
+    label = f"{flag} {device}" if flag else f"device={str(device)!r}"
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"{label}: not a device torch knows (use cpu, cuda, cuda:N or auto)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{label}: CUDA is not available on this machine (torch {torch.__version__} finds no "
+                              f"CUDA device); use {flag or 'device='}{' ' if flag else ''}cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"{label}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
 def resolve_frozen_dtype(name: str, device: torch.device | str | None) -> torch.dtype:
     """`"auto"` is bf16 on CUDA, fp32 elsewhere (bf16 matmuls are slow on CPU)."""
     if name == "auto":
@@ -97,6 +125,68 @@ def cast_at_block_boundary(blocks: nn.ModuleList) -> nn.ModuleList:
             block.register_forward_hook(_outputs_to_float32, with_kwargs=True)
             block._gwm_casts_at_boundary = True
     return blocks
+
+
+_compile_failure: list[str] = []  # the first torch.compile failure of this process: warned once, then eager
+
+
+def _compiler_gave_up(err: BaseException) -> None:
+    if not _compile_failure:
+        _compile_failure.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        warnings.warn(f"compile_blocks: torch.compile does not work with this torch ({_compile_failure[0]}); the "
+                      "frozen blocks run uncompiled", RuntimeWarning, stacklevel=3)
+
+
+def _is_compiler_error(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[:2] in (["torch", "_dynamo"], ["torch", "_inductor"])
+
+
+def _eager_on_compiler_failure(block: nn.Module, compiled):
+    """`block`'s compiled call, or its plain one once the compiler has failed in this process (errors of the
+    block itself are raised as they are: the plain call raises them again)."""
+    def call(*args, **kwargs):
+        if not _compile_failure:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 -- only the compiler's own errors are caught below
+                if not _is_compiler_error(err):
+                    raise
+                _compiler_gave_up(err)
+        return block._call_impl(*args, **kwargs)
+    return call
+
+
+def compile_frozen_blocks(blocks: nn.ModuleList) -> bool:
+    """Regional compilation: each frozen block compiled with `torch.compile` (`nn.Module.compile`, in place, so the
+    state-dict keys stay the base's), hooks included. The blocks are identical, so the compiler reuses one graph for
+    all of them; the blocks live as long as the base, so a process compiles once however many nodes and adapters
+    run on them. A torch without a working compiler (no C++ compiler, no Triton, an unsupported Python) falls back
+    to the plain blocks with one warning. Returns whether the blocks are compiled."""
+    if _compile_failure:
+        return False
+    try:
+        for block in blocks:
+            if getattr(block, "_gwm_compiled", False):  # a base shared by two models is compiled once
+                continue
+            block.compile()
+            # torch compiles lazily, on the first call: a compiler that fails then falls back there
+            block._compiled_call_impl = _eager_on_compiler_failure(block, block._compiled_call_impl)
+            block._gwm_compiled = True
+    except Exception as err:  # noqa: BLE001 -- torch.compile itself refused (e.g. no dynamo for this Python)
+        for block in blocks:
+            block._compiled_call_impl, block._gwm_compiled = None, False
+        _compiler_gave_up(err)
+        return False
+    return True
+
+
+def copy_block(block: nn.Module) -> nn.Module:
+    """A deep copy of a block that runs its own weights: a compiled block's compiled call belongs to the original."""
+    block = copy.deepcopy(block)
+    for module in block.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl, module._gwm_compiled = None, False
+    return block
 
 
 def _refuse_pickled_only(name_or_path: str, subfolder: str) -> None:
@@ -195,7 +285,7 @@ def build_scratch_base(num_layers: int, num_attention_heads: int, attention_head
     """Randomly initialised blocks (seeded, so every process builds the same ones), in `dtype`."""
     inner_dim = num_attention_heads * attention_head_dim
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         blocks = nn.ModuleList([ScratchBlock(inner_dim, num_attention_heads, time_embed_dim)
                                 for _ in range(num_layers)])
         temb = torch.randn(1, time_embed_dim) / math.sqrt(time_embed_dim)
@@ -230,7 +320,7 @@ def make_tiny_cogvideox(path: str | os.PathLike, seed: int = 0, **overrides) -> 
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         transformer = CogVideoXTransformer3DModel(**{**TINY_ARCHITECTURE, **overrides})
         # Unit-gain random weights (std 1/sqrt(fan_in)): attention logits of order one, so the random blocks route
         # information selectively, as trained ones do; a small-std init would make every attention map uniform.

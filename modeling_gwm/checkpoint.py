@@ -101,9 +101,11 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
         return None
     _check_saved(saved, Path(folder) / STATE_FILE, config.get("steps"))
     try:
+        # read on the CPU; PEFT copies the adapter onto its parameters' device, torch moves the optimizer state to
+        # each parameter's device (and keeps this optimizer's implementation: fused on CUDA, the default on the CPU)
         files = ["adapter.safetensors", "optimizer.safetensors"]
         files += [BEST_FILE] if os.path.isfile(os.path.join(folder, BEST_FILE)) else []
-        tensors = {f: load_file(os.path.join(folder, f)) for f in files}
+        tensors = {f: load_file(os.path.join(folder, f), device="cpu") for f in files}
     except (SafetensorError, OSError) as err:
         raise CurriculumError(f"node {name!r}: its step-{saved['step']} checkpoint in {folder} is damaged "
                               f"({str(err).splitlines()[0]}); delete that checkpoint folder to restart the node, or "
@@ -111,7 +113,7 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
     best_adapter = tensors.get(BEST_FILE)  # set into the model when it is written
     try:
         set_peft_model_state_dict(model, tensors["adapter.safetensors"], adapter_name=name)
-        optimizer.load_state_dict(_optimizer_state(tensors["optimizer.safetensors"], saved["optimizer"]))
+        optimizer.load_state_dict(_optimizer_state(tensors["optimizer.safetensors"], saved["optimizer"], optimizer))
         if scheduler is not None and saved.get("scheduler"):
             scheduler.load_state_dict(saved["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
@@ -160,9 +162,15 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+# How an optimizer runs, not what it learned: a checkpoint written on a GPU (fused AdamW) resumes on a CPU and back.
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, optimizer: torch.optim.Optimizer) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [{**saved, **{key: group[key] for key in _IMPLEMENTATION_KEYS if key in group}}
+              for saved, group in zip(meta["param_groups"], optimizer.param_groups)]
+    return {"state": state, "param_groups": groups + meta["param_groups"][len(groups):]}

@@ -226,12 +226,13 @@ def cmd_forecast(args) -> int:
     from .modeling_gwm import GWMModel
     from .plots import plot_forecast
 
+    device = _device(args)
     _check_outputs(args, "out", "plot")
     spec = _spec(args.adapter, args.subfolder)
     levels = spec.check_levels(args.quantiles or None) if args.quantiles is not None else [0.5]
     history, freq = _history(args, spec)
     check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
-    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)
     # the plot's 10-90 % band needs those levels even when only the median is written
     plotted = sorted({*levels, 0.5, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
     with _naming_adapter(args):
@@ -262,13 +263,14 @@ def cmd_evaluate(args) -> int:
 
     methods = check_methods([m.strip() for v in args.methods for m in v.split(",") if m.strip()]) \
         if args.methods else None  # before reading anything: a missing extra fails fast
+    device = _device(args)
     _check_outputs(args, "json", "plot")
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
     check_evaluate_request(len(history), args.holdout, spec)
     if args.season is not None and args.season < 1:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
-    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
+    model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)
     with _naming_adapter(args):
         result = evaluate(model, history, args.holdout, season=args.season, methods=methods, freq=freq)
     print(format_evaluation(result))
@@ -288,12 +290,13 @@ def cmd_impute(args) -> int:
     from .forecasting import impute, read_history
     from .modeling_gwm import GWMModel
 
+    device = _device(args)
     _check_outputs(args, "out")
     spec = _spec(args.adapter, args.subfolder)
     table = _table(args)
     with _naming_data(args):
         before, _ = read_history(table, spec, time_column=args.time_column, freq=args.freq)  # errors before the load
-        model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder)
+        model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)
         with _naming_adapter(args):
             filled = impute(model, table, time_column=args.time_column, freq=args.freq)
     _write_atomic("--out", args.out, lambda buffer: filled.to_csv(buffer, index_label=args.time_column))
@@ -376,6 +379,13 @@ def _whole(what: str = "", high: int | None = None):
     return parse
 
 
+def _device(args):
+    """--device as a torch device, checked before anything is read (a missing CUDA is one line, exit 2)."""
+    from .base import resolve_device
+
+    return resolve_device(args.device, "--device")
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter folder (a run's node or final/) or Hub id")
     parser.add_argument("--base", default=None,
@@ -386,6 +396,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--columns", action="append", metavar="RAW=FIELD",
                         help="map a raw column to a field of the adapter (repeatable, or comma-separated)")
     parser.add_argument("--freq", default=None, help="pandas frequency of the series (default: inferred)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda or cuda:N (default: auto, CUDA when there is a CUDA device, else the CPU)")
 
 
 def _add_table_commands(add) -> None:

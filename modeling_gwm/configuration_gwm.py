@@ -43,7 +43,7 @@ def check_quantile_levels(levels, where: str = "GWMConfig: quantile_levels") -> 
 
 def _checked_values(*, backbone, frozen_dtype, granularity, sizes: dict, seed, block_timestep, context_len, horizon,
                     window_scaling, window_stats_input, quantile_levels, seasonal_lag_input,
-                    season_period) -> list[float]:
+                    season_period, compile_blocks) -> list[float]:
     """`GWMConfig`'s arguments checked in one place, each error naming its field; returns the checked levels."""
     if backbone not in BACKBONES:
         raise ValueError(f"GWMConfig: backbone must be one of {BACKBONES}, got {backbone!r}")
@@ -77,6 +77,8 @@ def _checked_values(*, backbone, frozen_dtype, granularity, sizes: dict, seed, b
         raise ValueError(f"GWMConfig: seasonal_lag_input must be true or false, got {seasonal_lag_input!r}")
     if isinstance(season_period, bool) or not isinstance(season_period, int) or season_period < 0:
         raise ValueError(f"GWMConfig: season_period must be a non-negative integer, got {season_period!r}")
+    if not isinstance(compile_blocks, bool):
+        raise ValueError(f"GWMConfig: compile_blocks must be true or false, got {compile_blocks!r}")
     return levels
 
 
@@ -108,6 +110,11 @@ class GWMConfig(PretrainedConfig):
             `"loop"`: checkpoint each block's whole loop, and each application inside its recomputation, so
             activation memory stays flat in `n_loops` (each application's forward runs three times). `"application"`:
             checkpoint each application only (its forward runs twice: cheaper in time, memory grows with `n_loops`).
+        compile_blocks (`bool`, defaults to `False`):
+            Compile each frozen block with `torch.compile` (regional compilation: the identical blocks share one
+            graph), once per process for every node and adapter on the base. Worth it on a GPU with large canvases;
+            a torch without a working compiler falls back to the plain blocks with one warning. How the model runs,
+            not what it computes: adapters do not record it.
         max_fields (`int`, defaults to 64):
             Number of field-embedding slots of the codec. An adapter maps its field names to slots; adapters with
             different field sets merge by name.
@@ -167,6 +174,7 @@ class GWMConfig(PretrainedConfig):
         window_stats_input: bool = True,
         seasonal_lag_input: bool = False,
         season_period: int = 0,
+        compile_blocks: bool = False,
         **kwargs,
     ):
         self.quantile_levels = _checked_values(
@@ -179,7 +187,7 @@ class GWMConfig(PretrainedConfig):
             seed=seed, block_timestep=block_timestep, context_len=context_len, horizon=horizon,
             window_scaling=window_scaling,
             window_stats_input=window_stats_input, quantile_levels=quantile_levels,
-            seasonal_lag_input=seasonal_lag_input, season_period=season_period)
+            seasonal_lag_input=seasonal_lag_input, season_period=season_period, compile_blocks=compile_blocks)
         self.window_scaling = window_scaling
         self.window_stats_input = window_stats_input
         self.seasonal_lag_input = seasonal_lag_input
@@ -192,6 +200,7 @@ class GWMConfig(PretrainedConfig):
         self.frozen_dtype = frozen_dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_granularity = gradient_checkpointing_granularity
+        self.compile_blocks = compile_blocks
         self.max_fields = max_fields
         self.context_len = context_len
         self.horizon = horizon

@@ -82,7 +82,9 @@ _DEFAULT_KEYS = _NODE_KEYS - {"name", "parents", "sources", "fields", "descripti
 _MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep",
                "gradient_checkpointing", "scratch_num_layers", "scratch_num_attention_heads",
                "scratch_attention_head_dim", "scratch_time_embed_dim", "gradient_checkpointing_granularity",
-               "quantile_levels", "window_scaling", "window_stats_input", "seasonal_lag_input"}
+               "quantile_levels", "window_scaling", "window_stats_input", "seasonal_lag_input", "compile_blocks"}
+# how the model runs, not what it learns: left out of a node's settings record, so changing them never blocks --resume
+RUNTIME_MODEL_KEYS = ("gradient_checkpointing", "compile_blocks")
 
 
 @dataclass

@@ -7,6 +7,11 @@ come from PEFT's `peft.utils.merge_utils`. Field embeddings are aligned by field
 shares with several parents gets their weighted average (shares renormalised over the parents that have it); a
 field only one parent has is copied from it (under task_arithmetic: init + that parent's weighted delta).
 
+Merges run on the CPU in fp32 whatever device the state dicts come from (a model on CUDA, files read by
+safetensors): one device for every operand, and DARE's random drop comes from the CPU generator, so a merge is the
+same on every machine. The result is loaded into a model with PEFT's `set_peft_model_state_dict`, which copies each
+tensor onto its parameter's device.
+
 The merge vocabulary a curriculum's join names (`MergeSpec`, `MERGE_METHODS`) lives here; curriculum.py imports it.
 """
 
@@ -79,20 +84,26 @@ def _ties(deltas: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec) ->
     return (stacked * shares).sum(0) / shares.sum(0).clamp_min(torch.finfo(stacked.dtype).tiny)
 
 
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict's tensors detached on the CPU (those already there are not copied)."""
+    return {key: tensor.detach().cpu() for key, tensor in state.items()}
+
+
 def align_fields(state: dict[str, torch.Tensor], fields: list[str], target_fields: list[str],
                  init: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Reorder a state's field-embedding rows into `target_fields` order.
+    """Reorder a state's field-embedding rows into `target_fields` order (on `init`'s device).
 
     Returns the aligned state and a (max_fields,) bool tensor telling which rows this state really holds.
     """
     key = next(k for k in state if k.endswith(FIELD_EMBEDDING_KEY))
     table = init[key].clone()  # rows the state does not have keep the init
-    has = torch.zeros(table.size(0), dtype=torch.bool)
+    rows = state[key].to(table.device)
+    has = torch.zeros(table.size(0), dtype=torch.bool, device=table.device)
     for row, name in enumerate(target_fields):
         if name in fields:
-            table[row] = state[key][fields.index(name)]
+            table[row] = rows[fields.index(name)]
             has[row] = True
-    table[len(target_fields):] = state[key][len(target_fields):]  # unused slots: merged like any weight
+    table[len(target_fields):] = rows[len(target_fields):]  # unused slots: merged like any weight
     has[len(target_fields):] = True
     return {**state, key: table}, has
 
@@ -104,7 +115,8 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
 
     `init` is the shared seeded initialisation the parents started from (a fresh adapter's state); DARE's random
     drop is seeded with `seed`, so a merge is reproducible. `weights` (default `spec.weights`, else equal) are
-    normalised to sum 1 unless the method is `task_arithmetic`.
+    normalised to sum 1 unless the method is `task_arithmetic`. The inputs may sit on any devices; the merge runs on
+    the CPU and returns CPU tensors (load them with `set_peft_model_state_dict`).
     """
     spec = spec or MergeSpec()
     weights = spec.weights if weights is None else weights
@@ -121,9 +133,10 @@ def merge_adapters(parents: list[dict[str, torch.Tensor]], parent_fields: list[l
             if tensor.shape != init[key].shape:
                 raise ValueError(f"parent #{i + 1} adapter tensor {key} has shape {tuple(tensor.shape)}, the child "
                                  f"expects {tuple(init[key].shape)} (different n_loops or base?)")
+    parents, init = [_on_cpu(state) for state in parents], _on_cpu(init)
     aligned, holds = zip(*(align_fields(s, f, child_fields, init) for s, f in zip(parents, parent_fields)))
     with torch.random.fork_rng(devices=[]):  # DARE's random drop, seeded; the caller's generator is left as it was
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return _merge_aligned(aligned, holds, init, weights, spec)
 
 
@@ -131,7 +144,7 @@ def _merge_aligned(aligned: tuple[dict[str, torch.Tensor], ...], holds: tuple[to
                    init: dict[str, torch.Tensor], weights: list[float], spec: MergeSpec) -> dict[str, torch.Tensor]:
     """init + the merged deltas of field-aligned parent states; field rows merge over the parents that hold them."""
     merged = {}
-    weight_tensor = torch.tensor(weights, dtype=torch.float32)
+    weight_tensor = torch.tensor(weights, dtype=torch.float32, device=next(iter(init.values())).device)
     for key, start in init.items():
         start = start.float()
         deltas = [state[key].float() - start for state in aligned]

@@ -21,7 +21,14 @@ from .adapter_files import (
     warn_if_changed,
     warn_if_other_base,
 )
-from .base import FrozenBase, build_frozen_base, cast_at_block_boundary, resolve_frozen_dtype
+from .base import (
+    FrozenBase,
+    build_frozen_base,
+    cast_at_block_boundary,
+    compile_frozen_blocks,
+    resolve_device,
+    resolve_frozen_dtype,
+)
 from .canvas import FieldCodec, pinball_loss, seasonal_lag, sinusoidal_encoding, window_scale
 from .configuration_gwm import GWMConfig
 from .loop import LoopLayer, check_adapter_fits
@@ -90,6 +97,7 @@ class GWMModel(PreTrainedModel):
     _no_split_modules = ["LoopLayer"]
 
     def __init__(self, config: GWMConfig, frozen_base: FrozenBase | None = None, device: str | None = None):
+        device = None if device is None else resolve_device(device)
         super().__init__(config)
         config._name_or_path = config.base_model_name_or_path
         self.takes_adapter_settings = False  # see `with_adapter_settings`
@@ -98,8 +106,10 @@ class GWMModel(PreTrainedModel):
             frozen_base = build_frozen_base(config, dtype=frozen_dtype)  # read straight in its dtype
         self.base_source = frozen_base.source
         self.inner_dim = frozen_base.inner_dim
-        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's generator
-            torch.manual_seed(config.seed)  # every model built from one config starts from the same adapter init
+        # every model built from one config starts from the same adapter init, drawn on the CPU (then moved); the
+        # caller's generators, CPU and CUDA, are left as they were
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(config.seed)
             self.codec = FieldCodec(config.max_fields, config.d_model, n_quantiles=len(config.quantile_levels),
                                     stats_input=config.window_stats_input, lag_input=config.seasonal_lag_input)
             self.proj_in = nn.Linear(config.d_model, self.inner_dim)
@@ -116,6 +126,8 @@ class GWMModel(PreTrainedModel):
         self._keys_to_ignore_on_save = {f"transformer_blocks.{key}" for key in self.transformer_blocks.state_dict()}
         if device is not None:
             self.to(device)
+        if config.compile_blocks and config.backbone == "cogvideox":  # scratch blocks are trained, copied per adapter
+            compile_frozen_blocks(self.transformer_blocks)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Modules initialise themselves; the frozen blocks must never be touched.
@@ -154,7 +166,9 @@ class GWMModel(PreTrainedModel):
             subfolder / revision / token: where the adapter lives inside a Hub repo (a DAG node's subfolder).
             adapter_name: name of the loaded adapter on the model (several can sit on one base).
             is_trainable: load the adapter for further training rather than inference.
-            device: where to put the model; the frozen blocks go to bf16 on CUDA when `frozen_dtype="auto"`.
+            device: where to put the model (`"cpu"`, `"cuda"`, `"cuda:1"`, or `"auto"`: CUDA when there is one);
+                default: the CPU. The frozen blocks go to bf16 on CUDA when `frozen_dtype="auto"`; a CUDA device the
+                machine lacks is a `DeviceError` (a `ValueError`) saying so.
             config / config_overrides: a `GWMConfig` or fields of one, for a model without adapter.
 
         Returns:
@@ -198,9 +212,9 @@ class GWMModel(PreTrainedModel):
                                expected=_expected_adapter_shapes(model, loop_config, str(adapter)))
         warn_if_changed(os.path.join(adapter, subfolder or ""))
         try:
-            return PeftModel.from_pretrained(
+            return PeftModel.from_pretrained(  # the adapter's tensors are read straight onto the model's device
                 model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, subfolder=subfolder,
-                revision=revision, token=token,
+                revision=revision, token=token, torch_device=str(model.device),
             )
         except Exception as err:  # safetensors raises its own error types on damaged files
             if "safetensors" in type(err).__module__ or "header" in str(err).lower():
@@ -227,7 +241,7 @@ class GWMModel(PreTrainedModel):
         from safetensors.torch import load_file
 
         try:
-            state = load_file(path)
+            state = load_file(path, device="cpu")  # load_state_dict copies onto the parameters' device
         except Exception as err:  # safetensors raises its own error types on damaged files
             raise ModelLoadError(f"Weights {path} are unreadable (truncated or not a safetensors file): "
                                  f"{err}") from None
@@ -355,11 +369,11 @@ class GWMModel(PreTrainedModel):
                 target_mask AND presence.
         """
         batch, steps, n_fields = values.shape
-        if field_ids is None:
-            field_ids = torch.arange(n_fields, device=values.device)
-        presence = presence.bool()
+        field_ids = torch.arange(n_fields, device=values.device) if field_ids is None else field_ids.to(values.device)
+        presence = presence.bool().to(values.device)
         values = torch.where(presence, values, torch.zeros_like(values)).float()  # NaN never reaches the network
-        visible = presence if target_mask is None else presence & ~target_mask.bool()
+        target_mask = None if target_mask is None else target_mask.bool().to(values.device)
+        visible = presence if target_mask is None else presence & ~target_mask
         loc, scale = window_scale(values, visible, self.config.window_scaling)  # (B, 1, F) each, from visible only
         scaled = (values - loc) / scale  # (B, T, F)
         window_stats = torch.stack([loc[:, 0], scale[:, 0].log()], dim=-1)  # (B, F, 2)
@@ -372,7 +386,7 @@ class GWMModel(PreTrainedModel):
             quantiles = quantiles.sort(dim=-1).values  # no crossing quantiles at inference
         loss = position_loss = None
         if target_mask is not None:
-            scored = (target_mask.bool() & presence).float()  # (B, T, F)
+            scored = (target_mask & presence).float()  # (B, T, F)
             position_loss = pinball_loss(quantiles, scaled, self.quantile_levels.float()) * presence  # (B, T, F)
             loss = (position_loss * scored).sum() / scored.sum().clamp_min(1.0)
         quantiles = quantiles * scale.unsqueeze(-1) + loc.unsqueeze(-1)  # (B, T, F, Q) input units

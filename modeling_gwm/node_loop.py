@@ -40,22 +40,32 @@ class NodeRun:
     model: torch.nn.Module | None = None  # the PEFT model as accelerate prepared it
     state: NodeState = field(default_factory=NodeState)
     progress: tqdm | None = None
+    next_batch: tuple[int, dict] | None = None  # (step, its CPU batch), drawn ahead while the device works
 
 
 def step_seed(seed: int, node_index: int, step: int) -> int:
     return (seed * 1_000_003 + node_index * 7_919 + step) % (2**63 - 1)
 
 
-def micro_batches(acc: Accelerator, data: NodeData, node: TrainingNode, seed: int, node_index: int,
-                  step: int) -> list[dict]:
-    """This process's micro-batches of the step's global batch, plus the global count of scored positions."""
-    world, accumulation = acc.num_processes, acc.gradient_accumulation_steps
+def step_batch(data: NodeData, node: TrainingNode, seed: int, node_index: int, step: int) -> dict:
+    """The step's global batch on the CPU: its windows, target mask and count of scored positions, drawn from
+    (seed, node, step) alone with a CPU generator (the same batch on every machine and device)."""
     generator = torch.Generator().manual_seed(step_seed(seed, node_index, step))
     picks = torch.randint(len(data.train), (node.batch_size,), generator=generator)
     batch = collate_canvas([data.train[int(i)] for i in picks])
-    mask = sample_target_mask(batch["presence"], node.horizon, node.random_fraction, node.forecast_probability,
-                              generator=generator)
-    scored_total = float((mask & batch["presence"]).sum().clamp_min(1))
+    batch["target_mask"] = sample_target_mask(batch["presence"], node.horizon, node.random_fraction,
+                                              node.forecast_probability, generator=generator)
+    batch["scored_total"] = float((batch["target_mask"] & batch["presence"]).sum().clamp_min(1))
+    return batch
+
+
+def micro_batches(acc: Accelerator, data: NodeData, node: TrainingNode, seed: int, node_index: int,
+                  step: int, batch: dict | None = None) -> list[dict]:
+    """This process's micro-batches of the step's global batch (`batch`, else drawn here), on the device, plus the
+    global count of scored positions."""
+    world, accumulation = acc.num_processes, acc.gradient_accumulation_steps
+    batch = batch or step_batch(data, node, seed, node_index, step)
+    mask, scored_total = batch["target_mask"], batch["scored_total"]
     per_process = node.batch_size // world  # the trainer's preflight checked that the batch splits
     rows = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
     micro = per_process // accumulation
@@ -96,8 +106,11 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
     """One optimizer step over this process's micro-batches: (train loss, finite, fp16 overflow, gradient norm)."""
     model, optimizer, step = run.model, run.optimizer, run.state.step + 1
     sse_step = torch.zeros((), device=acc.device)
-    finite, overflow, grad_norm = True, False, None
-    for micro in micro_batches(acc, run.data, run.node, seed, run.index, run.state.step):
+    finite, overflow, train_loss, grad_norm = True, False, float("nan"), None
+    ahead = run.next_batch if run.next_batch is not None and run.next_batch[0] == run.state.step else None
+    run.next_batch = None
+    micros = micro_batches(acc, run.data, run.node, seed, run.index, run.state.step, ahead and ahead[1])
+    for micro in micros:
         with acc.accumulate(model):
             with acc.autocast():
                 position_loss = model(micro["values"], micro["presence"], field_ids=run.field_ids,
@@ -107,8 +120,13 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
             scale = acc.num_processes * acc.gradient_accumulation_steps / micro["scored_total"]
             acc.backward(sse * scale)
             if acc.sync_gradients:
+                if step < run.steps:  # the next step's windows, assembled on the CPU while the device computes
+                    run.next_batch = (step, step_batch(run.data, run.node, seed, run.index, step))
                 finite = all_finite(acc, sse_step + sse.detach(), run.params, optimizer)
                 grad_norm = gradient_norm(run.params)
+                # read now, while the device waits anyway (the guard synced): the optimizer step is then queued and
+                # the host goes on to the next batch without waiting for it
+                train_loss = float(acc.reduce(sse_step + sse.detach(), reduction="sum")) / micro["scored_total"]
                 crash_point("step", run.name, step)
                 if finite:
                     optimizer.step()  # under fp16, GradScaler skips a step whose gradients overflowed
@@ -117,8 +135,14 @@ def training_step(acc: Accelerator, run: NodeRun, seed: int) -> tuple[float, boo
                     acc.scaler.update()  # the scale backs off even when the guard skips or stops the step
             optimizer.zero_grad()
         sse_step += sse.detach()
-        scored_total = micro["scored_total"]
-    return float(acc.reduce(sse_step, reduction="sum")) / scored_total, finite, overflow, grad_norm
+    return train_loss, finite, overflow, grad_norm
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The node's optimizer: AdamW, fused into one kernel per step when the parameters are on CUDA (the default
+    implementation elsewhere, so CPU runs are unchanged)."""
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def all_finite(acc: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer) -> bool:
@@ -127,15 +151,19 @@ def all_finite(acc: Accelerator, loss: torch.Tensor, params: list[torch.nn.Param
     Under fp16 the gradients are unscaled first (GradScaler records their overflow for its `step`). While the scale
     is above 1, a non-finite gradient is an overflow of the scaled backward pass: GradScaler skips that step and
     lowers the scale, so it is no training failure. At a scale of 1 or less nothing was amplified, and a non-finite
-    gradient is real.
+    gradient is real. One host sync for the whole check (not one per parameter).
     """
     scaler = acc.scaler
     if scaler is not None:
         scaler.unscale_(optimizer.optimizer)  # true gradients from here on; step() does not unscale again
-    bad_grads = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+    grads = [p.grad for p in params if p.grad is not None]
+    grads_ok = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else
+                torch.ones((), dtype=torch.bool, device=loss.device))
+    loss_ok, grads_ok = torch.stack([torch.isfinite(loss).all(), grads_ok.to(loss.device)]).tolist()  # one sync
+    bad_grads = not grads_ok
     if bad_grads and scaler is not None and scaler.get_scale() > 1:
         bad_grads = False  # GradScaler's overflow: skipped and backed off in optimizer.step()
-    bad = not bool(torch.isfinite(loss).all()) or bad_grads
+    bad = not loss_ok or bad_grads
     if acc.num_processes > 1:
         bad = float(acc.reduce(torch.tensor(float(bad), device=acc.device))) > 0
     return not bad

@@ -13,8 +13,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_tensorboard_available, is_trackio_available, is_wandb_available
 
 from . import checkpoint
+from .base import resolve_device
 from .configuration_gwm import DEFAULT_BASE, SEED_MAX
-from .curriculum import Curriculum, CurriculumError
+from .curriculum import RUNTIME_MODEL_KEYS, Curriculum, CurriculumError
 from .data import NodeData, build_node_data
 from .merging import MergeSpec
 from .output_paths import check_run_contents
@@ -63,6 +64,7 @@ class RunPlan:
         # accelerate only joins them into one gloo (MULTI_CPU) group when told to use the CPU, else each process
         # would silently train alone on the full batch.
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        device = None if device is None else resolve_device(device).type  # "cuda" without CUDA: one sentence
         use_cpu = device == "cpu" or (device is None and launched and not torch.cuda.is_available())
         self.accelerator = Accelerator(
             cpu=use_cpu, mixed_precision=args.mixed_precision, log_with=log_with,
@@ -154,7 +156,7 @@ class RunPlan:
         settings = {k: v for k, v in node.to_dict().items() if k not in ("name", "description", "checkpoint_every")}
         settings["steps"] = self.args.steps or settings["steps"]  # --steps replaces the curriculum's count
         model = {k: os.path.abspath(v) if k == "base" and os.path.isdir(str(v)) else v
-                 for k, v in self.model_config.items() if k != "gradient_checkpointing"}
+                 for k, v in self.model_config.items() if k not in RUNTIME_MODEL_KEYS}
         config = {**settings, "fields": self.curriculum.node_fields(name),
                   "adapter_fields": self.curriculum.adapter_fields(name),
                   "source_declarations": {s: self.curriculum.sources[s].to_dict() for s in node.sources},

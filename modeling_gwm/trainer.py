@@ -36,7 +36,16 @@ from .io_utils import atomic_move_file, atomic_write_json, writing
 from .loop import LoopConfig
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
-from .node_loop import NodeRun, all_finite, make_scheduler, node_metrics, set_base_rate, training_step, validation_loss
+from .node_loop import (
+    NodeRun,
+    adamw,
+    all_finite,
+    make_scheduler,
+    node_metrics,
+    set_base_rate,
+    training_step,
+    validation_loss,
+)
 from .output_paths import check_run_contents
 from .plan import RunPlan
 from .run_folder import ADAPTER_FILES, CHECKSUM_KEY
@@ -174,7 +183,8 @@ class DAGCurriculumTrainer(RunPlan):
                 for f in self.curriculum.adapter_fields(name)]
 
     def _attach_adapter(self, name: str, fields_meta: list[dict]) -> dict[str, torch.Tensor]:
-        """Add the node's adapter (fresh = the shared seeded init), drop all others; returns the init state."""
+        """Add the node's adapter (fresh = the shared seeded init), drop all others; returns the init state on the CPU,
+        where parents' files are read and merges run (`set_peft_model_state_dict` copies it onto the model's device)."""
         node = self.curriculum.node(name)
         model = self._ensure_model()
         model.config.context_len, model.config.horizon = node.context_len, node.horizon
@@ -188,19 +198,20 @@ class DAGCurriculumTrainer(RunPlan):
         for other in list(self.peft_model.peft_config):
             if other != name:
                 self.peft_model.delete_adapter(other)  # memory stays constant however many nodes came before
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model, adapter_name=name).items()}
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=name)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def _parent_state(self, parent: str) -> tuple[dict[str, torch.Tensor], list[str]]:
         path = self.run_folder.node_dir(parent) / "adapter_model.safetensors"
         try:
-            state = load_file(path)
+            state = load_file(path, device="cpu")
         except (SafetensorError, OSError) as err:
             raise CurriculumError(f"node {parent!r}: its adapter {path} is unreadable ({str(err).splitlines()[0]}); "
                                   f"restore it, or delete {path.parent / 'COMPLETE'} to train the node again") from None
         return state, self.run_folder.adapter_fields(parent)
 
     def start_state(self, name: str, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Root: the seeded init. Fork: the parent's adapter. Join: the weighted merge of the parents."""
+        """Root: the seeded init. Fork: the parent's adapter. Join: the weighted merge of the parents. On the CPU."""
         node = self.curriculum.node(name)
         child_fields = self.curriculum.adapter_fields(name)
         if node.kind == "root":
@@ -268,7 +279,7 @@ class DAGCurriculumTrainer(RunPlan):
         steps = self.args.steps or node.steps  # --steps replaces the curriculum's count, --max_steps caps it
         run.steps = steps if self.args.max_steps is None else min(steps, self.args.max_steps)
         run.params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(run.params, lr=node.learning_rate, weight_decay=node.weight_decay)
+        optimizer = adamw(run.params, node.learning_rate, node.weight_decay)
         run.scheduler = make_scheduler(optimizer, node, run.steps)  # stepped here, never by accelerate
         folder = self.run_folder.checkpoint_dir(run.name)
         if self.args.resume and (saved := checkpoint.load(folder, run.name, self.peft_model, optimizer, run.config,

@@ -91,8 +91,9 @@ def test_gpu_width_bench_refuses_without_cuda_and_runs_narrow_on_cpu(bench, tmp_
     gpu.main(["--device", "cpu", "--num_layers", "1", "--num_attention_heads", "1", "--positions", "16", "--fields",
               "2", "--n_loops", "1", "--repeats", "1", "--warmup", "0", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["positions"], r["gradient_checkpointing"]) for r in rows] == [(16, False), (16, True)]
-    assert all(r["positions_per_s"] > 0 and r["floor_tflop"] > 0 for r in rows)
+    assert [(r["positions"], r["checkpointing"]) for r in rows] == [(16, "none"), (16, "loop"), (16, "application")]
+    assert all(r["positions_per_s"] > 0 and r["floor_flops"] > 0 and r["outside_frozen_share"] < 1 for r in rows)
+    assert [r["recomputed_forwards"] for r in rows] == [0, 1, 1]  # n_loops 1: one recomputation either way
 
 
 def test_init_geometry_reports_half_updates_at_init(bench, tmp_path):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..base import copy_block
 
 
 class LoopLayer(nn.Module, BaseTunerLayer):
@@ -48,7 +48,7 @@ class LoopLayer(nn.Module, BaseTunerLayer):
         self.loop_emb_enc[adapter_name] = nn.Parameter(torch.zeros(shape, device=device))
         self.loop_gate[adapter_name] = nn.Parameter(torch.zeros(config.n_loops, device=device))
         if config.train_blocks:
-            block = copy.deepcopy(self.base_layer).float()
+            block = copy_block(self.base_layer).float()
             block.requires_grad_(True)
             self.loop_block[adapter_name] = block
         self.set_adapter(self.active_adapters)

@@ -54,7 +54,8 @@ class LoopModel(BaseTuner):
         config.inner_dim, config.num_blocks, config.d_model = arch["inner_dim"], arch["num_blocks"], arch["d_model"]
         if not config.gwm_config:
             config.gwm_config = self.model.config.to_diff_dict()
-            for key in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype"):
+            for key in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype",
+                        "compile_blocks"):  # compile_blocks: how this process runs the base, not the adapter's
                 config.gwm_config.pop(key, None)
             config.gwm_config["n_loops"] = config.n_loops  # the adapter's own loop count, not the model default
             # what forecasting reads without building the model (to_diff_dict leaves defaults out)
