@@ -172,8 +172,9 @@ def _date_range(metrics: dict) -> str | None:
 def _retention_rows(entry: dict) -> list[dict]:
     rows = []
     for parent, r in (entry.get("retention") or {}).items():
-        r = r or {}
-        before, after = r.get("parent_val_loss"), r.get("merged_val_loss")
+        before, after = (r.get("parent_val_loss"), r.get("merged_val_loss")) if isinstance(r, dict) else (None, None)
+        if before is None and after is None:  # nothing recorded: no row (and without rows, no heading)
+            continue
         change = f"{100.0 * (after - before) / before:+.1f} %" if before and after is not None else "—"
         rows.append({"parent": parent, "parent_val_loss": _fmt(before), "merged_val_loss": _fmt(after),
                      "change": change})

@@ -190,6 +190,14 @@ def test_a_join_marks_the_fields_it_inherited_without_training_them(run_copy):
     assert "Trained only on the 1 field listed above (`markets.sp500.close`)" in limitations
 
 
+def test_a_join_without_recorded_retention_has_no_retention_heading(run_copy):
+    dag = json.loads((run_copy / "dag.json").read_text())
+    dag["nodes"]["world"]["retention"] = {"macro": None, "markets": {"parent_val_loss": None, "merged_val_loss": None}}
+    (run_copy / "dag.json").write_text(json.dumps(dag))
+    write_node_card(str(run_copy), "world")
+    assert "Join retention" not in (run_copy / "world" / "README.md").read_text()
+
+
 def test_a_hub_base_is_the_cards_base_model(run_copy):
     for node in ("macro",):
         config = json.loads((run_copy / node / "adapter_config.json").read_text())
