@@ -3,15 +3,17 @@ the forecast plot: `plots`; reading, transforming and gridding a history: `tabul
 
 A history is a table of time steps by fields: a pandas DataFrame, a dict of arrays or a `datasets.Dataset`, with
 columns named by the adapter's dotted field names (any subset of them; a field that is not there is simply absent
-from the canvas). Values go through the adapter's own transform and normalisation (stored in its
-`adapter_config.json`), the model fills the hidden canvas positions, and the predictions come back through the
-inverse transform, so every number a user sees is in the units of their data.
+from the canvas); or a single series (numpy array, `pd.Series`, torch tensor) of one field. Values go through the
+adapter's own transform and normalisation (stored in its `adapter_config.json`), the model fills the hidden canvas
+positions, and the predictions come back through the inverse transform, so every number a user sees is in the units
+of their data.
 
 The history is put on the grid the adapter was trained on (the `frequency` recorded in its fields; inferred from the
 dates for adapters without one). Each field keeps its own spacing on that grid (a quarterly field on a monthly grid
 every 3 steps): it is predicted only at the steps continuing that spacing from its last observation. Forecasts longer
 than the adapter's horizon are rolled out autoregressively: each chunk of `horizon` grid steps is fed back as observed
-input for the next chunk (its MEDIAN), on a window of the adapter's `context_len` steps.
+input for the next chunk (its MEDIAN), on a window of the adapter's `context_len` steps; each later chunk's band is
+widened by the spread reached before it (`widen_rolled_band`), so the band grows with the lead time.
 
 The model predicts quantiles (the adapter's `quantile_levels`, 0.1 ... 0.9 by default): `forecast` returns the
 median, `forecast_quantiles` every level; `predict_windows` is the batched step both are built on.

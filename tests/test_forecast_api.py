@@ -100,6 +100,8 @@ def test_a_single_series_of_a_many_field_adapter_needs_its_field(two_fields):
     assert filled["demo.level"].notna().all()
     with pytest.raises(DataError, match="unknown field 'demo.nope'"):
         two_fields.forecast(values, prediction_length=4, field="demo.nope")
+    with pytest.raises(DataError, match=r"numpy array, pd.Series or tensor\), got list"):
+        two_fields.forecast([1.0, 2.0, 3.0], prediction_length=4)
     with pytest.raises(DataError, match="must be 1-D"):
         two_fields.forecast(np.ones((30, 2)), prediction_length=4, field="demo.level")
 
