@@ -71,7 +71,7 @@ def season_period(frequency: str | None) -> int:
     import pandas as pd
 
     offset = pd.tseries.frequencies.to_offset(frequency)
-    return SEASON_PERIODS.get(offset.name.split("-")[0], 0) if offset.n == 1 else 0
+    return SEASON_PERIODS.get(offset.rule_code.split("-")[0], 0) if offset.n == 1 else 0
 
 
 def seasonal_lag(values: torch.Tensor, visible: torch.Tensor, period: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,11 @@ def _is_tiny_base(base: str) -> bool:
     return isinstance(config, dict) and all(config.get(k) == v for k, v in TINY_ARCHITECTURE.items())
 
 
+def _hub_base_model(base: str | None) -> str | None:
+    """The card's `base_model` metadata: a Hub id, or None (left out) for a local base, which the Hub cannot link."""
+    return "THUDM/CogVideoX-2b" if not base else base if _is_hub_id(base) else None
+
+
 def _base_names(base: str | None) -> tuple[str, str]:
     """(`base_model` metadata, Python expression for the usage snippet) for a base name or path. The tiny base is
     `base`, which the snippet writes with `make_tiny_cogvideox` first: a local path would not exist for the reader."""
@@ -167,8 +172,9 @@ def _date_range(metrics: dict) -> str | None:
 def _retention_rows(entry: dict) -> list[dict]:
     rows = []
     for parent, r in (entry.get("retention") or {}).items():
-        r = r or {}
-        before, after = r.get("parent_val_loss"), r.get("merged_val_loss")
+        before, after = (r.get("parent_val_loss"), r.get("merged_val_loss")) if isinstance(r, dict) else (None, None)
+        if before is None and after is None:  # nothing recorded: no row (and without rows, no heading)
+            continue
         change = f"{100.0 * (after - before) / before:+.1f} %" if before and after is not None else "—"
         rows.append({"parent": parent, "parent_val_loss": _fmt(before), "merged_val_loss": _fmt(after),
                      "change": change})
@@ -202,6 +208,7 @@ def _lineage_context(dag: dict, node: str, lineage_node: str, entry: dict) -> di
 def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag: dict) -> dict:
     """What the node was trained on and with: fields, the settings table and the loss results."""
     fields = adapter_config.get("fields") or [{"name": n} for n in metrics.get("fields") or []]
+    trained = set(metrics.get("fields") or [f.get("name") for f in fields])  # the node's own data; the rest inherited
     settings = {
         "steps": metrics.get("steps"),
         "loops per block (n_loops)": adapter_config.get("n_loops", metrics.get("n_loops")),
@@ -211,9 +218,10 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
         "backbone": gwm_config.get("backbone"),
         "frozen blocks x width": f"{adapter_config.get('num_blocks')} x {adapter_config.get('inner_dim')}",
         "trained block copies": adapter_config.get("train_blocks"),
-        "seed": gwm_config.get("seed", dag.get("seed")),
+        "adapter init seed (model.seed + --seed)": gwm_config.get("seed", dag.get("seed")),
         "wall time (s)": metrics.get("wall_time_s"),
-        **(metrics.get("settings") or {}),
+        # the run's settings; context_len and horizon are in the rows above already
+        **{k: v for k, v in (metrics.get("settings") or {}).items() if k not in ("context_len", "horizon")},
     }
     results = [
         ("train loss (first → last step)", metrics.get("train_loss_start"), metrics.get("train_loss_end")),
@@ -222,11 +230,17 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
     if metrics.get("best_step") is not None:  # what this adapter is: the evaluated step with the lowest loss
         results.append((f"validation loss of this adapter (step {metrics['best_step']} of {metrics.get('steps')}, the "
                         "best evaluated)", None, metrics.get("val_loss_best")))
+    if metrics.get("val_coverage_10_90_end") is not None:
+        results.append(("held-out targets inside the 10–90 % band, last evaluation (0.8 when calibrated)", None,
+                        metrics["val_coverage_10_90_end"]))
     return {
         "fields": [{"slot": i, "name": f.get("name", "?"), "unit": f.get("unit") or "—",
-                    "transform": f.get("transform") or "none", "mean": _fmt(f.get("mean")), "std": _fmt(f.get("std"))}
+                    "transform": f.get("transform") or "none", "mean": _fmt(f.get("mean")), "std": _fmt(f.get("std")),
+                    "inherited": f.get("name") not in trained}
                    for i, f in enumerate(fields)],
-        "field_names": [f.get("name", "?") for f in fields],
+        "field_names": [f.get("name", "?") for f in fields if f.get("name") in trained],
+        "has_inherited": any(f.get("name") not in trained for f in fields),
+        "example_field": next((f.get("name") for f in fields if f.get("name") in trained), "<field>"),
         "settings": {k: _fmt(v) for k, v in settings.items() if v is not None and v != "None x None"},
         "results": [{"metric": m, "start": _fmt(a), "end": _fmt(b)} for m, a, b in results if a is not None or
                     b is not None],
@@ -289,7 +303,7 @@ def node_card_context(output_dir: str | os.PathLike, node: str, repo_id: str | N
                          subfolder if repo_id else node, revision),
     }
     context["card_data"] = ModelCardData(
-        base_model=context["base_model"],
+        base_model=_hub_base_model(gwm_config.get("base_model_name_or_path") or dag.get("base")),
         library_name="peft",
         pipeline_tag=PIPELINE_TAG,
         tags=[*CARD_TAGS, f"gwm-node:{node}"],
@@ -348,8 +362,8 @@ def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = 
         datasets += _sources(metrics)[1]
         rows.append(_curriculum_row(folder, name, nodes.get(name) or {}, metrics, config))
     has_final = (folder.node_dir(FINAL_NODE) / "adapter_config.json").is_file()
-    base_model, base_expr = _base_names(base)
-    card_data = ModelCardData(base_model=base_model, library_name="peft", pipeline_tag=PIPELINE_TAG,
+    _, base_expr = _base_names(base)
+    card_data = ModelCardData(base_model=_hub_base_model(base), library_name="peft", pipeline_tag=PIPELINE_TAG,
                               tags=list(CARD_TAGS), datasets=sorted(set(datasets)) or None, license=DEFAULT_LICENSE,
                               model_name="GWM curriculum")
     published = [r for r in rows if r["published"]]

@@ -35,7 +35,7 @@ map raw column names with --columns RAW=FIELD (repeatable or comma-separated): t
 
 example:
   gwm forecast --adapter outputs/gwm-demo/final --data configuration/data/elnino_nino12_monthly.csv \\
-      --columns sst=climate.enso.nino12_sst --horizon 12 --out preds.csv --plot preds.png""",
+      --columns sst=climate.enso.nino12_sst --prediction_length 12 --out preds.csv --plot preds.png""",
     "evaluate": """MASE divides a method's MAE by the in-sample MAE of the (seasonal) naive one-step forecast on the
 training part; below 1 beats it. WQL is the weighted quantile loss of the quantile forecasts (Chronos' metric). The
 aggregate is each method's geometric mean over fields relative to seasonal-naive. --season defaults to 12 for
@@ -231,12 +231,12 @@ def cmd_forecast(args) -> int:
     spec = _spec(args.adapter, args.subfolder)
     levels = spec.check_levels(args.quantiles or None) if args.quantiles is not None else [0.5]
     history, freq = _history(args, spec)
-    check_forecast_request(len(history), args.horizon, spec)  # before loading the model: errors come fast
+    check_forecast_request(len(history), args.prediction_length, spec)  # before loading the model: errors come fast
     model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)
     # the plot's 10-90 % band needs those levels even when only the median is written
     plotted = sorted({*levels, 0.5, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
     with _naming_adapter(args):
-        quantiles = forecast_quantiles(model, history, args.horizon, quantile_levels=plotted, freq=freq)
+        quantiles = forecast_quantiles(model, history, args.prediction_length, quantile_levels=plotted, freq=freq)
     predictions = quantiles.xs(0.5, axis=1, level="level")
     if args.quantiles is None:
         table = predictions
@@ -251,7 +251,7 @@ def cmd_forecast(args) -> int:
     if args.plot:
         _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
             history, predictions, buffer, quantiles=quantiles,
-            title=f"GWM forecast of {args.horizon} steps ({args.adapter})"))
+            title=f"GWM forecast of {args.prediction_length} steps ({args.adapter})"))
         print(f"wrote {args.plot}")
     return 0
 
@@ -404,8 +404,9 @@ def _add_table_commands(add) -> None:
     """forecast, evaluate and impute: an adapter and a --data table in, a file out."""
     p = add("forecast", "Forecast the steps after a table's last row with a trained adapter, in the data's units.")
     _model_arguments(p)
-    p.add_argument("--horizon", type=_whole(" of steps"), required=True, help="steps to predict (rolled out beyond the "
-                   "adapter's own horizon)")
+    p.add_argument("--prediction_length", "--horizon", dest="prediction_length", type=_whole(" of steps"),
+                   required=True, help="steps to predict (rolled out beyond the adapter's own horizon); --horizon is "
+                   "an alias")
     p.add_argument("--out", required=True, help="CSV to write: the time column and one column per field (the median)")
     p.add_argument("--quantiles", type=float, nargs="*", default=None, metavar="LEVEL",
                    help="write quantile columns FIELD@LEVEL instead (e.g. co2@0.1); the levels must be among the "

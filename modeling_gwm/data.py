@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -182,9 +183,14 @@ class DataSource:
         return out
 
     # ------------------------------------------------------------------ reading
+    @cached_property
+    def _reported(self) -> set[str]:
+        """Warnings this source has given (a run reads a source once per node that uses it, and more)."""
+        return set()
+
     def read(self) -> pd.DataFrame:
         """The source's fields, transformed, indexed by time: one column per field name, NaN where missing (NaN and
-        ±inf cells too: counted and reported in one warning per read)."""
+        ±inf cells too: counted and reported in one warning per source object, i.e. once per run)."""
         table = self.load_table()
         where = f"source {self.name!r}"
         if self.time_column not in table.columns:
@@ -194,9 +200,11 @@ class DataSource:
         columns = numeric_columns(table, {name: spec.column for name, spec in self.fields.items()}, where)
         missing = {self.fields[name].column: int(np.isnan(values).sum()) for name, values in columns.items()
                    if np.isnan(values).any()}
-        if missing:
-            logger.warning("source %r: %d NaN/inf value(s) treated as missing (%s)", self.name,
-                           sum(missing.values()), ", ".join(f"{c}: {n}" for c, n in missing.items()))
+        message = f"source {self.name!r}: {sum(missing.values())} NaN/inf value(s) treated as missing (" + ", ".join(
+            f"{c}: {n}" for c, n in missing.items()) + ")"
+        if missing and message not in self._reported:  # once per source and run, not once per node that reads it
+            self._reported.add(message)
+            logger.warning(message)
         frame = pd.DataFrame(columns, index=pd.DatetimeIndex(times, name="time")).sort_index(kind="stable")
         rows = len(frame)
         frame = to_periods(frame, self.frequency, where)

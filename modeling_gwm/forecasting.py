@@ -3,15 +3,17 @@ the forecast plot: `plots`; reading, transforming and gridding a history: `tabul
 
 A history is a table of time steps by fields: a pandas DataFrame, a dict of arrays or a `datasets.Dataset`, with
 columns named by the adapter's dotted field names (any subset of them; a field that is not there is simply absent
-from the canvas). Values go through the adapter's own transform and normalisation (stored in its
-`adapter_config.json`), the model fills the hidden canvas positions, and the predictions come back through the
-inverse transform, so every number a user sees is in the units of their data.
+from the canvas); or a single series (numpy array, `pd.Series`, torch tensor) of one field. Values go through the
+adapter's own transform and normalisation (stored in its `adapter_config.json`), the model fills the hidden canvas
+positions, and the predictions come back through the inverse transform, so every number a user sees is in the units
+of their data.
 
 The history is put on the grid the adapter was trained on (the `frequency` recorded in its fields; inferred from the
 dates for adapters without one). Each field keeps its own spacing on that grid (a quarterly field on a monthly grid
 every 3 steps): it is predicted only at the steps continuing that spacing from its last observation. Forecasts longer
 than the adapter's horizon are rolled out autoregressively: each chunk of `horizon` grid steps is fed back as observed
-input for the next chunk (its MEDIAN), on a window of the adapter's `context_len` steps.
+input for the next chunk (its MEDIAN), on a window of the adapter's `context_len` steps; each later chunk's band is
+widened by the spread reached before it (`widen_rolled_band`), so the band grows with the lead time.
 
 The model predicts quantiles (the adapter's `quantile_levels`, 0.1 ... 0.9 by default): `forecast` returns the
 median, `forecast_quantiles` every level; `predict_windows` is the batched step both are built on.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,23 +119,32 @@ class AdapterSpec:
                             f"{list(self.quantile_levels)}")
         return [min(self.quantile_levels, key=lambda k: abs(k - q)) for q in wanted]
 
+    def widened_fields(self, names: list[str]) -> np.ndarray:
+        """(S,) bool: the fields whose rolled-out band is widened chunk by chunk (`widen_rolled_band`); change
+        transforms are left out, their band already grows as each level's changes are accumulated."""
+        return np.array([self.fields[n].transform not in CHANGE_TRANSFORMS for n in names], dtype=bool)
+
     def min_history(self) -> int:
         """Rows a forecast needs: one window of context_len steps minus the horizon it predicts."""
         return max(1, self.context_len - self.horizon)
 
 
 # ---------------------------------------------------------------------------------------------------- input tables
-def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: str | None = None
-                 ) -> tuple[pd.DataFrame, str | None]:
+def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: str | None = None,
+                 field: str | None = None) -> tuple[pd.DataFrame, str | None]:
     """The user's table as (L, S) raw values of known fields on the adapter's grid, and the grid's frequency.
 
     The grid is the adapter's recorded training frequency (`freq`, if given, must agree with it), else `freq`, else
     inferred from the dates. A column with no value at all is an absent field, like a column that is not there.
+    A single series (numpy array, `pd.Series`, tensor) is the values of `field` (default: the adapter's only one).
     """
-    frame = to_frame(data, time_column)
+    frame = to_frame(_one_field_table(data, spec, field), time_column)
     unknown = [str(c) for c in frame.columns if c not in spec.fields]
     if unknown:
-        raise DataError(f"unknown field(s) {unknown}: this adapter knows {list(spec.fields)}")
+        hint = "" if time_column is not None or isinstance(frame.index, pd.DatetimeIndex) else (
+            f"; if {unknown[0]!r} holds the times, pass time_column={unknown[0]!r} (default: a column named "
+            "date, time or timestamp)")
+        raise DataError(f"unknown field(s) {unknown}: this adapter knows {list(spec.fields)}{hint}")
     if frame.shape[1] == 0:
         raise DataError(f"no field columns: this adapter knows {list(spec.fields)}")
     if spec.frequency and freq and parse_frequency(freq) != parse_frequency(spec.frequency):
@@ -151,6 +163,36 @@ def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: 
         raise DataError(f"the history has {len(frame)} steps; this adapter needs at least {spec.min_history()} "
                         f"(context_len {spec.context_len} - horizon {spec.horizon})")
     return on_grid(frame, freq)
+
+
+def _one_field_table(data, spec: AdapterSpec, field: str | None):
+    """A single series (numpy array, `pd.Series`, torch tensor) -> a one-column DataFrame named by its field; any
+    other history (DataFrame, dict, `datasets.Dataset`) is returned as it is."""
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    if not isinstance(data, (np.ndarray, pd.Series)):
+        if field is not None:
+            raise DataError("field= names the values of a single series (numpy array, pd.Series or tensor); a table "
+                            "names its fields by its columns")
+        return data
+    if field is None and isinstance(data, pd.Series) and data.name in spec.fields:
+        field = data.name
+    if field is None:
+        if len(spec.fields) != 1:
+            raise DataError(f"a single series needs field= (one of {list(spec.fields)}): this adapter has "
+                            f"{len(spec.fields)} fields; or pass a table with one column per field")
+        field = next(iter(spec.fields))
+    if field not in spec.fields:
+        raise DataError(f"unknown field {field!r}: this adapter knows {list(spec.fields)}")
+    if isinstance(data, pd.Series):
+        return data.rename(field).to_frame()
+    values = np.asarray(data)
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        raise DataError(f"a single series must be 1-D (time steps), got an array of shape {values.shape}; pass a "
+                        "table with one column per field for several fields")
+    return pd.DataFrame({field: values})
 
 
 def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
@@ -192,50 +234,80 @@ def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndar
 
 
 # ---------------------------------------------------------------------------------------------------- forecast
-def forecast(model, history, horizon: int, *, time_column: str | None = None, freq: str | None = None
-             ) -> pd.DataFrame:
-    """Predict the `horizon` grid steps after `history`, in the data's own units.
+def forecast(model, history, prediction_length: int | None = None, *, time_column: str | None = None,
+             freq: str | None = None, field: str | None = None, horizon: int | None = None) -> pd.DataFrame:
+    """Predict the `prediction_length` grid steps after `history`, in the data's own units (the median).
 
     Args:
         model: a `PeftModel` from `GWMModel.from_pretrained(base, adapter)` (or the `GWMModel` inside it).
         history: DataFrame / dict of arrays / `datasets.Dataset`, columns named by field (any subset of the adapter's
-            fields), a time column (`time_column`, else a DatetimeIndex or a column named date/time) or none.
-        horizon: grid steps to predict; beyond the adapter's horizon the forecast is rolled out chunk by chunk.
+            fields), a time column (`time_column`, else a DatetimeIndex or a column named date/time/timestamp) or
+            none; or a single series (numpy array, `pd.Series`, torch tensor) of `field`'s values.
+        prediction_length: grid steps to predict (default: the adapter's horizon); beyond the adapter's horizon the
+            forecast is rolled out chunk by chunk.
+        time_column: the column holding the times when it is not named date, time or timestamp.
         freq: the series' pandas frequency when the adapter records none and it cannot be inferred from the dates.
+        field: the field a single series holds (default: the adapter's only field).
+        horizon: deprecated alias of `prediction_length`.
 
     Returns:
-        a DataFrame (horizon, S) indexed by the future times (continuing the grid), one column per field of the
-        history; NaN at the steps where a field has no observation by its own spacing (a quarterly field on a monthly
-        grid: two steps in three), and everywhere for a field not observed in the last `context_len` steps (logged).
-        `.attrs["units"]` maps fields to units.
+        a DataFrame (prediction_length, S) indexed by the future times (continuing the grid; steps 0, 1, ... after
+        the last row without times), one column per field of the history; NaN at the steps where a field has no
+        observation by its own spacing (a quarterly field on a monthly grid: two steps in three), and everywhere
+        for a field not observed in the last `context_len` steps (logged). `.attrs["units"]` maps fields to units.
+
+    Example:
+        >>> model = GWMModel.from_pretrained(base, "runs/demo/final")
+        >>> model.forecast(history, prediction_length=12)  # history: a DataFrame with a date column
     """
     spec = AdapterSpec.from_model(model)
-    frame, freq = read_history(history, spec, time_column, freq)
-    predictions, due = _forecast_frame(model, spec, frame, freq, horizon)
+    steps = prediction_length_of(prediction_length, horizon, spec)
+    frame, freq = read_history(history, spec, time_column, freq, field)
+    predictions, due = _forecast_frame(model, spec, frame, freq, steps)
     check_finite(predictions.to_numpy(), due, list(predictions.columns), spec)
     return predictions
 
 
-def forecast_quantiles(model, history, horizon: int, *, quantile_levels=None, time_column: str | None = None,
-                       freq: str | None = None) -> pd.DataFrame:
-    """Quantile forecast of the `horizon` grid steps after `history`, in the data's own units.
+def forecast_quantiles(model, history, prediction_length: int | None = None, *, quantile_levels=None,
+                       time_column: str | None = None, freq: str | None = None, field: str | None = None,
+                       horizon: int | None = None) -> pd.DataFrame:
+    """Quantile forecast of the `prediction_length` grid steps after `history`, in the data's own units.
 
-    Like `forecast` (same arguments, same index and NaN rules), with one column per (field, level):
-    `result["co2", 0.9]`, `result.xs(0.5, axis=1, level="level")` is `forecast`'s frame. `quantile_levels` is a
-    subset of the adapter's trained levels (default: all of them; anything else is a DataError).
+    Args:
+        model, history, prediction_length, time_column, freq, field, horizon: as in `forecast`.
+        quantile_levels: a subset of the adapter's trained levels (default: all of them; anything else is a
+            DataError).
 
-    Beyond the adapter's horizon the rollout feeds back the MEDIAN of each chunk, so later quantiles are those of
-    the model given the median path, not of the joint distribution. Transforms are inverted on each quantile path:
-    for change transforms (diff, pct_change, log_return) each level's changes are accumulated from the last raw
-    value, which is only an approximation of the quantiles of the accumulated sum (too narrow when changes are
-    independent, exact when they move together).
+    Returns:
+        like `forecast` (same index and NaN rules), one column per (field, level): `result["co2", 0.9]`;
+        `result.xs(0.5, axis=1, level="level")` is `forecast`'s frame.
+
+    Beyond the adapter's horizon the rollout feeds back the MEDIAN of each chunk, and the model's band for a chunk
+    is that of the model given the median path. To keep the band widening with the lead time, each later chunk's
+    offsets from the median are combined with the offsets reached at the end of the chunk before
+    (`sqrt(own**2 + carried**2)`, as if the chunks' errors were independent): an approximation, not the joint
+    distribution; the median path is unchanged. Transforms are inverted on each quantile path: for change
+    transforms (diff, pct_change, log_return) each level's changes are accumulated from the last raw value (the
+    band widens by that accumulation, no carry is added), which only approximates the quantiles of the accumulated
+    sum (too narrow when changes are independent, exact when they move together).
     """
     spec = AdapterSpec.from_model(model)
+    steps = prediction_length_of(prediction_length, horizon, spec)
     levels = spec.check_levels(quantile_levels)
-    frame, freq = read_history(history, spec, time_column, freq)
-    quantiles, due = _forecast_quantile_frame(model, spec, frame, freq, horizon, levels)
+    frame, freq = read_history(history, spec, time_column, freq, field)
+    quantiles, due = _forecast_quantile_frame(model, spec, frame, freq, steps, levels)
     check_finite(quantiles.to_numpy(), np.repeat(due, len(levels), axis=1), list(quantiles.columns), spec)
     return quantiles
+
+
+def prediction_length_of(prediction_length, horizon, spec: AdapterSpec) -> int:
+    """`prediction_length`, or the deprecated `horizon=` alias (a FutureWarning), or the adapter's horizon."""
+    if horizon is not None:
+        if prediction_length is not None:
+            raise ValueError("pass prediction_length only (horizon= is its deprecated alias), not both")
+        warnings.warn("horizon= is deprecated: use prediction_length=", FutureWarning, stacklevel=3)
+        prediction_length = horizon
+    return spec.horizon if prediction_length is None else prediction_length
 
 
 def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarray:
@@ -281,6 +353,8 @@ def _forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq
     # a field whose next observation is due inside the history (e.g. the last quarter not yet published) is
     # predicted there first, so its forecast continues from it
     first = int(np.flatnonzero(schedule.any(axis=1))[0])
+    widened = spec.widened_fields(names)  # (S,) fields whose band is carried across chunks
+    carry = np.zeros((1, len(names), len(spec.quantile_levels)))  # (1, S, Q) offsets reached by the last chunk
     for done in range(first, length + horizon, spec.horizon):
         end = min(done + spec.horizon, length + horizon)
         due = schedule[done:end]  # (steps, S)
@@ -290,7 +364,9 @@ def _forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq
         values = canvas[start:end][None].copy()  # (1, T, S)
         target = np.zeros(values.shape, dtype=bool)
         target[0, done - start:] = due
-        predicted = predict_windows(model, values, spec.slots(names), target)[0, done - start:]  # (steps, S, Q)
+        predicted = predict_windows(model, values, spec.slots(names), target)[:, done - start:]  # (1, steps, S, Q)
+        predicted, carry = widen_rolled_band(predicted, target[:, done - start:] & widened, carry, spec)
+        predicted = predicted[0]  # (steps, S, Q)
         quantiles[done:end][due] = predicted[due]
         canvas[done:end][due] = predicted[due][:, spec.median_index]  # the median is fed back where due
     picks = [spec.quantile_levels.index(q) for q in levels]
@@ -311,6 +387,33 @@ def _forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq
                           index=future_index(frame.index, freq, horizon))
     result.attrs["units"] = {name: spec.fields[name].unit for name in names}
     return result, schedule[length:]
+
+
+def widen_rolled_band(predicted: np.ndarray, target: np.ndarray, carry: np.ndarray, spec: AdapterSpec
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Widen one rolled-out chunk's band by the spread reached at the end of the chunks before it.
+
+    Each chunk is predicted given the fed-back median of the chunks before, so the model's own band for it starts
+    narrow again. As an approximation that treats the chunks' errors as independent, each level's offset from the
+    median is combined with the offset carried from the previous chunk's last due step: `sqrt(own**2 + carried**2)`
+    on the level's side of the median. The median is unchanged; the first chunk (carry 0) is the model's own band.
+
+    Args:
+        predicted: (B, T, S, Q) the chunk's quantiles (normalised units, sorted levels).
+        target: (B, T, S) bool, the positions predicted in this chunk (and whose band is carried).
+        carry: (B, S, Q) signed offsets from the median at each field's previous due step (zeros at the start).
+
+    Returns:
+        the widened (B, T, S, Q) quantiles and the new (B, S, Q) carry (unchanged where a field had no step).
+    """
+    median = predicted[..., spec.median_index:spec.median_index + 1]  # (B, T, S, 1)
+    side = np.sign(np.asarray(spec.quantile_levels) - 0.5)  # (Q,) -1 below the median, +1 above, 0 at it
+    offset = side * np.sqrt((predicted - median) ** 2 + carry[:, None] ** 2)  # (B, T, S, Q)
+    widened = np.where(target[..., None], median + offset, predicted)
+    has_step = target.any(axis=1)  # (B, S)
+    last = target.shape[1] - 1 - np.argmax(target[:, ::-1], axis=1)  # (B, S) each field's last due step
+    reached = np.take_along_axis(offset, last[:, None, :, None], axis=1)[:, 0]  # (B, S, Q)
+    return widened, np.where(has_step[..., None], reached, carry)
 
 
 class NonFiniteForecastError(ValueError):
@@ -340,16 +443,18 @@ def check_steps(name: str, steps) -> None:
                          f"(forecasting.MAX_FORECAST_STEPS); ask for fewer steps")
 
 
-def check_forecast_request(history_len: int, horizon, spec: AdapterSpec) -> None:
-    """The one-line errors for a horizon that is not a positive integer or a history too short for one window."""
-    check_steps("horizon", horizon)
+def check_forecast_request(history_len: int, prediction_length, spec: AdapterSpec) -> None:
+    """The one-line errors for a prediction_length that is not a positive integer or a history too short for one
+    window."""
+    check_steps("prediction_length", prediction_length)
     if history_len < spec.min_history():
         raise DataError(f"the history has {history_len} steps; this adapter needs at least {spec.min_history()} "
                         f"(context_len {spec.context_len} - horizon {spec.horizon})")
 
 
 # ---------------------------------------------------------------------------------------------------- impute
-def impute(model, frame, *, time_column: str | None = None, freq: str | None = None) -> pd.DataFrame:
+def impute(model, frame, *, time_column: str | None = None, freq: str | None = None, field: str | None = None
+           ) -> pd.DataFrame:
     """Fill the missing values (NaN, or steps absent from a gappy time grid) of the known fields of `frame`.
 
     Each field is filled only at the grid steps where it would be observed by its own spacing (a quarterly field on a
@@ -358,9 +463,11 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     everything observed around them (past and future). Fields with a change transform (diff, pct_change,
     log_return) are filled by accumulating predicted changes from the last observed value before each gap, and stay
     NaN before their first observation. Returns the frame on its regular grid with observed values unchanged.
+
+    `frame`, `time_column`, `freq` and `field` are read as `forecast` reads its history (a single series included).
     """
     spec = AdapterSpec.from_model(model)
-    raw, freq = read_history(frame, spec, time_column, freq)
+    raw, freq = read_history(frame, spec, time_column, freq, field)
     names = list(raw.columns)
     normalised = _modelled(raw, spec)  # (L, S)
     missing = raw.isna().to_numpy()  # (L, S)
@@ -399,4 +506,5 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
 
 
 __all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "forecast",
-           "forecast_quantiles", "impute", "predict_windows", "read_history"]
+           "forecast_quantiles", "impute", "predict_windows", "prediction_length_of", "read_history",
+           "widen_rolled_band"]

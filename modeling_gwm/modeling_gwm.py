@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -32,6 +33,9 @@ from .base import (
 from .canvas import FieldCodec, pinball_loss, seasonal_lag, sinusoidal_encoding, window_scale
 from .configuration_gwm import GWMConfig
 from .loop import LoopLayer, check_adapter_fits
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class ModelLoadError(OSError):
@@ -347,11 +351,16 @@ class GWMModel(PreTrainedModel):
 
     def forward(
         self,
-        values: torch.Tensor,
-        presence: torch.Tensor,
+        values: torch.Tensor | None = None,
+        presence: torch.Tensor | None = None,
         field_ids: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        past_values: torch.Tensor | None = None,
+        past_observed_mask: torch.Tensor | None = None,
+        future_values: torch.Tensor | None = None,
+        future_observed_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> GWMOutput:
         """Predict every canvas position.
@@ -367,7 +376,20 @@ class GWMModel(PreTrainedModel):
             field_ids: (F,) or (B, F) codec slots of the columns; defaults to 0..F-1 (the adapter's field order).
             target_mask: (B, T, F) bool, positions hidden from the input and predicted; the loss is taken where
                 target_mask AND presence.
+            past_values, past_observed_mask, future_values, future_observed_mask: the Hub's time-series names, in
+                place of values/presence/target_mask: past (B, T_past, F) context and future (B, H, F) targets
+                (their observed masks default to "finite"); the canvas is past then future, the future positions are
+                the targets (the loss is taken there). Without future_values the future is `config.horizon` steps
+                to predict. Outputs cover T_past + H steps.
         """
+        if past_values is not None:
+            if values is not None or presence is not None or target_mask is not None:
+                raise ValueError("pass either past_values/past_observed_mask/future_values or values/presence/"
+                                 "target_mask, not both")
+            values, presence, target_mask = self._canvas_from_past_future(past_values, past_observed_mask,
+                                                                         future_values, future_observed_mask)
+        elif values is None or presence is None:
+            raise ValueError("forward needs values and presence (or past_values, the Hub's time-series name)")
         batch, steps, n_fields = values.shape
         field_ids = torch.arange(n_fields, device=values.device) if field_ids is None else field_ids.to(values.device)
         presence = presence.bool().to(values.device)
@@ -395,30 +417,108 @@ class GWMModel(PreTrainedModel):
                            position_loss=position_loss, hidden_states=hidden)
         return output if return_dict else output.to_tuple()
 
+    def _canvas_from_past_future(self, past_values, past_observed_mask, future_values, future_observed_mask
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hub time-series inputs -> (values, presence, target_mask), each (B, T_past + H, F)."""
+        if past_observed_mask is None:
+            past_observed_mask = torch.isfinite(past_values)
+        if future_values is None:  # predict the config's horizon after the past
+            future_values = past_values.new_zeros(past_values.shape[0], self.config.horizon, past_values.shape[2])
+            future_observed_mask = torch.zeros_like(future_values, dtype=torch.bool)
+        elif future_observed_mask is None:
+            future_observed_mask = torch.isfinite(future_values)
+        values = torch.cat([past_values, future_values.to(past_values.dtype)], dim=1)  # (B, T_past + H, F)
+        presence = torch.cat([past_observed_mask.bool(), future_observed_mask.bool()], dim=1)
+        target_mask = torch.zeros_like(presence)
+        target_mask[:, past_values.shape[1]:] = True  # the future is what is predicted
+        values = torch.where(presence, values, torch.zeros_like(values))  # NaN never reaches the network
+        return values, presence, target_mask
+
     # ------------------------------------------------------------------ inference in the data's own units
-    def forecast(self, history, horizon: int, **kwargs):
-        """The `horizon` steps after `history` in raw units; see `modeling_gwm.forecasting.forecast`."""
+    def forecast(self, history, prediction_length: int | None = None, *, time_column: str | None = None,
+                 freq: str | None = None, field: str | None = None, horizon: int | None = None) -> pd.DataFrame:
+        """The median forecast of the `prediction_length` grid steps after `history`, in the data's own units.
+
+        Args:
+            history: a DataFrame / dict of arrays / `datasets.Dataset` with one column per field (any subset of the
+                adapter's fields) and a time column (or a DatetimeIndex), or a single series (numpy array,
+                `pd.Series`, tensor) of `field`'s values.
+            prediction_length: grid steps to predict (default: the adapter's horizon); longer forecasts are rolled
+                out chunk by chunk, feeding back the median.
+            time_column: the column holding the times when it is not named date, time or timestamp.
+            freq: the grid's pandas alias when the adapter records none and the dates do not say.
+            field: the field a single series holds (default: the adapter's only field).
+            horizon: deprecated alias of `prediction_length`.
+
+        Returns:
+            a DataFrame (prediction_length, fields) indexed by the future times; NaN where a field is not due by its
+            own spacing. Details: `modeling_gwm.forecasting.forecast`.
+        """
         from .forecasting import forecast
 
-        return forecast(self, history, horizon, **kwargs)
+        return forecast(self, history, prediction_length, time_column=time_column, freq=freq, field=field,
+                        horizon=horizon)
 
-    def forecast_quantiles(self, history, horizon: int, **kwargs):
-        """Quantile forecast in raw units, columns (field, level); see `modeling_gwm.forecasting.forecast_quantiles`."""
+    def forecast_quantiles(self, history, prediction_length: int | None = None, *,
+                           quantile_levels: list[float] | None = None, time_column: str | None = None,
+                           freq: str | None = None, field: str | None = None, horizon: int | None = None
+                           ) -> pd.DataFrame:
+        """Quantile forecast of the `prediction_length` grid steps after `history`, in the data's own units.
+
+        Args:
+            history, prediction_length, time_column, freq, field, horizon: as in `forecast`.
+            quantile_levels: levels to return, among those the adapter was trained on (default: all of them).
+
+        Returns:
+            a DataFrame indexed by the future times with columns (field, level), e.g. `result["co2", 0.9]`. Past
+            the adapter's horizon the band widens with the lead time (an approximation, see
+            `modeling_gwm.forecasting.forecast_quantiles`).
+        """
         from .forecasting import forecast_quantiles
 
-        return forecast_quantiles(self, history, horizon, **kwargs)
+        return forecast_quantiles(self, history, prediction_length, quantile_levels=quantile_levels,
+                                  time_column=time_column, freq=freq, field=field, horizon=horizon)
 
-    def impute(self, frame, **kwargs):
-        """`frame` with its missing values filled; see `modeling_gwm.forecasting.impute`."""
+    def impute(self, frame, *, time_column: str | None = None, freq: str | None = None, field: str | None = None
+               ) -> pd.DataFrame:
+        """`frame` on its regular grid with the missing values of its known fields filled (the median).
+
+        Args:
+            frame: read as `forecast` reads its history (a table, or a single series of `field`).
+            time_column, freq, field: as in `forecast`.
+
+        Returns:
+            the frame on its regular grid, observed values unchanged, each field filled at its own spacing. Details:
+            `modeling_gwm.forecasting.impute`.
+        """
         from .forecasting import impute
 
-        return impute(self, frame, **kwargs)
+        return impute(self, frame, time_column=time_column, freq=freq, field=field)
 
-    def predict_df(self, df, **kwargs):
-        """Quantile forecasts of every item of a long-format frame, batched; see `modeling_gwm.predict_df`."""
+    def predict_df(self, df: pd.DataFrame, *, id_column: str = "item_id", timestamp_column: str = "timestamp",
+                   target: str | list[str] | dict[str, str] | None = None, prediction_length: int | None = None,
+                   quantile_levels: list[float] | None = None, batch_size: int = 256, freq: str | None = None
+                   ) -> pd.DataFrame:
+        """Quantile forecasts of every item of a long-format frame (one row per item and time), batched.
+
+        Args:
+            df: columns `id_column`, `timestamp_column` and the target column(s).
+            target: the column(s) to forecast, each named by a field; a {column: field} mapping for other names;
+                None: every other column.
+            prediction_length: grid steps after each item's last period (default: the adapter's horizon).
+            quantile_levels: levels to report, among the adapter's trained ones (default: all of them).
+            batch_size: windows per forward pass.
+            freq: the grid's pandas alias when the adapter records none and the timestamps do not say.
+
+        Returns:
+            a long-format DataFrame: `id_column`, `timestamp_column`, `target_name`, `predictions` (the median) and
+            one column per level ("0.1", ...). Details: `modeling_gwm.predict_df.predict_df`.
+        """
         from .predict_df import predict_df
 
-        return predict_df(self, df, **kwargs)
+        return predict_df(self, df, id_column=id_column, timestamp_column=timestamp_column, target=target,
+                          prediction_length=prediction_length, quantile_levels=quantile_levels,
+                          batch_size=batch_size, freq=freq)
 
 
 def _download_adapter(adapter, subfolder: str | None, revision: str | None, token) -> str:

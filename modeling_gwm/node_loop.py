@@ -174,25 +174,38 @@ def validation_loss(acc: Accelerator, model: torch.nn.Module, dataset: CanvasDat
                     horizon: int, max_windows: int) -> float:
     """Forecast loss on held-out positions: the last `horizon` steps of validation windows are hidden; the mean
     pinball loss of the model's quantiles, in each window's scaled units (the training loss)."""
+    return validation_scores(acc, model, dataset, field_ids, horizon, max_windows)["val_loss"]
+
+
+def validation_scores(acc: Accelerator, model: torch.nn.Module, dataset: CanvasDataset, field_ids: torch.Tensor,
+                      horizon: int, max_windows: int) -> dict[str, float | None]:
+    """`validation_loss` (`val_loss`) and, from the same forward passes, `val_coverage_10_90`: the share of the
+    scored targets inside the model's 10-90 % band (0.8 when calibrated; None without those levels)."""
     if len(dataset) == 0:
-        return float("nan")
+        return {"val_loss": float("nan"), "val_coverage_10_90": None}
+    levels = [float(q) for q in acc.unwrap_model(model).config.quantile_levels]
+    band = [levels.index(q) for q in (0.1, 0.9)] if 0.1 in levels and 0.9 in levels else None
     picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).round().long().unique()
     was_training = model.training
     model.eval()
-    sse, count = 0.0, 0.0
+    sse, count, inside = 0.0, 0.0, 0.0
     for chunk in picks.split(64):
         batch = collate_canvas([dataset[int(i)] for i in chunk])
         values = batch["values"].to(acc.device)  # (windows, time, fields)
         presence = batch["presence"].to(acc.device)
         target = torch.zeros_like(presence)
         target[:, -horizon:] = True
-        with acc.autocast():
-            position_loss = model(values, presence, field_ids=field_ids, target_mask=target).position_loss
+        with acc.autocast(), torch.no_grad():
+            out = model(values, presence, field_ids=field_ids, target_mask=target)
         scored = target & presence & batch.get("holdout", presence).to(presence.device)
-        sse += float((position_loss.float() * scored).sum())
+        sse += float((out.position_loss.float() * scored).sum())
         count += float(scored.sum())
+        if band is not None:  # quantiles (windows, time, fields, Q) in the values' units
+            low, high = out.quantiles[..., band[0]].float(), out.quantiles[..., band[1]].float()
+            inside += float((scored & (values >= low) & (values <= high)).sum())
     model.train(was_training)
-    return sse / count if count else float("nan")
+    return {"val_loss": sse / count if count else float("nan"),
+            "val_coverage_10_90": inside / count if count and band is not None else None}
 
 
 def node_metrics(acc: Accelerator, run: NodeRun, seed: int, nonfinite: str) -> dict:
@@ -205,6 +218,7 @@ def node_metrics(acc: Accelerator, run: NodeRun, seed: int, nonfinite: str) -> d
         # start: before the first step (a join: right after its merge); end: the last step; best: what is written
         "val_loss_start": state.val_history[0]["val_loss"], "val_loss_end": state.val_history[-1]["val_loss"],
         "best_step": state.best_step, "val_loss_best": state.best_val_loss,
+        "val_coverage_10_90_end": state.val_history[-1].get("val_coverage_10_90"),  # share inside the 10-90 % band
         "stopped_early": state.step < run.steps,
         "wall_time_s": round(time.time() - run.started, 2), "skipped_nonfinite_steps": state.skipped_nonfinite,
         "trainable_params": sum(p.numel() for p in run.params), "n_loops": node.n_loops,

@@ -40,13 +40,18 @@ def _ema(values: list[float], span: int) -> list[float]:
     return out
 
 
-def _finish_axes(ax, values: list[float]) -> None:
+def _finish_axes(ax, values: list[float], legend_outside: bool = False) -> None:
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
     ax.set_ylabel("pinball loss (window-scaled units)")
     ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False)
+    if not ax.get_legend_handles_labels()[0]:
+        return
+    if legend_outside:  # many curves: the legend right of the axes, never over them
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)
+    else:
+        ax.legend(loc="best", framealpha=0.8)
 
 
 def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: str | None = None) -> None:
@@ -80,12 +85,17 @@ def plot_node_loss(metrics: dict, path: str | os.PathLike | io.BytesIO, title: s
 
 def plot_loss_curves(output_dir: str | os.PathLike, path: str | os.PathLike | io.BytesIO) -> None:
     """Every trained node of a run on one axis, in training order (steps laid end to end), as a PNG."""
+    loss_curves_figure(output_dir).savefig(path, format="png")
+
+
+def loss_curves_figure(output_dir: str | os.PathLike):
+    """The matplotlib Figure `plot_loss_curves` saves: one axis, its legend to the right of it."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     folder = RunFolder(output_dir)
     names = RunFolder.node_names(folder.read_dag())
-    fig = Figure(figsize=(9, 4.5), dpi=110)
+    fig = Figure(figsize=(10.5, 4.5), dpi=110)
     ax = fig.subplots()
     offset, all_values, colors = 0, [], colormaps["tab10"]
     for i, name in enumerate(names):
@@ -107,9 +117,9 @@ def plot_loss_curves(output_dir: str | os.PathLike, path: str | os.PathLike | io
         ax.text(0.5, 0.5, "no node has a loss history yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("GWM curriculum: loss per node, in training order")
     ax.set_xlabel("optimiser step (nodes laid end to end)")
-    _finish_axes(ax, all_values)
+    _finish_axes(ax, all_values, legend_outside=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    return fig
 
 
 def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | os.PathLike | io.BytesIO,
@@ -160,7 +170,4 @@ def _joined(anchor: pd.Series, series: pd.Series) -> tuple[pd.Index, np.ndarray]
     return joined.index, joined.to_numpy(dtype=np.float64)
 
 
-__all__ = ["plot_forecast"]
-
-
-__all__ = ["plot_forecast", "plot_loss_curves", "plot_node_loss"]
+__all__ = ["loss_curves_figure", "plot_forecast", "plot_loss_curves", "plot_node_loss"]

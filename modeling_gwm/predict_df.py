@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .forecasting import AdapterSpec, predict_windows
+from .forecasting import AdapterSpec, predict_windows, widen_rolled_band
 from .tabular import (
     DataError,
     check_model_units,
@@ -299,7 +299,8 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
 
     Mirrors `forecasting._forecast_quantile_frame` item by item: a chunk of `spec.horizon` steps from the item's
     first due step, in a window of up to `context_len` steps ending with it, the medians fed back where a field is
-    due. A batch holds items with the same present fields and the same window length (shorter only for items
+    due, each chunk's band widened by the one before (`forecasting.widen_rolled_band`).
+    A batch holds items with the same present fields and the same window length (shorter only for items
     shorter than context_len).
     """
     context, n, n_fields = spec.context_len, len(items.ids), len(fields)
@@ -323,6 +324,8 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
     first_due = np.argmax(any_due, axis=1)  # (N,)
     row_zero = np.maximum(0, history - lengths)  # (N,) column of each item's first row
     cumulative = np.concatenate([np.zeros((n, 1), dtype=np.int64), np.cumsum(any_due, axis=1)], axis=1)
+    widened = spec.widened_fields(fields)  # (S,) the band is carried across chunks as in forecast_quantiles
+    carry = np.zeros((n, n_fields, len(spec.quantile_levels)))  # (N, S, Q)
     for round_ in range(int(np.max(-(-(width - first_due) // spec.horizon)))):
         done = first_due + round_ * spec.horizon  # (N,)
         end = np.minimum(done + spec.horizon, width)
@@ -341,6 +344,9 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
                 values = canvas[cells]  # (B, T, S_g)
                 target = due[cells] & (cells[1] >= done[chunk, None, None])
                 predicted = predict_windows(model, values, slots, target)  # (B, T, S_g, Q)
+                predicted, carried = widen_rolled_band(predicted, target & widened[fields_in], carry[chunk][
+                    :, fields_in], spec)
+                carry[chunk[:, None], fields_in[None, :]] = carried
                 canvas[cells] = np.where(target, predicted[..., spec.median_index], values)  # median fed back
                 quantiles[cells] = np.where(target[..., None], predicted, quantiles[cells])
     return _Rollout(history, present, last, due, quantiles)

@@ -96,8 +96,8 @@ def to_frame(data, time_column: str | None = None) -> pd.DataFrame:
     elif hasattr(data, "to_pandas") and hasattr(data, "column_names"):  # datasets.Dataset
         frame = data.to_pandas()
     else:
-        raise DataError(f"expected a pandas DataFrame, a dict of arrays or a datasets.Dataset, got "
-                        f"{type(data).__name__}")
+        raise DataError(f"expected a pandas DataFrame, a dict of arrays or a datasets.Dataset (a forecast's history "
+                        f"may also be one field's numpy array, pd.Series or tensor), got {type(data).__name__}")
     if time_column is None and not isinstance(frame.index, pd.DatetimeIndex):
         time_column = next((c for c in ("date", "time", "timestamp") if c in frame.columns), None)
     if time_column is not None:

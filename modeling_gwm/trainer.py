@@ -45,6 +45,7 @@ from .node_loop import (
     set_base_rate,
     training_step,
     validation_loss,
+    validation_scores,
 )
 from .output_paths import check_run_contents
 from .plan import RunPlan
@@ -228,9 +229,6 @@ class DAGCurriculumTrainer(RunPlan):
         """The current adapter's held-out forecast loss on `dataset` (see `node_loop.validation_loss`)."""
         return validation_loss(self.accelerator, self.peft_model, dataset, field_ids, horizon, max_windows)
 
-    def _val_loss(self, run: NodeRun) -> float:
-        return self.evaluate(run.data.val, run.field_ids, run.node.horizon, run.node.eval_windows)
-
     def _retention(self, name: str, child_fields: list[str]) -> dict:
         """For a join: the merged adapter's loss on each parent's validation data, next to the parent's own."""
         out = {}
@@ -333,9 +331,11 @@ class DAGCurriculumTrainer(RunPlan):
     def _evaluate(self, run: NodeRun) -> None:
         """Validate the current state; remember it (a detached copy) when it is the best so far."""
         adapter = get_peft_model_state_dict(self.accelerator.unwrap_model(self.peft_model), adapter_name=run.name)
-        val_loss = self._val_loss(run)
-        run.state.offer(run.state.step, val_loss, adapter)
-        self._log(run, val_loss=val_loss)
+        scores = validation_scores(self.accelerator, self.peft_model, run.data.val, run.field_ids, run.node.horizon,
+                                   run.node.eval_windows)
+        run.state.offer(run.state.step, scores["val_loss"], adapter)
+        run.state.val_history[-1]["val_coverage_10_90"] = scores["val_coverage_10_90"]
+        self._log(run, **scores)
 
     def _log(self, run: NodeRun, **values: float | None) -> None:
         """The node's scalars for the run's tracker (`--report_to`), `<node>/<name>` at the node's own step."""
@@ -453,11 +453,14 @@ def summary(dag: dict, output_dir: str) -> str:
         written = f"{best:.4f} at step {entry.get('best_step')}" if best is not None else ""
         lines.append(f"{name:<12} {entry['status']:<7} {losses:<26} {written}")
     for name in dag["order"]:
-        retention = dag["nodes"][name].get("retention")
-        if retention:
+        # the retention recorded when the join started (dag.json keeps it across --resume); no heading without rows
+        rows = {parent: r for parent, r in (dag["nodes"][name].get("retention") or {}).items()
+                if isinstance(r, dict) and {r.get("parent_val_loss"), r.get("merged_val_loss")} != {None}}
+        if rows:
             lines.append(f"\njoin {name}: merged adapter on each parent's validation data, before training")
-            for parent, r in retention.items():
-                lines.append(f"  {parent:<12} parent {r['parent_val_loss']:.4f}  merged {r['merged_val_loss']:.4f}")
+            for parent, r in rows.items():
+                lines.append(f"  {parent:<12} parent {_fmt_loss(r.get('parent_val_loss'))}  merged "
+                             f"{_fmt_loss(r.get('merged_val_loss'))}")
     lines.append(f"\nadapters and model cards: {output_dir}/<node>/ (final: {output_dir}/final/)")
     return "\n".join(lines)
 

@@ -53,7 +53,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def test_forecast_writes_raw_unit_csv_and_plot(run, tmp_path):
-    done = gwm("forecast", "--adapter", run / "final", "--data", ENSO, "--columns", MAP, "--horizon", 7,
+    done = gwm("forecast", "--adapter", run / "final", "--data", ENSO, "--columns", MAP, "--prediction_length", 7,
                "--out", tmp_path / "preds.csv", "--plot", tmp_path / "preds.png")
     assert done.returncode == 0, done.stderr
     preds = pd.read_csv(tmp_path / "preds.csv", parse_dates=["date"])
@@ -122,7 +122,7 @@ BAD = {
     "short history": (lambda t, r: ["forecast", "--data", _csv(t, "short.csv", _enso(5)), "--columns", MAP,
                                     "--horizon", 3], "needs at least 9"),
     "zero horizon": (lambda t, r: ["forecast", "--data", ENSO, "--columns", MAP, "--horizon", 0],
-                     "horizon must be a positive"),
+                     "prediction_length must be a positive"),
     "negative holdout": (lambda t, r: ["evaluate", "--data", ENSO, "--columns", MAP, "--holdout", -2],
                          "holdout must be a positive"),
     "holdout too long": (lambda t, r: ["evaluate", "--data", _csv(t, "s.csv", _enso(20)), "--columns", MAP,

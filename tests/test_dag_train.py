@@ -106,6 +106,9 @@ def test_report_to_tensorboard_logs_losses_rate_and_gradient_norm_of_every_node(
         assert scalars[f"{node}/learning_rate"] == pytest.approx([h["learning_rate"] for h in metrics["history"]])
         assert scalars[f"{node}/grad_norm"] == pytest.approx([h["grad_norm"] for h in metrics["history"]])
         assert scalars[f"{node}/val_loss"] == pytest.approx([h["val_loss"] for h in metrics["val_history"]])
+        coverage = [h["val_coverage_10_90"] for h in metrics["val_history"]]
+        assert scalars[f"{node}/val_coverage_10_90"] == pytest.approx(coverage)
+        assert all(0.0 <= c <= 1.0 for c in coverage) and metrics["val_coverage_10_90_end"] == coverage[-1]
     retention = json.loads((out / "dag.json").read_text())["nodes"]["world"]["retention"]
     for parent in ("macro", "climate"):
         assert scalars[f"world/retention/{parent}"] == pytest.approx([retention[parent]["retention"]])

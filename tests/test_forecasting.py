@@ -176,7 +176,7 @@ def test_forecast_without_time_column_continues_the_step_index(model):
     (_history().assign(**{"demo.level": "warm"}), 3, "column 'demo.level' is not numeric"),
     (_history(5), 3, "needs at least 9"),
     (_history(1), 3, "the history has 1 steps; this adapter needs at least 9"),  # not "cannot infer the frequency"
-    (_history(), 0, "horizon must be a positive"),
+    (_history(), 0, "prediction_length must be a positive"),
 ])
 def test_forecast_bad_input_is_one_clear_error(model, history, horizon, message):
     with pytest.raises(ValueError) as info:

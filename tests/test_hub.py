@@ -150,7 +150,7 @@ def _populate_hub_cache(cache: Path, repo_id: str, operations) -> str:
 def test_node_card_loads_back_with_every_metadata_field(run_dir):
     card = ModelCard.load(run_dir / "macro" / "README.md")
     data = card.data.to_dict()
-    assert data["base_model"] == "tiny-cogvideox"
+    assert "base_model" not in data  # a local base (here the tiny one) is no Hub id: left out, never "tiny-cogvideox"
     assert data["library_name"] == "peft"
     assert data["pipeline_tag"] == "time-series-forecasting"
     assert {"gwm", "world-model", "cogvideox", "peft", "time-series"} <= set(data["tags"])
@@ -169,6 +169,56 @@ def test_node_card_body_documents_fields_usage_budget_and_limitations(run_dir):
     limitations = text.split("## Limitations")[1]
     assert "`macro.us.real_gdp`" in limitations and "2000-01-01 – 2019-12-31" in limitations
     assert "| `markets` | 0.3 | 0.33 | +10.0 % |" in text  # join retention
+
+
+def test_node_card_usage_forecasts_and_states_each_setting_once(run_dir):
+    text = (run_dir / "world" / "README.md").read_text()
+    usage = text.split("## Usage")[1].split("## Lineage")[0]
+    assert "model.forecast(history, prediction_length=" in usage and "model.forecast_quantiles(" in usage
+    assert "torch.zeros" not in usage and 'bands["macro.us.real_gdp", 0.9]' in usage
+    assert text.count("context length") == 1 and text.count("context_len") == 0
+
+
+def test_a_join_marks_the_fields_it_inherited_without_training_them(run_copy):
+    metrics = json.loads((run_copy / "world" / "metrics.json").read_text())
+    metrics["fields"] = ["markets.sp500.close"]  # the join trained on one of its two fields
+    (run_copy / "world" / "metrics.json").write_text(json.dumps(metrics))
+    write_node_card(str(run_copy), "world")
+    text = (run_copy / "world" / "README.md").read_text()
+    assert "| 0 | `macro.us.real_gdp` (inherited) |" in text and "| 1 | `markets.sp500.close` | USD |" in text
+    limitations = text.split("## Limitations")[1]
+    assert "Trained only on the 1 field listed above (`markets.sp500.close`)" in limitations
+
+
+def test_a_join_without_recorded_retention_has_no_retention_heading(run_copy):
+    dag = json.loads((run_copy / "dag.json").read_text())
+    dag["nodes"]["world"]["retention"] = {"macro": None, "markets": {"parent_val_loss": None, "merged_val_loss": None}}
+    (run_copy / "dag.json").write_text(json.dumps(dag))
+    write_node_card(str(run_copy), "world")
+    assert "Join retention" not in (run_copy / "world" / "README.md").read_text()
+
+
+def test_a_hub_base_is_the_cards_base_model(run_copy):
+    for node in ("macro",):
+        config = json.loads((run_copy / node / "adapter_config.json").read_text())
+        config["gwm_config"]["base_model_name_or_path"] = "THUDM/CogVideoX-2b"
+        (run_copy / node / "adapter_config.json").write_text(json.dumps(config))
+    write_node_card(str(run_copy), "macro")
+    assert ModelCard.load(run_copy / "macro" / "README.md").data.base_model == "THUDM/CogVideoX-2b"
+
+
+def test_the_runs_loss_plot_keeps_its_legend_off_the_curves(run_dir):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from modeling_gwm.plots import loss_curves_figure
+
+    fig = loss_curves_figure(run_dir)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    ax, renderer = fig.axes[0], canvas.get_renderer()
+    legend, plot_area = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.x0 >= plot_area.x1  # right of the axes, not over them
+    assert legend.x1 <= fig.bbox.x1 + 1  # and inside the figure
 
 
 def test_join_lineage_names_both_parents_and_their_weights(run_dir):
