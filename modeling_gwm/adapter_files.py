@@ -170,8 +170,9 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
         found = "no format_version" if peft_config.format_version is None else \
             f"format_version {peft_config.format_version}"
         raise AdapterLoadError(
-            f"{location} has {found} (this GWM reads format_version {ADAPTER_FORMAT_VERSION}: scale-free windows "
-            "and quantile forecasts): it was made by an older GWM and needs retraining (gwm train / dag_train.py)."
+            f"{location} has {found} (this GWM reads format_version {ADAPTER_FORMAT_VERSION}: scale-free window "
+            "statistics and a value head over a context baseline): it was made by an older GWM and needs "
+            "retraining (gwm train / dag_train.py)."
         )
     _check_loop_config(peft_config, config_file if local else f"{location}/adapter_config.json")
     return peft_config

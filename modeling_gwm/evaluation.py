@@ -1,9 +1,9 @@
 """Score a GWM adapter on a held-out tail next to the baselines a forecaster would use, with MASE and WQL.
 
 Baselines: last value (`naive`), the value one season earlier (`seasonal_naive`), and, with the optional
-`statsforecast` extra (`pip install -e ".[eval]"`), `auto_ets` and `auto_arima`. With statsforecast, every baseline
-also has quantiles (statsforecast's prediction intervals: the 80 % interval's ends are the 0.1 and 0.9 quantiles), so
-each gets a weighted quantile loss. Metrics, per field, in the field's own units:
+`statsforecast` extra (`pip install -e ".[eval]"`), `auto_ets`, `auto_arima` and `auto_theta`. With statsforecast,
+every baseline also has quantiles (statsforecast's prediction intervals: the 80 % interval's ends are the 0.1 and
+0.9 quantiles), so each gets a weighted quantile loss. Metrics, per field, in the field's own units:
 
 - MASE: MAE over the in-sample MAE of the one-step seasonal-naive forecast (Hyndman & Koehler 2006);
 - WQL: for each quantile level q, 2 * sum_t pinball_q(y_t, yhat_q,t) / sum_t |y_t|, averaged over the levels (the
@@ -27,12 +27,12 @@ logger = logging.getLogger(__name__)
 
 QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NAIVE_METHODS = ("naive", "seasonal_naive")
-STATS_METHODS = ("auto_ets", "auto_arima")  # need statsforecast
+STATS_METHODS = ("auto_ets", "auto_arima", "auto_theta")  # need statsforecast
 BASELINES = NAIVE_METHODS + STATS_METHODS
-MISSING_STATSFORECAST = 'auto_ets and auto_arima need statsforecast: pip install -e ".[eval]"'
+MISSING_STATSFORECAST = 'auto_ets, auto_arima and auto_theta need statsforecast: pip install -e ".[eval]"'
 # Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
 _SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
-_NOT_JSON = ("predictions", "quantiles", "actuals", "history")
+_NOT_JSON = ("predictions", "quantiles", "actuals", "history", "baseline_predictions")
 
 
 # ---------------------------------------------------------------------------------------------------- baselines
@@ -89,10 +89,11 @@ def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, metho
     if not has_statsforecast():
         raise ValueError(MISSING_STATSFORECAST)
     from statsforecast import StatsForecast
-    from statsforecast.models import AutoARIMA, AutoETS, Naive, SeasonalNaive
+    from statsforecast.models import AutoARIMA, AutoETS, AutoTheta, Naive, SeasonalNaive
 
     build = {"naive": lambda: Naive(), "seasonal_naive": lambda: SeasonalNaive(season_length=season),
-             "auto_ets": lambda: AutoETS(season_length=season), "auto_arima": lambda: AutoARIMA(season_length=season)}
+             "auto_ets": lambda: AutoETS(season_length=season), "auto_arima": lambda: AutoARIMA(season_length=season),
+             "auto_theta": lambda: AutoTheta(season_length=season)}
     frame = pd.DataFrame({"unique_id": "series", "ds": np.arange(len(observed)), "y": observed})
     out = {}
     for method in methods:
@@ -233,6 +234,10 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
     predictions.attrs["units"] = model_quantiles.attrs["units"]
     scale_lag = season if season and season > 1 and len(train) > season else 1
+    overlap = training_overlap(spec, actual.index)
+    for warning in overlap.values():
+        logger.warning(warning)
+    baseline_predictions: dict[str, pd.DataFrame] = {}
     fields = {}
     for j, name in enumerate(frame.columns):
         history, due = train[name].to_numpy(), schedule[:, j]
@@ -243,6 +248,8 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
         # on its own consecutive observations, a field's season and MASE lag are counted in its own steps
         lag = max(1, round(scale_lag / spacing))
         points, quantiles = _baselines(history, rows, due, methods, season, quantile_levels)
+        for method, point in points.items():
+            baseline_predictions.setdefault(method, pd.DataFrame(index=actual.index))[name] = point
         points = {"model": predictions[name].to_numpy(), **points}
         quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy(), **quantiles}  # (holdout, Q)
         scored_history = observed if spacing > 1 else history
@@ -257,8 +264,24 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
                  "mase": relative_scores(fields, "mase"), "wql": relative_scores(fields, "wql")}
     return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq,
             "methods": ["model", *methods], "quantile_levels": list(quantile_levels), "note": note,
-            "fields": fields, "aggregate": aggregate,
-            "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train}
+            "overlap": overlap, "fields": fields, "aggregate": aggregate,
+            "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train,
+            "baseline_predictions": baseline_predictions}
+
+
+def training_overlap(spec: AdapterSpec, holdout_index: pd.Index) -> dict[str, str]:
+    """{field: warning} for every field whose training span (recorded in the adapter) reaches into the hold-out:
+    its scores there are in-sample, not forecasts of unseen data. Adapters without spans, or an index without
+    dates, give none."""
+    if not isinstance(holdout_index, pd.DatetimeIndex) or not len(holdout_index):
+        return {}
+    start, end = holdout_index[0], holdout_index[-1]
+    warnings = {}
+    for name, (first, last) in spec.spans.items():
+        if pd.Timestamp(last) >= start and pd.Timestamp(first) <= end:
+            warnings[name] = (f"{name}: the hold-out ({start.date()} .. {end.date()}) overlaps the adapter's training "
+                              f"span ({first} .. {last}): these scores are in-sample, not forecasts of unseen data")
+    return warnings
 
 
 def _baselines(history: np.ndarray, rows: np.ndarray, due: np.ndarray, methods: tuple[str, ...], season: int | None,
@@ -329,6 +352,7 @@ def format_evaluation(result: dict) -> str:
         lines.append(f"  {metric.upper()}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in aggregate[metric].items()))
     if result.get("note"):
         lines += ["", f"Note: {result['note']}"]
+    lines += [f"Warning: {warning}" for warning in (result.get("overlap") or {}).values()]
     return "\n".join(lines)
 
 
@@ -340,4 +364,5 @@ def _fmt(value: float | None) -> str:
 
 __all__ = ["BASELINES", "QUANTILE_LEVELS", "check_evaluate_request", "check_methods", "default_season",
            "error_metrics", "evaluate", "evaluation_json", "format_evaluation", "has_statsforecast", "naive_forecast",
-           "relative_scores", "seasonal_naive_forecast", "statistical_forecasts", "weighted_quantile_loss"]
+           "relative_scores", "seasonal_naive_forecast", "statistical_forecasts", "training_overlap",
+           "weighted_quantile_loss"]

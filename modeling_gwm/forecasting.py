@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,7 @@ class AdapterSpec:
     adapter_name: str | None = None
     frequency: str | None = None  # the pandas alias of the grid it was trained on; None for older adapters
     quantile_levels: tuple[float, ...] = DEFAULT_QUANTILE_LEVELS  # what the value head predicts, sorted
+    spans: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) date it trained on
 
     @classmethod
     def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
@@ -73,8 +74,10 @@ class AdapterSpec:
             raise DataError(f"adapter {adapter_name or ''!s} declares no fields: it was not trained on data")
         frequency = next((f["frequency"] for f in loop_config.fields if f.get("frequency")), None)
         levels = tuple(float(q) for q in gwm_config.get("quantile_levels", DEFAULT_QUANTILE_LEVELS))
+        spans = {f["name"]: (str(f["span"][0]), str(f["span"][1])) for f in loop_config.fields
+                 if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2}
         return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
-                   frequency, levels)
+                   frequency, levels, spans)
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
