@@ -200,9 +200,10 @@ def evaluate_baselines(series: list[dict], split: dict, methods: tuple[str, ...]
             out[entry["name"]] = {**{m: fields[m] for m in fields if m not in ("unit", "model")},
                                   **{m: v for m, v in cache.get(key, {}).items() if m in methods}}
             out[entry["name"]].setdefault("seasonal_naive", out[entry["name"]]["naive"])  # no season: naive
-    if cache_path:
+    if cache_path:  # merged with what another run may have written meanwhile
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_text(json.dumps(_finite(cache), indent=0, sort_keys=True) + "\n")
+        written = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        cache_path.write_text(json.dumps(_finite({**written, **cache}), indent=0, sort_keys=True) + "\n")
     return out
 
 

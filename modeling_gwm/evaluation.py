@@ -32,6 +32,9 @@ BASELINES = NAIVE_METHODS + STATS_METHODS
 MISSING_STATSFORECAST = 'auto_ets, auto_arima and auto_theta need statsforecast: pip install -e ".[eval]"'
 # Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
 _SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
+# AutoARIMA's seasonal search is polynomial in the season (a weekly season of 52 takes many minutes on one series):
+# above this season it is fitted without seasonal terms
+ARIMA_MAX_SEASON = 24
 _NOT_JSON = ("predictions", "quantiles", "actuals", "history", "baseline_predictions")
 
 
@@ -84,7 +87,8 @@ def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, metho
     """Fit statsforecast models to a gap-free series and forecast it, with quantiles.
 
     observed (N,) consecutive observations -> {method: (point (horizon,), quantiles (horizon, Q))}; a method that
-    fails on this series (too short for its season, say) is left out with a warning.
+    fails on this series (too short for its season, say) is left out with a warning. AutoARIMA ignores a season
+    longer than `ARIMA_MAX_SEASON` (weekly data) and fits a non-seasonal model.
     """
     if not has_statsforecast():
         raise ValueError(MISSING_STATSFORECAST)
@@ -92,7 +96,8 @@ def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, metho
     from statsforecast.models import AutoARIMA, AutoETS, AutoTheta, Naive, SeasonalNaive
 
     build = {"naive": lambda: Naive(), "seasonal_naive": lambda: SeasonalNaive(season_length=season),
-             "auto_ets": lambda: AutoETS(season_length=season), "auto_arima": lambda: AutoARIMA(season_length=season),
+             "auto_ets": lambda: AutoETS(season_length=season),
+             "auto_arima": lambda: AutoARIMA(season_length=season if season <= ARIMA_MAX_SEASON else 1),
              "auto_theta": lambda: AutoTheta(season_length=season)}
     frame = pd.DataFrame({"unique_id": "series", "ds": np.arange(len(observed)), "y": observed})
     out = {}
@@ -234,7 +239,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
     predictions.attrs["units"] = model_quantiles.attrs["units"]
     scale_lag = season if season and season > 1 and len(train) > season else 1
-    overlap = training_overlap(spec, actual.index)
+    overlap = training_overlap(spec, actual.index, list(frame.columns))
     for warning in overlap.values():
         logger.warning(warning)
     baseline_predictions: dict[str, pd.DataFrame] = {}
@@ -269,16 +274,16 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
             "baseline_predictions": baseline_predictions}
 
 
-def training_overlap(spec: AdapterSpec, holdout_index: pd.Index) -> dict[str, str]:
-    """{field: warning} for every field whose training span (recorded in the adapter) reaches into the hold-out:
-    its scores there are in-sample, not forecasts of unseen data. Adapters without spans, or an index without
-    dates, give none."""
+def training_overlap(spec: AdapterSpec, holdout_index: pd.Index, names: list[str]) -> dict[str, str]:
+    """{field: warning} for every field of `names` whose training span (recorded in the adapter) reaches into the
+    hold-out: its scores there are in-sample, not forecasts of unseen data. Adapters without spans, or an index
+    without dates, give none."""
     if not isinstance(holdout_index, pd.DatetimeIndex) or not len(holdout_index):
         return {}
     start, end = holdout_index[0], holdout_index[-1]
     warnings = {}
     for name, (first, last) in spec.spans.items():
-        if pd.Timestamp(last) >= start and pd.Timestamp(first) <= end:
+        if name in names and pd.Timestamp(last) >= start and pd.Timestamp(first) <= end:
             warnings[name] = (f"{name}: the hold-out ({start.date()} .. {end.date()}) overlaps the adapter's training "
                               f"span ({first} .. {last}): these scores are in-sample, not forecasts of unseen data")
     return warnings

@@ -206,12 +206,14 @@ def test_cli_method_errors_are_one_line_exit_2(adapter, csv, capsys, no_statsfor
 def test_evaluate_warns_when_the_holdout_overlaps_the_training_span_and_returns_baseline_forecasts(caplog):
     frame = pd.DataFrame({"date": pd.date_range("2000-01-01", periods=48, freq="MS"), "demo.sales": _seasonal(48)})
     for last, overlaps in (("2003-12-01", True), ("2003-06-01", False)):  # the hold-out: 2003-07 .. 2003-12
-        fields = [{**FIELDS[0], "span": ["2000-01-01", last]}]
+        fields = [{**FIELDS[0], "span": ["2000-01-01", last]},  # a field not in the data never warns
+                  {"name": "demo.other", "mean": 0.0, "std": 1.0, "transform": "none",
+                   "span": ["2000-01-01", "2009-01-01"]}]
         base = GWMModel.from_pretrained(TINY_BASE_PATH, d_model=16, context_len=12, horizon=3)
         model = peft.get_peft_model(base, LoopConfig(n_loops=1, fields=fields))
         caplog.clear()
         result = evaluate(model, frame, 6, methods=["naive", "seasonal_naive"])
-        assert ("demo.sales" in result["overlap"]) is overlaps
+        assert set(result["overlap"]) == ({"demo.sales"} if overlaps else set())
         said = "overlaps the adapter's training span"
         assert (said in format_evaluation(result)) is overlaps and (said in caplog.text) is overlaps
     predicted = result["baseline_predictions"]  # what the plot draws next to the model
