@@ -245,7 +245,9 @@ def evaluate_nhits(series: list[dict], split: dict, seed: int, steps: int) -> di
         model = NHITS(h=holdout, input_size=context, loss=MQLoss(level=levels), max_steps=steps, random_seed=seed,
                       scaler_type="robust", batch_size=16, enable_progress_bar=False, enable_model_summary=False,
                       logger=False, accelerator="cpu", start_padding_enabled=True)
-        forecast = NeuralForecast(models=[model], freq=freq).fit(data).predict() if len(data) else None
+        runner = NeuralForecast(models=[model], freq=freq)
+        runner.fit(df=data)
+        forecast = runner.predict()
         forecast = forecast.reset_index() if "unique_id" not in forecast.columns else forecast
         season = default_season(freq) or 1
         for entry in members:
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "auto_arima, auto_theta)")
     parser.add_argument("--deep", choices=("auto", "nhits", "none"), default="auto",
                         help="the deep baseline: NHITS when neuralforecast is installed (auto), or none")
-    parser.add_argument("--deep_steps", type=int, default=300, help="NHITS training steps per frequency")
+    parser.add_argument("--deep_steps", type=int, default=200, help="NHITS training steps per frequency")
     parser.add_argument("--baseline_cache", default=str(BASELINE_CACHE),
                         help="JSON cache of the statistical baselines' scores ('' for none)")
     parser.add_argument("--output_dir", default=None, help="run folder (default: a temporary one, removed)")

@@ -122,7 +122,7 @@ class GWMConfig(PretrainedConfig):
             The forecast the value head adds its residual to, computed from each window's visible context only
             (`canvas.context_baseline`): `"none"`, `"last_value"`, `"seasonal_naive"` or `"seasonal_drift"`. With a
             baseline the head is zero-initialised, so an untrained adapter forecasts exactly that baseline.
-        residual_penalty (`float`, defaults to 0.01):
+        residual_penalty (`float`, defaults to 0.1):
             Weight of the squared median residual (scaled units) added to every scored position's loss: the
             learned correction is pulled toward the baseline.
         seasonal_lag_input (`bool`, defaults to `False`):
@@ -161,7 +161,7 @@ class GWMConfig(PretrainedConfig):
         seasonal_lag_input: bool = False,
         season_period: int = 0,
         residual_baseline: str = "seasonal_drift",
-        residual_penalty: float = 0.01,
+        residual_penalty: float = 0.1,
         **kwargs,
     ):
         self.quantile_levels = _checked_values(
