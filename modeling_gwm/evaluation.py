@@ -220,7 +220,9 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     {"unit", "model", "naive", ...}}, "aggregate": {"reference", "mase": {method: x}, "wql": {...}}}; each method a
     dict of mae/rmse/mase/wql in the field's own units (wql NaN for a method without quantiles); `"predictions"`
     holds the model's median forecast frame, `"quantiles"` its `forecast_quantiles` frame and `"actuals"` /
-    `"history"` the held-out and training frames (not JSON; `evaluation_json` drops them).
+    `"history"` the held-out and training frames, `"baseline_predictions"` {method: point forecast frame} (not JSON;
+    `evaluation_json` drops them); `"overlap"` {field: warning} where the hold-out overlaps the adapter's training
+    span (`training_overlap`, also logged).
     """
     methods, note = _methods_and_note(methods)
     spec = AdapterSpec.from_model(model)
@@ -240,38 +242,40 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     predictions.attrs["units"] = model_quantiles.attrs["units"]
     scale_lag = season if season and season > 1 and len(train) > season else 1
     overlap = training_overlap(spec, actual.index, list(frame.columns))
-    for warning in overlap.values():
-        logger.warning(warning)
-    baseline_predictions: dict[str, pd.DataFrame] = {}
-    fields = {}
+    fields, forecasts = {}, {}
     for j, name in enumerate(frame.columns):
-        history, due = train[name].to_numpy(), schedule[:, j]
-        # each field is scored at its own steps only (a quarterly field: the quarters), every method alike
-        truth = np.where(due, actual[name].to_numpy(), np.nan)
-        rows = np.flatnonzero(~np.isnan(history))
-        observed, spacing = history[rows], own_spacing(rows)
-        # on its own consecutive observations, a field's season and MASE lag are counted in its own steps
-        lag = max(1, round(scale_lag / spacing))
-        points, quantiles = _baselines(history, rows, due, methods, season, quantile_levels)
-        for method, point in points.items():
-            baseline_predictions.setdefault(method, pd.DataFrame(index=actual.index))[name] = point
-        points = {"model": predictions[name].to_numpy(), **points}
-        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy(), **quantiles}  # (holdout, Q)
-        scored_history = observed if spacing > 1 else history
-        entry = {"unit": spec.fields[name].unit}
-        for method, point in points.items():
-            scores = error_metrics(truth, point, scored_history, lag if spacing > 1 else scale_lag)
-            scores["wql"] = (weighted_quantile_loss(truth, quantiles[method], quantile_levels) if method in quantiles
-                             else math.nan)
-            entry[method] = scores
-        fields[name] = entry
+        forecasts[name] = _baselines(train[name].to_numpy(), schedule[:, j], methods, season, quantile_levels)
+        points = {"model": predictions[name].to_numpy(), **forecasts[name][0]}
+        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy(), **forecasts[name][1]}
+        fields[name] = {"unit": spec.fields[name].unit,
+                        **_scores(train[name].to_numpy(), actual[name].to_numpy(), schedule[:, j], points, quantiles,
+                                  scale_lag, quantile_levels)}
     aggregate = {"reference": "seasonal_naive (naive for a field without a season)",
                  "mase": relative_scores(fields, "mase"), "wql": relative_scores(fields, "wql")}
     return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq,
             "methods": ["model", *methods], "quantile_levels": list(quantile_levels), "note": note,
             "overlap": overlap, "fields": fields, "aggregate": aggregate,
             "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train,
-            "baseline_predictions": baseline_predictions}
+            "baseline_predictions": {method: pd.DataFrame({name: forecasts[name][0][method] for name in forecasts
+                                                           if method in forecasts[name][0]}, index=actual.index)
+                                     for method in methods if any(method in f[0] for f in forecasts.values())}}
+
+
+def _scores(history: np.ndarray, actual: np.ndarray, due: np.ndarray, points: dict, quantiles: dict, scale_lag: int,
+            levels: tuple[float, ...]) -> dict[str, dict]:
+    """{method: mae/rmse/mase/wql} of one field; it is scored at its own steps only (a quarterly field: the
+    quarters), every method alike, and its MASE lag is counted in its own steps."""
+    truth = np.where(due, actual, np.nan)
+    rows = np.flatnonzero(~np.isnan(history))
+    spacing = own_spacing(rows)
+    lag = max(1, round(scale_lag / spacing)) if spacing > 1 else scale_lag
+    scored_history = history[rows] if spacing > 1 else history
+    out = {}
+    for method, point in points.items():
+        out[method] = error_metrics(truth, point, scored_history, lag)
+        out[method]["wql"] = (weighted_quantile_loss(truth, quantiles[method], levels) if method in quantiles
+                              else math.nan)
+    return out
 
 
 def training_overlap(spec: AdapterSpec, holdout_index: pd.Index, names: list[str]) -> dict[str, str]:
@@ -286,16 +290,17 @@ def training_overlap(spec: AdapterSpec, holdout_index: pd.Index, names: list[str
         if name in names and pd.Timestamp(last) >= start and pd.Timestamp(first) <= end:
             warnings[name] = (f"{name}: the hold-out ({start.date()} .. {end.date()}) overlaps the adapter's training "
                               f"span ({first} .. {last}): these scores are in-sample, not forecasts of unseen data")
+            logger.warning(warnings[name])
     return warnings
 
 
-def _baselines(history: np.ndarray, rows: np.ndarray, due: np.ndarray, methods: tuple[str, ...], season: int | None,
+def _baselines(history: np.ndarray, due: np.ndarray, methods: tuple[str, ...], season: int | None,
                levels: tuple[float, ...]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One field's baseline forecasts of the hold-out: {method: point (holdout,)} and, for the methods that have
     them, {method: quantiles (holdout, Q)}. `history` (N,) is the training part, NaN between the field's observed
     `rows`; `due` (holdout,) where the field is scored. statsforecast fits the field's own consecutive observations,
     its season counted in its own steps."""
-    holdout = len(due)
+    holdout, rows = len(due), np.flatnonzero(~np.isnan(history))
     points, quantiles = {}, {}
     if "naive" in methods:
         points["naive"] = naive_forecast(history, holdout)

@@ -74,10 +74,9 @@ class AdapterSpec:
             raise DataError(f"adapter {adapter_name or ''!s} declares no fields: it was not trained on data")
         frequency = next((f["frequency"] for f in loop_config.fields if f.get("frequency")), None)
         levels = tuple(float(q) for q in gwm_config.get("quantile_levels", DEFAULT_QUANTILE_LEVELS))
-        spans = {f["name"]: (str(f["span"][0]), str(f["span"][1])) for f in loop_config.fields
-                 if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2}
         return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
-                   frequency, levels, spans)
+                   frequency, levels, {f["name"]: (str(f["span"][0]), str(f["span"][-1])) for f in loop_config.fields
+                                       if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2})
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
@@ -94,12 +93,10 @@ class AdapterSpec:
         return cls.from_config(configs[name], adapter_name=name)
 
     def slots(self, names: list[str]) -> list[int]:
-        order = list(self.fields)
-        return [order.index(n) for n in names]
+        return [list(self.fields).index(n) for n in names]
 
     @property
-    def median_index(self) -> int:
-        """Position of the 0.5 level (the point forecast) among `quantile_levels`."""
+    def median_index(self) -> int:  # position of the 0.5 level (the point forecast) among `quantile_levels`
         return self.quantile_levels.index(0.5)
 
     def check_levels(self, levels) -> list[float]:
