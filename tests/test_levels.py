@@ -81,3 +81,23 @@ def test_a_season_with_growing_amplitude_far_above_the_training_range_keeps_its_
                                      season_period=12)
     stop = 240
     _check(model, clean, noisy, stop, start=1100, mean=noisy[:stop].mean(), std=noisy[:stop].std())
+
+
+@pytest.mark.parametrize("baseline", ["seasonal_drift", "none"])
+def test_no_input_reads_a_window_location_in_global_units(baseline, tiny_base):
+    """Structural: whatever the weights, a window shifted by a constant is forecast shifted by that constant (the
+    old statistics input fed the location itself, so a level outside the training range moved the forecast)."""
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, window_stats_input=True, seasonal_lag_input=True,
+                                     season_period=4, residual_baseline=baseline).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.codec.parameters():  # as if trained: every input path, statistics included, counts
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    values = torch.cumsum(torch.randn(2, STEPS, 2), dim=1)
+    presence = torch.ones_like(values, dtype=torch.bool)
+    target = torch.zeros_like(presence)
+    target[:, -HORIZON:] = True
+    with torch.no_grad():
+        near = model(values, presence, target_mask=target).quantiles
+        far = model(values + 40.0, presence, target_mask=target).quantiles  # 40 training stds above
+    torch.testing.assert_close(far, near + 40.0, atol=1e-3, rtol=0)
