@@ -186,8 +186,9 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
                                    f"{ADAPTER_FORMAT_VERSION}, got {version!r:.40}")
         found = "no format_version" if version is None else f"format_version {version}"
         raise AdapterLoadError(
-            f"{location} has {found} (this GWM reads format_version {ADAPTER_FORMAT_VERSION}: scale-free windows "
-            "and quantile forecasts): it was made by an older GWM and needs retraining (gwm train / dag_train.py)."
+            f"{location} has {found} (this GWM reads format_version {ADAPTER_FORMAT_VERSION}: scale-free window "
+            "statistics and a value head over a context baseline): it was made by an older GWM and needs "
+            "retraining (gwm train / dag_train.py)."
         )
     _check_loop_config(peft_config, config_file if local else f"{location}/adapter_config.json")
     return peft_config

@@ -77,14 +77,74 @@ def season_period(frequency: str | None) -> int:
 def seasonal_lag(values: torch.Tensor, visible: torch.Tensor, period: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For every position, the most recent VISIBLE value of its field k * period steps earlier (k = 1, 2, ...):
     values, visible (B, T, F) -> lag (B, T, F) (0 where none), has_lag (B, T, F) bool."""
+    lag, has, _ = _seasonal_lag_and_shift(values, visible, period)
+    return lag, has
+
+
+def _seasonal_lag_and_shift(values: torch.Tensor, visible: torch.Tensor, period: int):
+    """`seasonal_lag` plus the shift (k * period steps, 0 where none) each lag was taken from."""
     lag, has = torch.zeros_like(values), torch.zeros_like(visible, dtype=torch.bool)
+    shifts = torch.zeros_like(values)
     steps = values.size(1)
     for shift in range(period, steps, period) if period > 0 else ():
         earlier_visible = nn.functional.pad(visible[:, :-shift], (0, 0, shift, 0))  # (B, T, F), False for t < shift
         earlier = nn.functional.pad(values[:, :-shift], (0, 0, shift, 0))
         take = earlier_visible.bool() & ~has
         lag, has = torch.where(take, earlier, lag), has | take
-    return lag, has
+        shifts = torch.where(take, float(shift), shifts)
+    return lag, has, shifts
+
+
+RESIDUAL_BASELINES = ("none", "last_value", "seasonal_naive", "seasonal_drift")
+STATS_CLIP = 4.0  # the window statistics the codec may see are clipped to [-4, 4]
+
+
+def last_visible(values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The last VISIBLE value of each (sample, field): values, visible (B, T, F) -> (B, 1, F) (0 where none)."""
+    steps = torch.arange(values.size(1), device=values.device).view(1, -1, 1)
+    last = torch.where(visible.bool(), steps, -1).max(dim=1, keepdim=True).values  # (B, 1, F)
+    found = values.gather(1, last.clamp_min(0))
+    return torch.where(last >= 0, found, torch.zeros_like(found))
+
+
+def context_baseline(values: torch.Tensor, visible: torch.Tensor, scheme: str, period: int) -> torch.Tensor:
+    """A forecast of every position from the VISIBLE positions only, what the value head adds its residual to:
+    values, visible (B, T, F) -> (B, T, F), in the units of `values`.
+
+    `"none"`: 0. `"last_value"`: the last visible value. `"seasonal_naive"`: the latest visible value whole seasons
+    earlier (the last visible value where there is none, and for a grid without a season). `"seasonal_drift"`:
+    seasonal-naive plus the drift times the steps it reaches back; the drift is the mean difference between visible
+    values one season (one step without a season) apart, per step, so a trend continues and a season repeats.
+    """
+    if scheme == "none":
+        return torch.zeros_like(values)
+    visible = visible.bool()
+    x = torch.where(visible, values.float(), torch.zeros((), device=values.device))
+    last = last_visible(x, visible)  # (B, 1, F)
+    if scheme == "last_value":
+        return last.expand_as(x)
+    if scheme not in RESIDUAL_BASELINES:
+        raise ValueError(f"unknown residual baseline {scheme!r}")
+    step = period if period > 0 else 1
+    lag, has, shifts = _seasonal_lag_and_shift(x, visible, step)
+    baseline = torch.where(has, lag, last)
+    if scheme == "seasonal_drift" and x.size(1) > step:
+        pair = visible[:, step:] & visible[:, :-step]  # (B, T - step, F)
+        differences = torch.where(pair, x[:, step:] - x[:, :-step], torch.zeros((), device=x.device))
+        drift = differences.sum(dim=1, keepdim=True) / pair.sum(dim=1, keepdim=True).clamp_min(1) / step  # (B,1,F)
+        baseline = baseline + torch.where(has, drift * shifts, torch.zeros_like(baseline))
+    return baseline
+
+
+def window_statistics(scaled: torch.Tensor, visible: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the codec may know of a window's statistics, scale-free and bounded: the log of its scale (in training
+    stds) and the mean of its visible context in the window's own scaled units, each clipped to +-`STATS_CLIP`.
+    Never a location in global units: a level far outside the training range looks like any other.
+    scaled, visible (B, T, F), scale (B, 1, F) -> (B, F, 2)."""
+    visible = visible.bool()
+    count = visible.sum(dim=1).clamp_min(1)  # (B, F)
+    mean = torch.where(visible, scaled, torch.zeros((), device=scaled.device)).sum(dim=1) / count
+    return torch.stack([scale[:, 0].log(), mean], dim=-1).clamp(-STATS_CLIP, STATS_CLIP)
 
 
 class FieldCodec(nn.Module):
@@ -97,7 +157,7 @@ class FieldCodec(nn.Module):
     """
 
     def __init__(self, max_fields: int, d_model: int, n_quantiles: int = 1, stats_input: bool = False,
-                 lag_input: bool = False):
+                 lag_input: bool = False, residual: bool = False):
         super().__init__()
         self.value_encoder = nn.Sequential(nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.field_embedding = nn.Embedding(max_fields, d_model)
@@ -105,7 +165,10 @@ class FieldCodec(nn.Module):
         self.value_head = nn.Linear(d_model, n_quantiles)
         nn.init.normal_(self.field_embedding.weight, std=0.02)
         nn.init.normal_(self.mask_embedding, std=0.02)
-        # the window's level and log-scale: zero-initialised, so the model starts as if it had no such input
+        if residual:  # the head predicts a residual over a baseline: zero at init, so the model starts as that baseline
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        # the window's log-scale and context mean (scale-free, bounded): zero-initialised, as if absent at first
         self.stats_encoder = nn.Linear(2, d_model) if stats_input else None
         if self.stats_encoder is not None:
             nn.init.zeros_(self.stats_encoder.weight)
@@ -119,7 +182,7 @@ class FieldCodec(nn.Module):
     def encode(self, values: torch.Tensor, visible: torch.Tensor, field_ids: torch.Tensor,
                window_stats: torch.Tensor | None = None, lag: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> torch.Tensor:
-        # values, visible: (B, T, F); field_ids: (F,) or (B, F) codec slots; window_stats: (B, F, 2) loc, log scale;
+        # values, visible: (B, T, F); field_ids: (F,) or (B, F) codec slots; window_stats: (B, F, 2);
         # lag: (B, T, F) seasonal-lag values and (B, T, F) bool has-lag
         batch, steps, n_fields = values.shape
         value_part = self.value_encoder(values.float().unsqueeze(-1))  # (B, T, F, D)

@@ -281,7 +281,8 @@ def cmd_evaluate(args) -> int:
     if args.plot:
         _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
             result["history"], result["predictions"], buffer, actuals=result["actuals"],
-            title=f"GWM hold-out forecast of the last {args.holdout} steps", quantiles=result["quantiles"]))
+            title=f"GWM hold-out forecast of the last {args.holdout} steps", quantiles=result["quantiles"],
+            baselines=result["baseline_predictions"]))
         print(f"wrote {args.plot}")
     return 0
 
@@ -421,8 +422,8 @@ def _add_table_commands(add) -> None:
     p.add_argument("--season", type=_whole(" of steps"), default=None,
                    help="seasonal period for seasonal-naive and MASE (default: from the frequency)")
     p.add_argument("--methods", action="append", metavar="METHOD",
-                   help="baselines next to the model: naive, seasonal_naive, auto_ets, auto_arima (repeatable or "
-                        "comma-separated; default: all, auto_ets/auto_arima when statsforecast is installed)")
+                   help="baselines next to the model: naive, seasonal_naive, auto_ets, auto_arima, auto_theta "
+                        "(repeatable or comma-separated; default: all, the statsforecast ones when installed)")
     p.add_argument("--json", default=None, help="write the scores as JSON here")
     p.add_argument("--plot", default=None, help="PNG of forecast vs. actuals, one panel per field")
     p.set_defaults(func=cmd_evaluate)

@@ -11,6 +11,7 @@ BACKBONES = ("cogvideox", "scratch")
 CHECKPOINTING_GRANULARITIES = ("loop", "application")
 FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WINDOW_SCALINGS = ("last_value", "instance", "mean_abs", "none")
+RESIDUAL_BASELINES = ("none", "last_value", "seasonal_naive", "seasonal_drift")  # canvas.context_baseline
 DEFAULT_QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Upper bounds of the integer settings: far above any real model, far below what would exhaust memory or time when a
 # typo (d_model: 1e9, scratch_num_layers: 1e7) builds a model. Checked by GWMConfig, so a curriculum's model block, an
@@ -43,7 +44,8 @@ def check_quantile_levels(levels, where: str = "GWMConfig: quantile_levels") -> 
 
 def _checked_values(*, backbone, frozen_dtype, granularity, sizes: dict, seed, block_timestep, context_len, horizon,
                     window_scaling, window_stats_input, quantile_levels, seasonal_lag_input,
-                    season_period, compile_blocks) -> list[float]:
+                    season_period, compile_blocks, residual_baseline,
+                    residual_penalty) -> list[float]:
     """`GWMConfig`'s arguments checked in one place, each error naming its field; returns the checked levels."""
     if backbone not in BACKBONES:
         raise ValueError(f"GWMConfig: backbone must be one of {BACKBONES}, got {backbone!r}")
@@ -79,6 +81,11 @@ def _checked_values(*, backbone, frozen_dtype, granularity, sizes: dict, seed, b
         raise ValueError(f"GWMConfig: season_period must be a non-negative integer, got {season_period!r}")
     if not isinstance(compile_blocks, bool):
         raise ValueError(f"GWMConfig: compile_blocks must be true or false, got {compile_blocks!r}")
+    if residual_baseline not in RESIDUAL_BASELINES:
+        raise ValueError(f"GWMConfig: residual_baseline must be one of {RESIDUAL_BASELINES}, got {residual_baseline!r}")
+    if isinstance(residual_penalty, bool) or not isinstance(residual_penalty, (int, float)) or \
+            not 0 <= residual_penalty < float("inf"):
+        raise ValueError(f"GWMConfig: residual_penalty must be a non-negative number, got {residual_penalty!r}")
     return levels
 
 
@@ -136,9 +143,17 @@ class GWMConfig(PretrainedConfig):
             `"last_value"` (location = last visible value, scale = std of the visible context), `"instance"`
             (mean and std, RevIN), `"mean_abs"` (location 0, scale = mean absolute value, Chronos) or `"none"`.
             Predictions are mapped back with the same statistics. Chosen by measurement (README, "Scale-free windows").
-        window_stats_input (`bool`, defaults to `True`):
-            Feed each field's window location and log-scale (in the adapter's normalised units) to the codec, so
-            the level that the scaling removes is still known to the model.
+        window_stats_input (`bool`, defaults to `False`):
+            Feed each field's window statistics to the codec, scale-free and bounded (`canvas.window_statistics`:
+            the log of the window's scale in training stds and its context mean in the window's scaled units, both
+            clipped): never a location in global units, which would re-introduce the level the scaling removes.
+        residual_baseline (`str`, defaults to `"seasonal_drift"`):
+            The forecast the value head adds its residual to, computed from each window's visible context only
+            (`canvas.context_baseline`): `"none"`, `"last_value"`, `"seasonal_naive"` or `"seasonal_drift"`. With a
+            baseline the head is zero-initialised, so an untrained adapter forecasts exactly that baseline.
+        residual_penalty (`float`, defaults to 0.1):
+            Weight of the squared median residual (scaled units) added to every scored position's loss: the
+            learned correction is pulled toward the baseline.
         seasonal_lag_input (`bool`, defaults to `False`):
             Feed every canvas position the most recent visible value of its field one (or two, three...) seasons
             earlier, in the window's scaled units (the lag inputs of DeepAR): a forecast position then sees what
@@ -171,10 +186,12 @@ class GWMConfig(PretrainedConfig):
         seed: int = 0,
         quantile_levels: list[float] | tuple[float, ...] = DEFAULT_QUANTILE_LEVELS,
         window_scaling: str = "last_value",
-        window_stats_input: bool = True,
+        window_stats_input: bool = False,
         seasonal_lag_input: bool = False,
         season_period: int = 0,
         compile_blocks: bool = False,
+        residual_baseline: str = "seasonal_drift",
+        residual_penalty: float = 0.1,
         **kwargs,
     ):
         self.quantile_levels = _checked_values(
@@ -187,7 +204,10 @@ class GWMConfig(PretrainedConfig):
             seed=seed, block_timestep=block_timestep, context_len=context_len, horizon=horizon,
             window_scaling=window_scaling,
             window_stats_input=window_stats_input, quantile_levels=quantile_levels,
-            seasonal_lag_input=seasonal_lag_input, season_period=season_period, compile_blocks=compile_blocks)
+            seasonal_lag_input=seasonal_lag_input, season_period=season_period, compile_blocks=compile_blocks,
+            residual_baseline=residual_baseline, residual_penalty=residual_penalty)
+        self.residual_baseline = residual_baseline
+        self.residual_penalty = float(residual_penalty)
         self.window_scaling = window_scaling
         self.window_stats_input = window_stats_input
         self.seasonal_lag_input = seasonal_lag_input

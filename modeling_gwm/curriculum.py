@@ -82,7 +82,8 @@ _DEFAULT_KEYS = _NODE_KEYS - {"name", "parents", "sources", "fields", "descripti
 _MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep",
                "gradient_checkpointing", "scratch_num_layers", "scratch_num_attention_heads",
                "scratch_attention_head_dim", "scratch_time_embed_dim", "gradient_checkpointing_granularity",
-               "quantile_levels", "window_scaling", "window_stats_input", "seasonal_lag_input", "compile_blocks"}
+               "quantile_levels", "window_scaling", "window_stats_input", "seasonal_lag_input", "compile_blocks",
+               "residual_baseline", "residual_penalty"}
 # how the model runs, not what it learns: left out of a node's settings record, so changing them never blocks --resume
 RUNTIME_MODEL_KEYS = ("gradient_checkpointing", "compile_blocks")
 
@@ -413,6 +414,16 @@ def _node_from_dict(raw: dict, defaults: dict, where: str, index: int) -> Traini
         raise CurriculumError(f"{where}: node {name!r}: {err}") from None
 
 
+def _check_model_names(model: dict, path: str) -> None:
+    """A model key that names a scheme must name one that exists: one line naming the file and the key."""
+    from .configuration_gwm import BACKBONES, RESIDUAL_BASELINES, WINDOW_SCALINGS
+
+    for key, valid in (("window_scaling", WINDOW_SCALINGS), ("residual_baseline", RESIDUAL_BASELINES),
+                       ("backbone", BACKBONES)):
+        if key in model and model[key] not in valid:
+            raise CurriculumError(f"{path}: model.{key} must be one of {list(valid)}, got {model[key]!r}")
+
+
 def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> Curriculum:
     """Parse and validate a curriculum YAML file; raises `CurriculumError` naming the file and the node."""
     path = str(path)
@@ -445,6 +456,7 @@ def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> C
             model["quantile_levels"] = check_quantile_levels(model["quantile_levels"], f"{path}: model.quantile_levels")
         except ValueError as err:
             raise CurriculumError(str(err)) from None
+    _check_model_names(model, path)
     base = model.get("base")
     if isinstance(base, str) and not os.path.isabs(base) and os.path.exists(os.path.join(base_dir, base)):
         model["base"] = os.path.normpath(os.path.join(base_dir, base))  # a local base next to the curriculum

@@ -1,9 +1,9 @@
 """Score a GWM adapter on a held-out tail next to the baselines a forecaster would use, with MASE and WQL.
 
 Baselines: last value (`naive`), the value one season earlier (`seasonal_naive`), and, with the optional
-`statsforecast` extra (`pip install -e ".[eval]"`), `auto_ets` and `auto_arima`. With statsforecast, every baseline
-also has quantiles (statsforecast's prediction intervals: the 80 % interval's ends are the 0.1 and 0.9 quantiles), so
-each gets a weighted quantile loss. Metrics, per field, in the field's own units:
+`statsforecast` extra (`pip install -e ".[eval]"`), `auto_ets`, `auto_arima` and `auto_theta`. With statsforecast,
+every baseline also has quantiles (statsforecast's prediction intervals: the 80 % interval's ends are the 0.1 and
+0.9 quantiles), so each gets a weighted quantile loss. Metrics, per field, in the field's own units:
 
 - MASE: MAE over the in-sample MAE of the one-step seasonal-naive forecast (Hyndman & Koehler 2006);
 - WQL: for each quantile level q, 2 * sum_t pinball_q(y_t, yhat_q,t) / sum_t |y_t|, averaged over the levels (the
@@ -27,12 +27,15 @@ logger = logging.getLogger(__name__)
 
 QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NAIVE_METHODS = ("naive", "seasonal_naive")
-STATS_METHODS = ("auto_ets", "auto_arima")  # need statsforecast
+STATS_METHODS = ("auto_ets", "auto_arima", "auto_theta")  # need statsforecast
 BASELINES = NAIVE_METHODS + STATS_METHODS
-MISSING_STATSFORECAST = 'auto_ets and auto_arima need statsforecast: pip install -e ".[eval]"'
+MISSING_STATSFORECAST = 'auto_ets, auto_arima and auto_theta need statsforecast: pip install -e ".[eval]"'
 # Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
 _SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
-_NOT_JSON = ("predictions", "quantiles", "actuals", "history")
+# AutoARIMA's seasonal search is polynomial in the season (a weekly season of 52 takes many minutes on one series):
+# above this season it is fitted without seasonal terms
+ARIMA_MAX_SEASON = 24
+_NOT_JSON = ("predictions", "quantiles", "actuals", "history", "baseline_predictions")
 
 
 # ---------------------------------------------------------------------------------------------------- baselines
@@ -84,15 +87,18 @@ def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, metho
     """Fit statsforecast models to a gap-free series and forecast it, with quantiles.
 
     observed (N,) consecutive observations -> {method: (point (horizon,), quantiles (horizon, Q))}; a method that
-    fails on this series (too short for its season, say) is left out with a warning.
+    fails on this series (too short for its season, say) is left out with a warning. AutoARIMA ignores a season
+    longer than `ARIMA_MAX_SEASON` (weekly data) and fits a non-seasonal model.
     """
     if not has_statsforecast():
         raise ValueError(MISSING_STATSFORECAST)
     from statsforecast import StatsForecast
-    from statsforecast.models import AutoARIMA, AutoETS, Naive, SeasonalNaive
+    from statsforecast.models import AutoARIMA, AutoETS, AutoTheta, Naive, SeasonalNaive
 
     build = {"naive": lambda: Naive(), "seasonal_naive": lambda: SeasonalNaive(season_length=season),
-             "auto_ets": lambda: AutoETS(season_length=season), "auto_arima": lambda: AutoARIMA(season_length=season)}
+             "auto_ets": lambda: AutoETS(season_length=season),
+             "auto_arima": lambda: AutoARIMA(season_length=season if season <= ARIMA_MAX_SEASON else 1),
+             "auto_theta": lambda: AutoTheta(season_length=season)}
     frame = pd.DataFrame({"unique_id": "series", "ds": np.arange(len(observed)), "y": observed})
     out = {}
     for method in methods:
@@ -214,7 +220,9 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     {"unit", "model", "naive", ...}}, "aggregate": {"reference", "mase": {method: x}, "wql": {...}}}; each method a
     dict of mae/rmse/mase/wql in the field's own units (wql NaN for a method without quantiles); `"predictions"`
     holds the model's median forecast frame, `"quantiles"` its `forecast_quantiles` frame and `"actuals"` /
-    `"history"` the held-out and training frames (not JSON; `evaluation_json` drops them).
+    `"history"` the held-out and training frames, `"baseline_predictions"` {method: point forecast frame} (not JSON;
+    `evaluation_json` drops them); `"overlap"` {field: warning} where the hold-out overlaps the adapter's training
+    span (`training_overlap`, also logged).
     """
     methods, note = _methods_and_note(methods)
     spec = AdapterSpec.from_model(model)
@@ -233,41 +241,66 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
     predictions.attrs["units"] = model_quantiles.attrs["units"]
     scale_lag = season if season and season > 1 and len(train) > season else 1
-    fields = {}
+    overlap = training_overlap(spec, actual.index, list(frame.columns))
+    fields, forecasts = {}, {}
     for j, name in enumerate(frame.columns):
-        history, due = train[name].to_numpy(), schedule[:, j]
-        # each field is scored at its own steps only (a quarterly field: the quarters), every method alike
-        truth = np.where(due, actual[name].to_numpy(), np.nan)
-        rows = np.flatnonzero(~np.isnan(history))
-        observed, spacing = history[rows], own_spacing(rows)
-        # on its own consecutive observations, a field's season and MASE lag are counted in its own steps
-        lag = max(1, round(scale_lag / spacing))
-        points, quantiles = _baselines(history, rows, due, methods, season, quantile_levels)
-        points = {"model": predictions[name].to_numpy(), **points}
-        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy(), **quantiles}  # (holdout, Q)
-        scored_history = observed if spacing > 1 else history
-        entry = {"unit": spec.fields[name].unit}
-        for method, point in points.items():
-            scores = error_metrics(truth, point, scored_history, lag if spacing > 1 else scale_lag)
-            scores["wql"] = (weighted_quantile_loss(truth, quantiles[method], quantile_levels) if method in quantiles
-                             else math.nan)
-            entry[method] = scores
-        fields[name] = entry
+        forecasts[name] = _baselines(train[name].to_numpy(), schedule[:, j], methods, season, quantile_levels)
+        points = {"model": predictions[name].to_numpy(), **forecasts[name][0]}
+        quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy(), **forecasts[name][1]}
+        fields[name] = {"unit": spec.fields[name].unit,
+                        **_scores(train[name].to_numpy(), actual[name].to_numpy(), schedule[:, j], points, quantiles,
+                                  scale_lag, quantile_levels)}
     aggregate = {"reference": "seasonal_naive (naive for a field without a season)",
                  "mase": relative_scores(fields, "mase"), "wql": relative_scores(fields, "wql")}
     return {"holdout": holdout, "season": season, "mase_lag": scale_lag, "frequency": freq,
             "methods": ["model", *methods], "quantile_levels": list(quantile_levels), "note": note,
-            "fields": fields, "aggregate": aggregate,
-            "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train}
+            "overlap": overlap, "fields": fields, "aggregate": aggregate,
+            "predictions": predictions, "quantiles": model_quantiles, "actuals": actual, "history": train,
+            "baseline_predictions": {method: pd.DataFrame({name: forecasts[name][0][method] for name in forecasts
+                                                           if method in forecasts[name][0]}, index=actual.index)
+                                     for method in methods if any(method in f[0] for f in forecasts.values())}}
 
 
-def _baselines(history: np.ndarray, rows: np.ndarray, due: np.ndarray, methods: tuple[str, ...], season: int | None,
+def _scores(history: np.ndarray, actual: np.ndarray, due: np.ndarray, points: dict, quantiles: dict, scale_lag: int,
+            levels: tuple[float, ...]) -> dict[str, dict]:
+    """{method: mae/rmse/mase/wql} of one field; it is scored at its own steps only (a quarterly field: the
+    quarters), every method alike, and its MASE lag is counted in its own steps."""
+    truth = np.where(due, actual, np.nan)
+    rows = np.flatnonzero(~np.isnan(history))
+    spacing = own_spacing(rows)
+    lag = max(1, round(scale_lag / spacing)) if spacing > 1 else scale_lag
+    scored_history = history[rows] if spacing > 1 else history
+    out = {}
+    for method, point in points.items():
+        out[method] = error_metrics(truth, point, scored_history, lag)
+        out[method]["wql"] = (weighted_quantile_loss(truth, quantiles[method], levels) if method in quantiles
+                              else math.nan)
+    return out
+
+
+def training_overlap(spec: AdapterSpec, holdout_index: pd.Index, names: list[str]) -> dict[str, str]:
+    """{field: warning} for every field of `names` whose training span (recorded in the adapter) reaches into the
+    hold-out: its scores there are in-sample, not forecasts of unseen data. Adapters without spans, or an index
+    without dates, give none."""
+    if not isinstance(holdout_index, pd.DatetimeIndex) or not len(holdout_index):
+        return {}
+    start, end = holdout_index[0], holdout_index[-1]
+    warnings = {}
+    for name, (first, last) in spec.spans.items():
+        if name in names and pd.Timestamp(last) >= start and pd.Timestamp(first) <= end:
+            warnings[name] = (f"{name}: the hold-out ({start.date()} .. {end.date()}) overlaps the adapter's training "
+                              f"span ({first} .. {last}): these scores are in-sample, not forecasts of unseen data")
+            logger.warning(warnings[name])
+    return warnings
+
+
+def _baselines(history: np.ndarray, due: np.ndarray, methods: tuple[str, ...], season: int | None,
                levels: tuple[float, ...]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One field's baseline forecasts of the hold-out: {method: point (holdout,)} and, for the methods that have
     them, {method: quantiles (holdout, Q)}. `history` (N,) is the training part, NaN between the field's observed
     `rows`; `due` (holdout,) where the field is scored. statsforecast fits the field's own consecutive observations,
     its season counted in its own steps."""
-    holdout = len(due)
+    holdout, rows = len(due), np.flatnonzero(~np.isnan(history))
     points, quantiles = {}, {}
     if "naive" in methods:
         points["naive"] = naive_forecast(history, holdout)
@@ -329,6 +362,7 @@ def format_evaluation(result: dict) -> str:
         lines.append(f"  {metric.upper()}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in aggregate[metric].items()))
     if result.get("note"):
         lines += ["", f"Note: {result['note']}"]
+    lines += [f"Warning: {warning}" for warning in (result.get("overlap") or {}).values()]
     return "\n".join(lines)
 
 
@@ -340,4 +374,5 @@ def _fmt(value: float | None) -> str:
 
 __all__ = ["BASELINES", "QUANTILE_LEVELS", "check_evaluate_request", "check_methods", "default_season",
            "error_metrics", "evaluate", "evaluation_json", "format_evaluation", "has_statsforecast", "naive_forecast",
-           "relative_scores", "seasonal_naive_forecast", "statistical_forecasts", "weighted_quantile_loss"]
+           "relative_scores", "seasonal_naive_forecast", "statistical_forecasts", "training_overlap",
+           "weighted_quantile_loss"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -67,6 +67,7 @@ class AdapterSpec:
     adapter_name: str | None = None
     frequency: str | None = None  # the pandas alias of the grid it was trained on; None for older adapters
     quantile_levels: tuple[float, ...] = DEFAULT_QUANTILE_LEVELS  # what the value head predicts, sorted
+    spans: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) date it trained on
 
     @classmethod
     def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
@@ -78,7 +79,8 @@ class AdapterSpec:
         frequency = next((f["frequency"] for f in loop_config.fields if f.get("frequency")), None)
         levels = tuple(float(q) for q in gwm_config.get("quantile_levels", DEFAULT_QUANTILE_LEVELS))
         return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
-                   frequency, levels)
+                   frequency, levels, {f["name"]: (str(f["span"][0]), str(f["span"][-1])) for f in loop_config.fields
+                                       if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2})
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
@@ -95,12 +97,10 @@ class AdapterSpec:
         return cls.from_config(configs[name], adapter_name=name)
 
     def slots(self, names: list[str]) -> list[int]:
-        order = list(self.fields)
-        return [order.index(n) for n in names]
+        return [list(self.fields).index(n) for n in names]
 
     @property
-    def median_index(self) -> int:
-        """Position of the 0.5 level (the point forecast) among `quantile_levels`."""
+    def median_index(self) -> int:  # position of the 0.5 level (the point forecast) among `quantile_levels`
         return self.quantile_levels.index(0.5)
 
     def check_levels(self, levels) -> list[float]:

@@ -30,7 +30,15 @@ from .base import (
     resolve_device,
     resolve_frozen_dtype,
 )
-from .canvas import FieldCodec, pinball_loss, seasonal_lag, sinusoidal_encoding, window_scale
+from .canvas import (
+    FieldCodec,
+    context_baseline,
+    pinball_loss,
+    seasonal_lag,
+    sinusoidal_encoding,
+    window_scale,
+    window_statistics,
+)
 from .configuration_gwm import GWMConfig
 from .loop import LoopLayer, check_adapter_fits
 
@@ -115,7 +123,8 @@ class GWMModel(PreTrainedModel):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(config.seed)
             self.codec = FieldCodec(config.max_fields, config.d_model, n_quantiles=len(config.quantile_levels),
-                                    stats_input=config.window_stats_input, lag_input=config.seasonal_lag_input)
+                                    stats_input=config.window_stats_input, lag_input=config.seasonal_lag_input,
+                                    residual=config.residual_baseline != "none")
             self.proj_in = nn.Linear(config.d_model, self.inner_dim)
             self.encoder_token = EncoderToken(self.inner_dim)
             self.proj_out = nn.Linear(self.inner_dim, config.d_model)
@@ -398,21 +407,27 @@ class GWMModel(PreTrainedModel):
         visible = presence if target_mask is None else presence & ~target_mask
         loc, scale = window_scale(values, visible, self.config.window_scaling)  # (B, 1, F) each, from visible only
         scaled = (values - loc) / scale  # (B, T, F)
-        window_stats = torch.stack([loc[:, 0], scale[:, 0].log()], dim=-1)  # (B, F, 2)
-        lag = seasonal_lag(scaled, visible, self.config.season_period) if self.config.seasonal_lag_input else None
-        canvas = self.codec.encode(torch.where(visible, scaled, 0.0), visible, field_ids, window_stats, lag)  # (B,N,D)
+        context = torch.where(visible, scaled, 0.0)  # (B, T, F): all that anything below reads of the values
+        window_stats = window_statistics(context, visible, scale)  # (B, F, 2) scale-free, bounded
+        lag = seasonal_lag(context, visible, self.config.season_period) if self.config.seasonal_lag_input else None
+        canvas = self.codec.encode(context, visible, field_ids, window_stats, lag)  # (B, N, D)
         time_index = torch.arange(steps, device=values.device).repeat_interleave(n_fields)  # (N,)
         hidden = self.backbone(canvas, time_index)  # (B, N, d_model)
-        quantiles = self.codec.decode(hidden, steps).float()  # (B, T, F, Q) scaled units
+        residual = self.codec.decode(hidden, steps).float()  # (B, T, F, Q) scaled units, over the baseline
+        baseline = context_baseline(context, visible, self.config.residual_baseline, self.config.season_period)
+        quantiles = residual + baseline.unsqueeze(-1)  # (B, T, F, Q)
         if not self.training:
             quantiles = quantiles.sort(dim=-1).values  # no crossing quantiles at inference
+        median = self.config.quantile_levels.index(0.5)
         loss = position_loss = None
         if target_mask is not None:
             scored = (target_mask & presence).float()  # (B, T, F)
-            position_loss = pinball_loss(quantiles, scaled, self.quantile_levels.float()) * presence  # (B, T, F)
+            position_loss = pinball_loss(quantiles, scaled, self.quantile_levels.float())  # (B, T, F)
+            if self.config.residual_baseline != "none" and self.config.residual_penalty > 0:
+                position_loss = position_loss + self.config.residual_penalty * residual[..., median] ** 2
+            position_loss = position_loss * presence
             loss = (position_loss * scored).sum() / scored.sum().clamp_min(1.0)
         quantiles = quantiles * scale.unsqueeze(-1) + loc.unsqueeze(-1)  # (B, T, F, Q) input units
-        median = self.config.quantile_levels.index(0.5)
         output = GWMOutput(loss=loss, predictions=quantiles[..., median], quantiles=quantiles,
                            position_loss=position_loss, hidden_states=hidden)
         return output if return_dict else output.to_tuple()

@@ -122,13 +122,17 @@ def loss_curves_figure(output_dir: str | os.PathLike):
     return fig
 
 
+BASELINE_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
+
+
 def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | os.PathLike | io.BytesIO,
                   actuals: pd.DataFrame | None = None, units: dict[str, str | None] | None = None,
                   title: str | None = None, context: int | None = None, quantiles: pd.DataFrame | None = None,
-                  ) -> None:
+                  baselines: dict[str, pd.DataFrame] | None = None) -> None:
     """One subplot per field: the recent history, the forecast and (when given) the held-out actuals, as a PNG.
 
-    `quantiles` (a `forecast_quantiles` frame) adds the 10-90 % band around the forecast where it has those levels.
+    `quantiles` (a `forecast_quantiles` frame) adds the 10-90 % band around the forecast where it has those levels;
+    `baselines` ({method: frame like `predictions`}) draws each baseline's forecast next to the model's.
     """
     from matplotlib.figure import Figure
 
@@ -150,6 +154,10 @@ def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | 
             low, high = (quantiles[c].dropna() for c in band)
             ax.fill_between(low.index, low.to_numpy(dtype=np.float64), high.reindex(low.index).to_numpy(np.float64),
                             color="#d62728", alpha=0.18, lw=0, label="10-90 %")
+        for i, (method, frame) in enumerate((baselines or {}).items()):
+            if name in frame:
+                ax.plot(*_joined(anchor, frame[name]), color=BASELINE_COLOURS[i % len(BASELINE_COLOURS)], lw=1.0,
+                        ls="--", label=method)
         ax.plot(*_joined(anchor, predictions[name]), color="#d62728", lw=1.8, marker="o", ms=3,
                 label="GWM forecast")
         ax.axvspan(predictions.index[0], predictions.index[-1], color="#d62728", alpha=0.05, lw=0)
@@ -157,7 +165,7 @@ def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | 
         ax.set_ylabel(textwrap.fill(units.get(name) or "value", 28), fontsize=9)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="upper right", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle(title or f"GWM forecast, {len(predictions)} steps", fontsize=11, x=0.01, ha="left")
     if isinstance(predictions.index, pd.DatetimeIndex):
         fig.autofmt_xdate()

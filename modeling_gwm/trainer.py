@@ -69,6 +69,12 @@ def _fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _span(own: tuple[str, str] | None, inherited: list[str] | None) -> dict:
+    """{"span": [first, last]}: the dates a field's adapter has seen (its own data and its parents'), or nothing."""
+    spans = [tuple(s) for s in (own, inherited) if s]
+    return {"span": [min(a for a, _ in spans), max(b for _, b in spans)]} if spans else {}
+
+
 class NodeNotReadyError(RuntimeError):
     """A node's parents have no complete adapter in the output directory yet."""
 
@@ -180,7 +186,8 @@ class DAGCurriculumTrainer(RunPlan):
                                   f"{self.curriculum.node(name).parents}, whose adapters in {self.output_dir} do not "
                                   "hold them (the curriculum changed after they were trained); retrain those parents "
                                   "or use a new --output_dir")
-        return [{**(data.stats[f].to_dict() if f in data.stats else inherited[f]), "frequency": data.frequency}
+        return [{**(data.stats[f].to_dict() if f in data.stats else inherited[f]), "frequency": data.frequency,
+                 **_span(data.date_range.get(f), inherited.get(f, {}).get("span"))}
                 for f in self.curriculum.adapter_fields(name)]
 
     def _attach_adapter(self, name: str, fields_meta: list[dict]) -> dict[str, torch.Tensor]:

@@ -115,11 +115,32 @@ def test_forecast_bench_holds_out_the_tails_and_scores_gwm_against_the_baselines
     for source, split in written["curriculum"]["sources"].items():  # training read only the truncated copies
         assert Path(split["path"]).parent == truncated, source
     air = written["summary"]["fields"]["transport.air.passengers"]
-    assert air["gwm_mase"] > 0 and air["naive_mase"] > 0 and air["seasonal_naive_mase"] > 0
+    assert air["model_mase"] > 0 and air["naive_mase"] > 0 and air["seasonal_naive_mase"] > 0
+    assert air["gwm_baseline_mase"] > 0  # GWM's own untrained start is a method of its own
     aggregate = written["summary"]["aggregate"]
-    assert aggregate["mase"]["seasonal_naive"] == pytest.approx(1.0) and aggregate["mase"]["gwm"] > 0
-    assert 0.0 <= aggregate["share_beats_naive"] <= 1.0
+    assert aggregate["mase"]["seasonal_naive"] == pytest.approx(1.0) and aggregate["mase"]["model"] > 0
+    assert 0.0 <= aggregate["gwm_beats"]["seasonal_naive"]["share"] <= 1.0
+    assert aggregate["worst"]["model"]["series"] in written["series"]
     assert {"date", "cpu", "command"} <= set(written["machine"]) and written["wall_s"] > 0
+    adapter = json.loads((tmp_path / "run" / "seed0" / "monthly" / "adapter_config.json").read_text())
+    (field,) = adapter["fields"]  # the adapter records the span it trained on: all but the 18 held-out months
+    assert field["span"] == ["1949-01-01", "1959-06-01"]
+
+
+def test_forecast_bench_series_are_split_by_series_into_tuning_and_test(bench, tmp_path):
+    import pandas as pd
+
+    forecast = bench("bench_forecast")
+    tuning, test = forecast.load_series("tuning"), forecast.load_series("test")
+    assert len(tuning) + len(test) >= 40 and len({s["frequency"] for s in tuning + test}) >= 4
+    assert not {s["name"] for s in tuning} & {s["name"] for s in test}  # no series in both
+    assert {s["frequency"] for s in test} == {s["frequency"] for s in tuning}
+    split = forecast.truncate(test, tmp_path)
+    for entry in test:  # every test series ships with the repo and loses its whole hold-out
+        full = pd.read_csv(BENCHMARKS.parent / entry["path"])
+        trained = pd.read_csv(split[entry["name"]]["train"])
+        holdout = forecast.HOLDOUT[entry["frequency"]]
+        assert len(trained) == len(full) - holdout > 2 * holdout
 
 
 def test_predict_df_bench_times_small_and_large_runs_and_splits_forward_time(bench, tmp_path):
@@ -131,19 +152,3 @@ def test_predict_df_bench_times_small_and_large_runs_and_splits_forward_time(ben
     assert written["large"]["forward_gflop"] == pytest.approx(10 * written["small"]["forward_gflop"], rel=0.2)
     assert written["small"]["forward_calls_per_run"] == written["large"]["forward_calls_per_run"]  # batched
     assert {"date", "cpu", "torch", "torch_threads", "command"} <= set(written["machine"])
-
-
-def test_forecast_bench_validation_mode_never_reads_the_test_tail(bench, tmp_path):
-    import pandas as pd
-
-    written = bench("bench_forecast").main(["--smoke", "--validation", "--direct", "--set", "seasonal_lag_input=true",
-                                            "--output_dir", str(tmp_path / "run")])
-    horizon = {"airline": 18, "nile": 6}
-    for name, spec in written["curriculum"]["sources"].items():
-        full = pd.read_csv(BENCHMARKS.parent / "configuration" / "data" / Path(spec["path"]).name)
-        scored = pd.read_csv(Path(spec["path"]).parent / f"scored_{Path(spec['path']).name}")
-        trained = pd.read_csv(spec["path"])
-        assert len(scored) == len(full) - horizon[name] and len(trained) == len(full) - 2 * horizon[name]
-        assert scored["date"].iloc[-1] < full["date"].iloc[-horizon[name]]  # the test tail is read by nothing
-    assert written["curriculum"]["model"]["seasonal_lag_input"] is True
-    assert [n["horizon"] for n in written["curriculum"]["nodes"]] == [18, 6]  # --direct: one window per hold-out

@@ -135,8 +135,9 @@ def test_evaluate_scores_every_method_with_quantiles(model, csv):
     pytest.importorskip("statsforecast", reason='AutoETS / AutoARIMA need pip install -e ".[eval]"')
     result = evaluate(model, pd.read_csv(csv), 12)
     sales = result["fields"]["demo.sales"]
-    assert set(sales) == {"unit", "model", "naive", "seasonal_naive", "auto_ets", "auto_arima"}
-    assert all(math.isfinite(sales[m]["wql"]) for m in ("model", "naive", "seasonal_naive", "auto_ets", "auto_arima"))
+    assert set(sales) == {"unit", "model", "naive", "seasonal_naive", "auto_ets", "auto_arima", "auto_theta"}
+    assert all(math.isfinite(sales[m]["wql"]) for m in ("model", "naive", "seasonal_naive", "auto_ets", "auto_arima",
+                                                        "auto_theta"))
     # a noiseless trend + season: ETS forecasts it far better than the seasonal-naive copy of last year
     assert sales["auto_ets"]["mase"] < 0.5 * sales["seasonal_naive"]["mase"]
     assert result["aggregate"]["mase"]["seasonal_naive"] == pytest.approx(1.0)
@@ -153,7 +154,7 @@ def test_without_statsforecast_evaluate_scores_the_naive_methods_and_says_why(mo
     assert set(result["fields"]["demo.sales"]) == {"unit", "model", "naive", "seasonal_naive"}
     assert 'pip install -e ".[eval]"' in result["note"] and 'pip install -e ".[eval]"' in caplog.text
     assert result["note"] in format_evaluation(result)
-    with pytest.raises(ValueError, match=r'auto_ets and auto_arima need statsforecast: pip install -e "\.\[eval\]"'):
+    with pytest.raises(ValueError, match=r'auto_theta need statsforecast: pip install -e "\.\[eval\]"'):
         evaluate(model, pd.read_csv(csv), 12, methods=["naive", "auto_arima"])
 
 
@@ -192,7 +193,7 @@ def test_cli_prints_mase_wql_and_the_aggregate(adapter, csv, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("methods, message", [
-    ("naive,auto_ets", 'auto_ets and auto_arima need statsforecast: pip install -e ".[eval]"'),
+    ("naive,auto_ets", 'auto_ets, auto_arima and auto_theta need statsforecast: pip install -e ".[eval]"'),
     ("naive,theta", "unknown method(s) ['theta']"),
 ])
 def test_cli_method_errors_are_one_line_exit_2(adapter, csv, capsys, no_statsforecast, methods, message):
@@ -200,3 +201,21 @@ def test_cli_method_errors_are_one_line_exit_2(adapter, csv, capsys, no_statsfor
                  "--holdout", "12", "--methods", methods])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("gwm evaluate: error: ") and message in err and "\n" not in err, err
+
+
+def test_evaluate_warns_when_the_holdout_overlaps_the_training_span_and_returns_baseline_forecasts(caplog):
+    frame = pd.DataFrame({"date": pd.date_range("2000-01-01", periods=48, freq="MS"), "demo.sales": _seasonal(48)})
+    for last, overlaps in (("2003-12-01", True), ("2003-06-01", False)):  # the hold-out: 2003-07 .. 2003-12
+        fields = [{**FIELDS[0], "span": ["2000-01-01", last]},  # a field not in the data never warns
+                  {"name": "demo.other", "mean": 0.0, "std": 1.0, "transform": "none",
+                   "span": ["2000-01-01", "2009-01-01"]}]
+        base = GWMModel.from_pretrained(TINY_BASE_PATH, d_model=16, context_len=12, horizon=3)
+        model = peft.get_peft_model(base, LoopConfig(n_loops=1, fields=fields))
+        caplog.clear()
+        result = evaluate(model, frame, 6, methods=["naive", "seasonal_naive"])
+        assert set(result["overlap"]) == ({"demo.sales"} if overlaps else set())
+        said = "overlaps the adapter's training span"
+        assert (said in format_evaluation(result)) is overlaps and (said in caplog.text) is overlaps
+    predicted = result["baseline_predictions"]  # what the plot draws next to the model
+    assert set(predicted) == {"naive", "seasonal_naive"} and predicted["naive"].shape == (6, 1)
+    np.testing.assert_allclose(predicted["seasonal_naive"]["demo.sales"], _seasonal(48)[30:36])

@@ -146,14 +146,19 @@ def test_an_adapter_without_format_version_is_refused(model, tmp_path):
     model.save_pretrained(tmp_path)
     config_path = tmp_path / "node" / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    assert config["format_version"] == 2
+    assert config["format_version"] == 3
     assert config["gwm_config"]["quantile_levels"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert config["gwm_config"]["residual_baseline"] == "seasonal_drift"
     GWMModel.from_pretrained(TINY_BASE_PATH, tmp_path / "node")  # loads
-    del config["format_version"]
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(AdapterLoadError, match="made by an older GWM and needs retraining") as info:
-        GWMModel.from_pretrained(TINY_BASE_PATH, tmp_path / "node")
-    assert "\n" not in str(info.value)
+    for old in (None, 2):  # no version (before quantiles), 2 (global window locations, no residual baseline)
+        if old is None:
+            del config["format_version"]
+        else:
+            config["format_version"] = old
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(AdapterLoadError, match="made by an older GWM and needs retraining") as info:
+            GWMModel.from_pretrained(TINY_BASE_PATH, tmp_path / "node")
+        assert "\n" not in str(info.value)
 
 
 def test_forecast_accepts_a_subset_of_fields_as_dict_or_dataset(model):

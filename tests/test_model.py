@@ -153,7 +153,8 @@ def test_missing_local_base_folder_is_named(tmp_path):
 
 
 def test_bfloat16_frozen_blocks_on_cpu_train_an_fp32_adapter(tiny_base):
-    model = GWMModel.from_pretrained(tiny_base, d_model=16, frozen_dtype="bfloat16")
+    # no residual baseline: its zero-initialised head would stop every gradient but its own at the first step
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, frozen_dtype="bfloat16", residual_baseline="none")
     peft_model = peft.get_peft_model(model, LoopConfig(n_loops=2, fields=FIELDS))
     frozen = {n: p for n, p in peft_model.named_parameters() if ".base_layer." in n}
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -254,16 +255,15 @@ def test_budget_of_published_bases_has_the_exact_counts(name, heads, layers):
     assert rows["proj_in"]["params"] == d_model * inner + inner
     assert rows["proj_out"]["params"] == inner * d_model + d_model
     assert rows["output norm"]["params"] == 2 * d_model
-    codec = (d_model + d_model) + (d_model * d_model + d_model) + 64 * d_model + d_model + 9 * (d_model + 1) \
-        + (2 * d_model + d_model)
-    assert rows["codec"]["params"] == codec  # value encoder, field slots, mask embedding, 9-level head, stats input
+    codec = (d_model + d_model) + (d_model * d_model + d_model) + 64 * d_model + d_model + 9 * (d_model + 1)
+    assert rows["codec"]["params"] == codec  # value encoder, field slots, mask embedding, 9-level head
     assert "trained block copies" not in rows
     trainable = sum(r["params"] for c, r in rows.items() if r["trainable"] and c not in ("total trainable",
                                                                                          "trainable %"))
     assert rows["total trainable"]["params"] == trainable
     assert rows["trainable %"]["params"] == pytest.approx(100 * trainable / (trainable + frozen["params"]))
     if name.endswith("2b"):
-        assert frozen["params"] == 1_682_446_080 and trainable == 868_067  # the README's figures
+        assert frozen["params"] == 1_682_446_080 and trainable == 867_683  # the README's figures
 
 
 @pytest.mark.parametrize("backbone", ["cogvideox", "scratch"])

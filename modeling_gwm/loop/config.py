@@ -10,8 +10,9 @@ PEFT_TYPE = "GWM_LOOP"
 DEFAULT_TARGET_MODULES = r".*transformer_blocks\.\d+"
 DEFAULT_MODULES_TO_SAVE = ["codec", "proj_in", "proj_out", "encoder_token", "norm_out"]
 # What an adapter's weights mean, recorded as `format_version` in adapter_config.json. 2: scale-free windows and a
-# quantile value head; adapters without it predate both and are refused on load (they need retraining).
-ADAPTER_FORMAT_VERSION = 2
+# quantile value head; adapters without it predate both and are refused on load (they need retraining). 3: window
+# statistics scale-free (no global location) and the value head a residual over a context baseline.
+ADAPTER_FORMAT_VERSION = 3
 
 
 @dataclass

@@ -59,7 +59,8 @@ class LoopModel(BaseTuner):
                 config.gwm_config.pop(key, None)
             config.gwm_config["n_loops"] = config.n_loops  # the adapter's own loop count, not the model default
             # what forecasting reads without building the model (to_diff_dict leaves defaults out)
-            for key in ("quantile_levels", "window_scaling", "window_stats_input"):
+            for key in ("quantile_levels", "window_scaling", "window_stats_input", "residual_baseline",
+                        "residual_penalty", "season_period"):
                 config.gwm_config[key] = getattr(self.model.config, key)
             config.format_version = ADAPTER_FORMAT_VERSION
         # The base is written from gwm_config when the config is saved (LoopConfig.to_dict). Kept empty in memory:
