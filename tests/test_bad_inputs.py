@@ -573,7 +573,7 @@ CASES = [
         lambda f: _edit_field(f, std=1e-320))), AdapterLoadError, "adapter_config.json: fields[0] std 1e-320"),
     ("adapter-format-version-string", lambda e: lambda: GWMModel.from_pretrained(TINY_BASE, adapter=e.adapter(
         lambda f: _edit_json(f / "adapter_config.json", lambda c: c.update(format_version="2")))), AdapterLoadError,
-     "adapter_config.json: format_version must be the integer 2, got '2'"),
+     "adapter_config.json: format_version must be the integer 3, got '2'"),
     ("api-history-value-1e300", lambda e: lambda: forecast(GWMModel.from_pretrained(TINY_BASE, adapter=e.out / "a"),
                                                            _macro_history(e).assign(**{"macro.us.unemployment": [
                                                                1e300] + [5.0] * (len(_macro_history(e)) - 1)}), 2),
