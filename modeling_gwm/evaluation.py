@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .forecasting import AdapterSpec, _forecast_quantile_frame, check_finite, check_steps, read_history
+from .forecasting import AdapterSpec, check_finite, check_steps, forecast_quantile_frame, read_history
 from .tabular import DataError, own_spacing
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
         raise ValueError(f"season must be a positive number of steps, got {season}")
     if not (season and season > 1):
         methods = tuple(m for m in methods if m != "seasonal_naive")
-    model_quantiles, schedule = _forecast_quantile_frame(model, spec, train, freq, holdout,
+    model_quantiles, schedule = forecast_quantile_frame(model, spec, train, freq, holdout,
                                                          sorted({*quantile_levels, 0.5}))  # (holdout, S x levels)
     predictions = model_quantiles.xs(0.5, axis=1, level="level")  # the median is the point forecast
     check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)

@@ -295,7 +295,7 @@ def forecast_quantiles(model, history, prediction_length: int | None = None, *, 
     steps = prediction_length_of(prediction_length, horizon, spec)
     levels = spec.check_levels(quantile_levels)
     frame, freq = read_history(history, spec, time_column, freq, field)
-    quantiles, due = _forecast_quantile_frame(model, spec, frame, freq, steps, levels)
+    quantiles, due = forecast_quantile_frame(model, spec, frame, freq, steps, levels)
     check_finite(quantiles.to_numpy(), np.repeat(due, len(levels), axis=1), list(quantiles.columns), spec)
     return quantiles
 
@@ -336,13 +336,13 @@ def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarra
 def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int
                     ) -> tuple[pd.DataFrame, np.ndarray]:
     """The median forecast of a gridded (L, S) history and its (horizon, S) bool schedule (True where predicted)."""
-    quantiles, schedule = _forecast_quantile_frame(model, spec, frame, freq, horizon, [0.5])
+    quantiles, schedule = forecast_quantile_frame(model, spec, frame, freq, horizon, [0.5])
     result = quantiles.xs(0.5, axis=1, level="level").rename_axis(columns=None)  # (horizon, S), as before quantiles
     result.attrs["units"] = quantiles.attrs["units"]
     return result, schedule
 
 
-def _forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int,
+def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int,
                              levels: list[float]) -> tuple[pd.DataFrame, np.ndarray]:
     """The quantile forecast (horizon, S x levels) of a gridded (L, S) history and its (horizon, S) schedule."""
     check_forecast_request(len(frame), horizon, spec)

@@ -297,7 +297,7 @@ def _schedule(items: _Items, context: int, history: int, width: int) -> tuple[np
 def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int) -> _Rollout:
     """Roll every item out, batched: the windows of all items at one chunk round go through shared forward passes.
 
-    Mirrors `forecasting._forecast_quantile_frame` item by item: a chunk of `spec.horizon` steps from the item's
+    Mirrors `forecasting.forecast_quantile_frame` item by item: a chunk of `spec.horizon` steps from the item's
     first due step, in a window of up to `context_len` steps ending with it, the medians fed back where a field is
     due, each chunk's band widened by the one before (`forecasting.widen_rolled_band`).
     A batch holds items with the same present fields and the same window length (shorter only for items
