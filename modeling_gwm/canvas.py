@@ -95,7 +95,8 @@ def _seasonal_lag_and_shift(values: torch.Tensor, visible: torch.Tensor, period:
     return lag, has, shifts
 
 
-RESIDUAL_BASELINES = ("none", "last_value", "seasonal_naive", "seasonal_drift")
+RESIDUAL_BASELINES = ("none", "last_value", "seasonal_naive", "seasonal_drift", "seasonal_damped_drift")
+DRIFT_DAMPING = 0.9  # per-step damping of "seasonal_damped_drift"'s drift beyond the context (ETS's phi)
 STATS_CLIP = 4.0  # the window statistics the codec may see are clipped to [-4, 4]
 
 
@@ -115,6 +116,10 @@ def context_baseline(values: torch.Tensor, visible: torch.Tensor, scheme: str, p
     earlier (the last visible value where there is none, and for a grid without a season). `"seasonal_drift"`:
     seasonal-naive plus the drift times the steps it reaches back; the drift is the mean difference between visible
     values one season (one step without a season) apart, per step, so a trend continues and a season repeats.
+    `"seasonal_damped_drift"`: the same, but the steps beyond the field's last visible position are damped as in
+    ETS's damped trend: at lead h the drift counts `DRIFT_DAMPING + ... + DRIFT_DAMPING**h` steps (at most
+    `DRIFT_DAMPING / (1 - DRIFT_DAMPING)`, 9) instead of h, while the steps between the lag and the last visible
+    value (observed, not extrapolated) count in full. A cycle's slope is then not carried on linearly.
     """
     if scheme == "none":
         return torch.zeros_like(values)
@@ -128,12 +133,26 @@ def context_baseline(values: torch.Tensor, visible: torch.Tensor, scheme: str, p
     step = period if period > 0 else 1
     lag, has, shifts = _seasonal_lag_and_shift(x, visible, step)
     baseline = torch.where(has, lag, last)
-    if scheme == "seasonal_drift" and x.size(1) > step:
+    if scheme in ("seasonal_drift", "seasonal_damped_drift") and x.size(1) > step:
         pair = visible[:, step:] & visible[:, :-step]  # (B, T - step, F)
         differences = torch.where(pair, x[:, step:] - x[:, :-step], torch.zeros((), device=x.device))
         drift = differences.sum(dim=1, keepdim=True) / pair.sum(dim=1, keepdim=True).clamp_min(1) / step  # (B,1,F)
+        if scheme == "seasonal_damped_drift":
+            shifts = _damped_shifts(shifts, visible)
         baseline = baseline + torch.where(has, drift * shifts, torch.zeros_like(baseline))
     return baseline
+
+
+def _damped_shifts(shifts: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The steps the drift is added for, with the lead h beyond each field's last visible position (B, 1, F) counted
+    as `sum_{i=1..h} DRIFT_DAMPING**i`: shifts, visible (B, T, F) -> (B, T, F). Positions up to the last visible one
+    (lead 0) keep their shift."""
+    steps = torch.arange(visible.size(1), device=visible.device).view(1, -1, 1)
+    last = torch.where(visible, steps, -1).max(dim=1, keepdim=True).values  # (B, 1, F)
+    lead = (steps - last).clamp_min(0).to(shifts.dtype)  # (B, T, F)
+    phi = DRIFT_DAMPING
+    damped = phi * (1 - phi ** lead) / (1 - phi)
+    return shifts - lead + damped
 
 
 def window_statistics(scaled: torch.Tensor, visible: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ BACKBONES = ("cogvideox", "scratch")
 CHECKPOINTING_GRANULARITIES = ("loop", "application")
 FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WINDOW_SCALINGS = ("last_value", "instance", "mean_abs", "none")
-RESIDUAL_BASELINES = ("none", "last_value", "seasonal_naive", "seasonal_drift")  # canvas.context_baseline
+# canvas.context_baseline's schemes
+RESIDUAL_BASELINES = ("none", "last_value", "seasonal_naive", "seasonal_drift", "seasonal_damped_drift")
 DEFAULT_QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Upper bounds of the integer settings: far above any real model, far below what would exhaust memory or time when a
 # typo (d_model: 1e9, scratch_num_layers: 1e7) builds a model. Checked by GWMConfig, so a curriculum's model block, an
@@ -149,7 +150,8 @@ class GWMConfig(PretrainedConfig):
             clipped): never a location in global units, which would re-introduce the level the scaling removes.
         residual_baseline (`str`, defaults to `"seasonal_drift"`):
             The forecast the value head adds its residual to, computed from each window's visible context only
-            (`canvas.context_baseline`): `"none"`, `"last_value"`, `"seasonal_naive"` or `"seasonal_drift"`. With a
+            (`canvas.context_baseline`): `"none"`, `"last_value"`, `"seasonal_naive"`, `"seasonal_drift"` or
+            `"seasonal_damped_drift"` (the drift damped beyond the context, as ETS's damped trend). With a
             baseline the head is zero-initialised, so an untrained adapter forecasts exactly that baseline.
         residual_penalty (`float`, defaults to 0.1):
             Weight of the squared median residual (scaled units) added to every scored position's loss: the

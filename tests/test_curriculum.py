@@ -74,7 +74,7 @@ CASES = {
                            r"model.quantile_levels must lie strictly between 0 and 1"),
     "unknown residual baseline": (lambda s: s["model"].update(residual_baseline="ets"),
                                   r"model.residual_baseline must be one of \['none', 'last_value', 'seasonal_naive', "
-                                  r"'seasonal_drift'\], got 'ets'"),
+                                  r"'seasonal_drift', 'seasonal_damped_drift'\], got 'ets'"),
     "unknown window scaling": (lambda s: s["model"].update(window_scaling="robust"),
                                r"model.window_scaling must be one of"),
 }

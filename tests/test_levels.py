@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from modeling_gwm import GWMModel
-from modeling_gwm.canvas import window_scale
+from modeling_gwm.canvas import context_baseline, window_scale
 
 STEPS, HORIZON = 36, 12
 
@@ -101,3 +101,42 @@ def test_no_input_reads_a_window_location_in_global_units(baseline, tiny_base):
         near = model(values, presence, target_mask=target).quantiles
         far = model(values + 40.0, presence, target_mask=target).quantiles  # 40 training stds above
     torch.testing.assert_close(far, near + 40.0, atol=1e-3, rtol=0)
+
+
+def _untrained_forecast(tiny_base, baseline: str, series: torch.Tensor, context: int) -> torch.Tensor:
+    """An untrained adapter's quantiles (T - context, Q) over the tail of `series` hidden after `context` steps."""
+    model = GWMModel.from_pretrained(tiny_base, d_model=16, season_period=12, residual_baseline=baseline).eval()
+    values = series.view(1, -1, 1)
+    presence = torch.ones_like(values, dtype=torch.bool)
+    target = torch.zeros_like(presence)
+    target[:, context:] = True
+    with torch.no_grad():
+        return model(values, presence, target_mask=target).quantiles[0, context:, 0]
+
+
+def test_the_damped_drift_keeps_a_cycle_longer_than_the_context_near_its_range(tiny_base):
+    """A sine of period 130 steps on a monthly grid, 48 steps of context ending on its rise: an untrained adapter on
+    seasonal_drift carries the rise on linearly over 18 steps, far above anything the context saw; on the damped
+    drift it stays near the context's range (monthly sunspots' failure, in miniature)."""
+    t = torch.arange(110, 110 + 48 + 18, dtype=torch.float32)
+    series = torch.sin(2 * math.pi * t / 130)
+    context = series[:48]
+    spread = float(context.max() - context.min())
+
+    def excess(baseline: str) -> float:
+        forecast = _untrained_forecast(tiny_base, baseline, series, 48)
+        return max(float(forecast.max() - context.max()), float(context.min() - forecast.min()))
+
+    assert excess("seasonal_drift") > 0.45 * spread
+    assert excess("seasonal_damped_drift") < 0.3 * spread
+
+
+def test_an_untrained_adapter_forecasts_the_damped_drift_which_still_continues_a_line(tiny_base):
+    line = 5.0 + 0.5 * torch.arange(60, dtype=torch.float32)  # context 48 steps, ends at 28.5
+    quantiles = _untrained_forecast(tiny_base, "seasonal_damped_drift", line, 48)
+    expected = context_baseline(line.view(1, -1, 1), (torch.arange(60) < 48).view(1, -1, 1),
+                                "seasonal_damped_drift", 12)[0, 48:, 0]
+    torch.testing.assert_close(quantiles, expected[:, None].expand_as(quantiles), atol=1e-4, rtol=0)
+    steps = [0.5 * sum(0.9 ** i for i in range(1, h + 1)) for h in range(1, 13)]  # sum_{i<=h} phi^i of the drift
+    torch.testing.assert_close(expected[:12], 28.5 + torch.tensor(steps), atol=1e-4, rtol=0)
+    assert expected[0] > 28.5 + 0.4 and expected[-1] < 28.5 + 0.5 * 12  # continues the trend, damped
