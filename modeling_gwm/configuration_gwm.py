@@ -148,7 +148,7 @@ class GWMConfig(PretrainedConfig):
             Feed each field's window statistics to the codec, scale-free and bounded (`canvas.window_statistics`:
             the log of the window's scale in training stds and its context mean in the window's scaled units, both
             clipped): never a location in global units, which would re-introduce the level the scaling removes.
-        residual_baseline (`str`, defaults to `"seasonal_drift"`):
+        residual_baseline (`str`, defaults to `"seasonal_damped_drift"`):
             The forecast the value head adds its residual to, computed from each window's visible context only
             (`canvas.context_baseline`): `"none"`, `"last_value"`, `"seasonal_naive"`, `"seasonal_drift"` or
             `"seasonal_damped_drift"` (the drift damped beyond the context, as ETS's damped trend). With a
@@ -192,7 +192,7 @@ class GWMConfig(PretrainedConfig):
         seasonal_lag_input: bool = False,
         season_period: int = 0,
         compile_blocks: bool = False,
-        residual_baseline: str = "seasonal_drift",
+        residual_baseline: str = "seasonal_damped_drift",
         residual_penalty: float = 0.1,
         **kwargs,
     ):

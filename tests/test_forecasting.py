@@ -148,7 +148,7 @@ def test_an_adapter_without_format_version_is_refused(model, tmp_path):
     config = json.loads(config_path.read_text())
     assert config["format_version"] == 3
     assert config["gwm_config"]["quantile_levels"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    assert config["gwm_config"]["residual_baseline"] == "seasonal_drift"
+    assert config["gwm_config"]["residual_baseline"] == "seasonal_damped_drift"
     GWMModel.from_pretrained(TINY_BASE_PATH, tmp_path / "node")  # loads
     for old in (None, 2):  # no version (before quantiles), 2 (global window locations, no residual baseline)
         if old is None:
