@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from .configuration_gwm import RESIDUAL_BASELINES  # the one list of baseline names
+
 
 def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Fixed sin/cos encoding of integer positions: (N,) -> (N, dim). No parameters, any length."""
@@ -95,7 +97,6 @@ def _seasonal_lag_and_shift(values: torch.Tensor, visible: torch.Tensor, period:
     return lag, has, shifts
 
 
-RESIDUAL_BASELINES = ("none", "last_value", "seasonal_naive", "seasonal_drift", "seasonal_damped_drift")
 DRIFT_DAMPING = 0.9  # per-step damping of "seasonal_damped_drift"'s drift beyond the context (ETS's phi)
 STATS_CLIP = 4.0  # the window statistics the codec may see are clipped to [-4, 4]
 
