@@ -2,12 +2,15 @@
 
 Baselines: last value (`naive`), the value one season earlier (`seasonal_naive`), and, with the optional
 `statsforecast` extra (`pip install -e ".[eval]"`), `auto_ets`, `auto_arima` and `auto_theta`. With statsforecast,
-every baseline also has quantiles (statsforecast's prediction intervals: the 80 % interval's ends are the 0.1 and
-0.9 quantiles), so each gets a weighted quantile loss. Metrics, per field, in the field's own units:
+every baseline is statsforecast's model (`Naive`, `SeasonalNaive`, `AutoETS`, ...) with its prediction intervals as
+quantiles (the 80 % interval's ends are the 0.1 and 0.9 quantiles), so each gets a weighted quantile loss; without
+it (the core install) the two naive baselines are computed here, as point forecasts only. Metrics, per field, in the
+field's own units, computed by `utilsforecast.losses` over the steps where the field is observed:
 
-- MASE: MAE over the in-sample MAE of the one-step seasonal-naive forecast (Hyndman & Koehler 2006);
-- WQL: for each quantile level q, 2 * sum_t pinball_q(y_t, yhat_q,t) / sum_t |y_t|, averaged over the levels (the
-  weighted quantile loss of the Chronos benchmark; the same number as utilsforecast's `scaled_crps` on one series);
+- MAE, RMSE; MASE (`mase`): MAE over the in-sample MAE of the one-step seasonal-naive forecast (Hyndman & Koehler
+  2006);
+- WQL (`scaled_crps`): for each quantile level q, 2 * sum_t pinball_q(y_t, yhat_q,t) / sum_t |y_t|, averaged over the
+  levels (the weighted quantile loss of the Chronos benchmark);
 - the aggregate: for each method, the geometric mean over fields of its MASE (and WQL) divided by seasonal-naive's
   (naive's for a field without a season), the relative score of the Chronos and GIFT-Eval benchmarks.
 """
@@ -19,6 +22,7 @@ import math
 
 import numpy as np
 import pandas as pd
+from utilsforecast import losses
 
 from .forecasting import AdapterSpec, check_finite, check_steps, forecast_quantile_frame, read_history
 from .tabular import DataError, own_spacing
@@ -40,20 +44,24 @@ _NOT_JSON = ("predictions", "quantiles", "actuals", "history", "baseline_predict
 
 # ---------------------------------------------------------------------------------------------------- baselines
 def naive_forecast(train: np.ndarray, horizon: int) -> np.ndarray:
-    """The last observed value, repeated."""
+    """The last observed value, repeated (the `naive` baseline without statsforecast)."""
     observed = np.asarray(train, dtype=np.float64)
     observed = observed[~np.isnan(observed)]
     return np.full(horizon, observed[-1] if len(observed) else np.nan)
 
 
 def seasonal_naive_forecast(train: np.ndarray, horizon: int, season: int) -> np.ndarray:
-    """The value one season earlier: y_hat[T + h] = y[T + h - season * ceil(h / season)] (gaps forward-filled)."""
+    """The value one season earlier: y_hat[T + h] = y[T + h - season * ceil(h / season)] (gaps forward-filled; the
+    `seasonal_naive` baseline without statsforecast)."""
     filled = pd.Series(np.asarray(train, dtype=np.float64)).ffill().to_numpy()
-    if len(filled) < season:
-        raise DataError(f"seasonal naive needs at least one season ({season} steps) of training data, "
-                        f"got {len(filled)}")
+    _check_one_season(len(filled), season)
     last_season = filled[-season:]
     return np.array([last_season[h % season] for h in range(horizon)])
+
+
+def _check_one_season(length: int, season: int) -> None:
+    if length < season:
+        raise DataError(f"seasonal naive needs at least one season ({season} steps) of training data, got {length}")
 
 
 def has_statsforecast() -> bool:
@@ -87,11 +95,14 @@ def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, metho
     """Fit statsforecast models to a gap-free series and forecast it, with quantiles.
 
     observed (N,) consecutive observations -> {method: (point (horizon,), quantiles (horizon, Q))}; a method that
-    fails on this series (too short for its season, say) is left out with a warning. AutoARIMA ignores a season
-    longer than `ARIMA_MAX_SEASON` (weekly data) and fits a non-seasonal model.
+    fails on this series (too short for its season, say) is left out with a warning; seasonal naive on less than
+    one season is a DataError. AutoARIMA ignores a season longer than `ARIMA_MAX_SEASON` (weekly data) and fits a
+    non-seasonal model.
     """
     if not has_statsforecast():
         raise ValueError(MISSING_STATSFORECAST)
+    if "seasonal_naive" in methods:
+        _check_one_season(len(observed), season)
     from statsforecast import StatsForecast
     from statsforecast.models import AutoARIMA, AutoETS, AutoTheta, Naive, SeasonalNaive
 
@@ -115,40 +126,46 @@ def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, metho
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
+def _long_frame(values: np.ndarray, **columns: np.ndarray) -> pd.DataFrame:
+    """One series as utilsforecast takes it: unique_id, ds (the step), y = `values`, and `columns` alongside."""
+    return pd.DataFrame({"unique_id": "series", "ds": np.arange(len(values)), "y": values, **columns})
+
+
 def error_metrics(actual: np.ndarray, predicted: np.ndarray, train: np.ndarray, season: int = 1) -> dict[str, float]:
-    """MAE, RMSE and MASE over the steps where `actual` is observed.
+    """MAE, RMSE and MASE (`utilsforecast.losses`) over the steps where `actual` is observed.
 
     MASE divides the MAE by the in-sample MAE of the seasonal-naive one-step forecast (lag `season`, 1 = naive) on
-    `train` (Hyndman & Koehler 2006), so < 1 beats that baseline on average; NaN when the training series is flat.
+    `train` (Hyndman & Koehler 2006; differences touching a gap in `train` are left out), so < 1 beats that baseline
+    on average. NaN where utilsforecast would give inf or a score of nothing: a flat training series (no scale), no
+    observed step, or a forecast missing at an observed step.
     """
     actual, predicted = np.asarray(actual, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
     scored = ~np.isnan(actual)
-    errors = actual[scored] - predicted[scored]
-    if errors.size == 0:
+    if not scored.any() or np.isnan(predicted[scored]).any():
         return {"mae": math.nan, "rmse": math.nan, "mase": math.nan}
-    mae = float(np.mean(np.abs(errors)))
-    train = np.asarray(train, dtype=np.float64)
-    lagged = np.abs(train[season:] - train[:-season]) if len(train) > season else np.array([])
-    lagged = lagged[~np.isnan(lagged)]
-    scale = float(np.mean(lagged)) if lagged.size else math.nan
-    return {"mae": mae, "rmse": float(np.sqrt(np.mean(errors ** 2))),
-            "mase": mae / scale if scale and not math.isnan(scale) else math.nan}
+    frame = _long_frame(actual[scored], forecast=predicted[scored])
+    history = _long_frame(np.asarray(train, dtype=np.float64))
+    scores = {"mae": losses.mae(frame, ["forecast"]), "rmse": losses.rmse(frame, ["forecast"]),
+              "mase": losses.mase(frame, ["forecast"], season, history)}
+    scores = {name: float(table["forecast"].iloc[0]) for name, table in scores.items()}
+    return {**scores, "mase": scores["mase"] if math.isfinite(scores["mase"]) else math.nan}
 
 
 def weighted_quantile_loss(actual: np.ndarray, quantiles: np.ndarray, levels: tuple[float, ...]) -> float:
     """WQL of quantile forecasts (H, Q) against actual (H,), over the steps where `actual` is observed.
 
-    mean over q of 2 * sum_t pinball_q / sum_t |y_t| (Chronos' WQL); NaN when nothing is scored or sum |y| is 0.
+    utilsforecast's `scaled_crps`: mean over q of 2 * sum_t pinball_q / sum_t |y_t| (Chronos' WQL); NaN when nothing
+    is scored, sum |y| is 0 (utilsforecast divides by machine epsilon there) or a quantile is missing.
     """
     actual = np.asarray(actual, dtype=np.float64)
     scored = ~np.isnan(actual)
-    y, predicted = actual[scored][:, None], np.asarray(quantiles, dtype=np.float64)[scored]  # (n, 1), (n, Q)
-    norm = float(np.abs(y).sum())
-    if y.size == 0 or norm == 0 or np.isnan(predicted).any():
+    predicted = np.asarray(quantiles, dtype=np.float64)[scored]  # (n, Q)
+    if not scored.any() or np.abs(actual[scored]).sum() == 0 or np.isnan(predicted).any():
         return math.nan
-    q = np.asarray(levels, dtype=np.float64)[None]  # (1, Q)
-    pinball = np.maximum(q * (y - predicted), (q - 1) * (y - predicted))  # (n, Q)
-    return float(np.mean(2 * pinball.sum(axis=0) / norm))
+    columns = [f"q{i}" for i in range(len(levels))]
+    frame = _long_frame(actual[scored], **dict(zip(columns, predicted.T)))
+    return float(losses.scaled_crps(frame, {"forecast": columns}, np.asarray(levels, dtype=np.float64))
+                 ["forecast"].iloc[0])
 
 
 def relative_scores(fields: dict[str, dict], metric: str) -> dict[str, float | None]:
@@ -298,25 +315,33 @@ def _baselines(history: np.ndarray, due: np.ndarray, methods: tuple[str, ...], s
                levels: tuple[float, ...]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One field's baseline forecasts of the hold-out: {method: point (holdout,)} and, for the methods that have
     them, {method: quantiles (holdout, Q)}. `history` (N,) is the training part, NaN between the field's observed
-    `rows`; `due` (holdout,) where the field is scored. statsforecast fits the field's own consecutive observations,
-    its season counted in its own steps."""
+    rows; `due` (holdout,) where the field is scored.
+
+    With statsforecast every method is its model, fitted on the field's own steps: a field observed on the grid's
+    steps from its first observation on (gaps forward-filled, so a season stays a season), a coarser one (quarterly
+    on a monthly grid) on its consecutive observations with its season counted in its own steps. Without it (the
+    core install) naive and seasonal-naive are `naive_forecast` / `seasonal_naive_forecast` on the grid, without
+    quantiles."""
     holdout, rows = len(due), np.flatnonzero(~np.isnan(history))
+    if not has_statsforecast():
+        points = {}
+        if "naive" in methods:
+            points["naive"] = naive_forecast(history, holdout)
+        if "seasonal_naive" in methods:
+            points["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
+        return points, {}
+    if not due.any() or not len(rows):  # nothing to score or nothing to fit
+        return {method: np.full(holdout, np.nan) for method in methods}, {}
+    spacing = own_spacing(rows)
+    own_season = max(1, round(season / spacing)) if season else 1
+    observed = pd.Series(history[rows[0]:]).ffill().to_numpy() if spacing == 1 else history[rows]
+    fitted = statistical_forecasts(observed, int(due.sum()), own_season, methods, levels)  # a failed fit: left out
     points, quantiles = {}, {}
-    if "naive" in methods:
-        points["naive"] = naive_forecast(history, holdout)
-    if "seasonal_naive" in methods:
-        points["seasonal_naive"] = seasonal_naive_forecast(history, holdout, season)
-    stats_methods = tuple(m for m in methods if m in STATS_METHODS or has_statsforecast())
-    if stats_methods and due.any():
-        spacing = own_spacing(rows)
-        own_season = max(1, round(season / spacing)) if season else 1
-        fitted = statistical_forecasts(history[rows], int(due.sum()), own_season, stats_methods, levels)
-        for method, (point, qs) in fitted.items():
-            quantiles[method] = np.full((holdout, len(levels)), np.nan)
-            quantiles[method][due] = qs
-            if method in STATS_METHODS:
-                points[method] = np.full(holdout, np.nan)
-                points[method][due] = point
+    for method, (point, qs) in fitted.items():
+        points[method] = np.full(holdout, np.nan)
+        points[method][due] = point
+        quantiles[method] = np.full((holdout, len(levels)), np.nan)
+        quantiles[method][due] = qs
     return points, quantiles
 
 
