@@ -31,6 +31,7 @@ from modeling_gwm.evaluation import (  # noqa: E402
     statistical_forecasts,
     weighted_quantile_loss,
 )
+from modeling_gwm.tabular import DataError  # noqa: E402
 
 FIELDS = [{"name": "demo.sales", "mean": 100.0, "std": 20.0, "transform": "none", "unit": "units"}]
 
@@ -88,16 +89,31 @@ def test_wql_hand_checked():
     assert math.isnan(weighted_quantile_loss(np.zeros(2), point, (0.1, 0.5, 0.9)))
 
 
-def test_wql_is_utilsforecast_scaled_crps_on_one_series():
-    losses = pytest.importorskip("utilsforecast.losses", reason="utilsforecast comes with the [eval] extra")
-    rng = np.random.default_rng(0)
-    actual = rng.normal(10.0, 2.0, 8)
-    quantiles = np.sort(rng.normal(10.0, 2.0, (8, len(QUANTILE_LEVELS))), axis=1)
-    frame = pd.DataFrame({"unique_id": "a", "ds": np.arange(8), "y": actual,
-                          **{f"m{q}": quantiles[:, i] for i, q in enumerate(QUANTILE_LEVELS)}})
-    theirs = losses.scaled_crps(frame, models={"m": [f"m{q}" for q in QUANTILE_LEVELS]},
-                                quantiles=np.array(QUANTILE_LEVELS))["m"].iloc[0]
-    assert weighted_quantile_loss(actual, quantiles, QUANTILE_LEVELS) == pytest.approx(theirs, rel=1e-9)
+def test_utilsforecast_losses_are_our_definitions_on_a_hand_computed_toy_series():
+    """utilsforecast.losses itself (what error_metrics and weighted_quantile_loss call) against numbers worked by hand:
+    MASE's in-sample scale at lag 2 leaves out the differences that touch a gap; scaled_crps is Chronos' WQL."""
+    from utilsforecast import losses
+
+    train = pd.DataFrame({"unique_id": "s", "ds": range(6), "y": [1.0, 2.0, np.nan, 3.0, 5.0, 6.0]})
+    # lag-2 differences: 3 - 2 = 1 and 6 - 3 = 3 (the two touching the gap are left out): scale 2
+    test = pd.DataFrame({"unique_id": "s", "ds": [6, 7], "y": [7.0, 4.0], "f": [5.0, 5.0],  # errors 2, -1
+                         "q9": [8.0, 6.0], "q1": [4.0, 3.0]})  # the 0.9 and 0.1 quantiles
+    assert losses.mae(test, ["f"])["f"].iloc[0] == pytest.approx(1.5)
+    assert losses.rmse(test, ["f"])["f"].iloc[0] == pytest.approx(math.sqrt((4 + 1) / 2))
+    assert losses.mase(test, ["f"], 2, train)["f"].iloc[0] == pytest.approx(1.5 / 2)
+    # pinball at 0.1: 0.1 * (7 - 4) + 0.1 * (4 - 3) = 0.4; at 0.9: 0.1 * (8 - 7) + 0.1 * (6 - 4) = 0.3; sum |y| = 11
+    expected_wql = (2 * 0.4 / 11 + 2 * 0.3 / 11) / 2
+    crps = losses.scaled_crps(test, {"f": ["q9", "q1"]}, np.array([0.9, 0.1]))["f"].iloc[0]
+    assert crps == pytest.approx(expected_wql, rel=1e-12)
+    # and the same through our wrappers, which drop unobserved steps before handing the series over
+    scores = error_metrics(np.array([7.0, 4.0, np.nan]), np.array([5.0, 5.0, 0.0]), train["y"].to_numpy(), season=2)
+    assert scores == pytest.approx({"mae": 1.5, "rmse": math.sqrt(2.5), "mase": 0.75})
+    assert weighted_quantile_loss(np.array([7.0, 4.0, np.nan]), np.array([[4.0, 8.0], [3.0, 6.0], [0.0, 0.0]]),
+                                  (0.1, 0.9)) == pytest.approx(expected_wql, rel=1e-12)
+    # where utilsforecast gives inf (a flat history) or scores a missing forecast as absent, ours says NaN
+    assert math.isinf(losses.mase(test, ["f"], 1, train.assign(y=1.0))["f"].iloc[0])
+    assert math.isnan(error_metrics(np.array([7.0, 4.0]), np.array([5.0, 5.0]), np.ones(6))["mase"])
+    assert math.isnan(error_metrics(np.array([7.0, 4.0]), np.array([5.0, np.nan]), train["y"].to_numpy())["mae"])
 
 
 def test_aggregate_is_the_geometric_mean_relative_to_seasonal_naive():
@@ -129,6 +145,32 @@ def test_statsforecast_baselines_give_quantiles_around_their_point():
     # lo-80 / hi-80 are the 0.1 / 0.9 quantiles of a normal interval: symmetric about the point
     point, quantiles = out["naive"]
     np.testing.assert_allclose(point - quantiles[:, 0], quantiles[:, -1] - point)
+
+
+def test_statsforecast_naive_baselines_match_the_core_fallback_on_a_gappy_series(model, csv, monkeypatch):
+    """With statsforecast the naive baselines are its Naive / SeasonalNaive (with quantiles); without it, ours (points
+    only). A gap in the last season: both forward-fill it on the grid, so a season stays twelve months."""
+    pytest.importorskip("statsforecast", reason='statsforecast comes with pip install -e ".[eval]"')
+    frame = pd.read_csv(csv)
+    frame.loc[[20, 31, 33], "demo.sales"] = np.nan  # training part: the first 36 months
+    theirs = evaluate(model, frame, 12, methods=["naive", "seasonal_naive"])
+    monkeypatch.setitem(sys.modules, "statsforecast", None)
+    ours = evaluate(model, frame, 12, methods=["naive", "seasonal_naive"])
+    y = frame["demo.sales"].to_numpy()
+    np.testing.assert_allclose(ours["baseline_predictions"]["naive"]["demo.sales"], np.full(12, y[35]))
+    np.testing.assert_allclose(ours["baseline_predictions"]["seasonal_naive"]["demo.sales"],
+                               [*y[24:31], y[30], y[32], y[32], y[34], y[35]])  # 31 and 33 forward-filled
+    for method in ("naive", "seasonal_naive"):
+        np.testing.assert_allclose(theirs["baseline_predictions"][method], ours["baseline_predictions"][method])
+        mine, stats = ours["fields"]["demo.sales"][method], theirs["fields"]["demo.sales"][method]
+        assert {k: stats[k] for k in ("mae", "rmse", "mase")} == pytest.approx({k: mine[k] for k in ("mae", "rmse",
+                                                                                                     "mase")})
+        assert math.isfinite(stats["wql"]) and math.isnan(mine["wql"])  # only statsforecast's have intervals
+    with pytest.raises(DataError, match=r"seasonal naive needs at least one season \(12 steps\)"):
+        seasonal_naive_forecast(np.arange(8.0), 3, 12)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"seasonal naive needs at least one season \(12 steps\)"):
+        statistical_forecasts(np.arange(8.0), 3, 12, ("seasonal_naive",))
 
 
 def test_evaluate_scores_every_method_with_quantiles(model, csv):
