@@ -371,7 +371,9 @@ def _infer_freq(index: pd.DatetimeIndex) -> str | None:
 
 
 def infer_frequency(index: pd.DatetimeIndex) -> str | None:
-    """The grid's frequency; with gaps in the series, the most common frequency of three consecutive steps."""
+    """The grid's frequency: `pd.infer_freq`'s, or with gaps in the series (where it gives None) the most common
+    frequency of three consecutive steps (at most ~200 windows). Neither pandas nor utilsforecast / statsforecast
+    (which take `freq` as given) infer one across gaps."""
     if len(index) < 3:
         return None
     freq = _infer_freq(index)

@@ -24,6 +24,7 @@ from modeling_gwm.tabular import (
     TRANSFORMS,
     DataError,
     denormalize,
+    infer_frequency,
     invert_transform,
     normalize,
     to_data_units,
@@ -347,3 +348,17 @@ def test_the_shipped_csvs_have_iso_dates_in_order(name):
     dates = pd.to_datetime(frame["date"], format="%Y-%m-%d")
     assert dates.is_monotonic_increasing and not dates.duplicated().any()
     assert frame.drop(columns="date").notna().all().all()
+
+
+def test_frequency_is_inferred_across_gaps_by_a_vote_of_consecutive_triples():
+    """pd.infer_freq answers None as soon as one step is missing; the vote of three-step windows does not."""
+    months = pd.date_range("2000-01-01", periods=40, freq="MS")
+    assert infer_frequency(months) == "MS" and infer_frequency(months.delete([5, 6, 20])) == "MS"
+    assert pd.infer_freq(months.delete([5, 6, 20])) is None
+    quarters = pd.date_range("2000-01-01", periods=20, freq="QS")
+    # pandas 2 names it QS-OCT, pandas 3 QS-JAN: the same quarter starts either way
+    assert pd.date_range(quarters[0], periods=20, freq=infer_frequency(quarters.delete([3, 9]))).equals(quarters)
+    assert infer_frequency(pd.date_range("2000-01-02", periods=30, freq="W-SUN").delete([4, 5, 11])) == "W-SUN"
+    assert infer_frequency(months[:2]) is None  # too short to say
+    irregular = pd.Timestamp("2000-01-01") + pd.to_timedelta(np.cumsum(np.arange(1, 12)), unit="D")
+    assert infer_frequency(pd.DatetimeIndex(irregular)) is None  # no two steps alike: no frequency
