@@ -174,7 +174,9 @@ def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | 
 
 
 def _joined(anchor: pd.Series, series: pd.Series) -> tuple[pd.Index, np.ndarray]:
-    joined = pd.concat([anchor, series]) if len(anchor) and anchor.index[-1] < series.index[0] else series
+    series = series.dropna()  # a coarser field's forecast is NaN between its own steps: draw one line through them
+    joined = pd.concat([anchor, series]) if len(anchor) and len(series) and anchor.index[-1] < series.index[0] \
+        else series
     return joined.index, joined.to_numpy(dtype=np.float64)
 
 
