@@ -41,11 +41,15 @@ from .tabular import (
     future_index,
     infer_frequency,
     invert_transform,
+    is_coarser,
     normalize,
     numeric_frame,
     on_grid,
+    own_dates_after,
     own_spacing,
     parse_frequency,
+    period_starts,
+    snap,
     to_frame,
 )
 
@@ -68,6 +72,8 @@ class AdapterSpec:
     frequency: str | None = None  # the pandas alias of the grid it was trained on; None for older adapters
     quantile_levels: tuple[float, ...] = DEFAULT_QUANTILE_LEVELS  # what the value head predicts, sorted
     spans: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) date it trained on
+    # field -> its source's own frequency (QS for a quarterly field on a W-SAT grid); empty for older adapters
+    own_frequencies: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
@@ -80,7 +86,8 @@ class AdapterSpec:
         levels = tuple(float(q) for q in gwm_config.get("quantile_levels", DEFAULT_QUANTILE_LEVELS))
         return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
                    frequency, levels, {f["name"]: (str(f["span"][0]), str(f["span"][-1])) for f in loop_config.fields
-                                       if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2})
+                                       if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2},
+                   {f["name"]: f["own_frequency"] for f in loop_config.fields if f.get("own_frequency")})
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
@@ -95,6 +102,20 @@ class AdapterSpec:
             layer = next((m for m in model.modules() if isinstance(m, LoopLayer)), None)
             name = layer.active_adapters[0] if layer is not None and layer.active_adapters else next(iter(configs))
         return cls.from_config(configs[name], adapter_name=name)
+
+    def own_frequency(self, name: str) -> str | None:
+        """The field's own frequency where it is coarser than the grid (QS on W-SAT), else None (it is on the grid,
+        or the adapter is older than the record)."""
+        own = self.own_frequencies.get(name)
+        return own if is_coarser(own, self.frequency) else None
+
+    def calendar(self, names: list[str]) -> str | None:
+        """The one coarser own frequency every field of `names` shares, else None: a forecast of those fields alone
+        comes out on that calendar (quarter starts), counted in its steps."""
+        owns = [self.own_frequency(n) for n in names]
+        if not owns or None in owns or len({parse_frequency(f) for f in owns}) > 1:
+            return None
+        return owns[0]
 
     def slots(self, names: list[str]) -> list[int]:
         return [list(self.fields).index(n) for n in names]
@@ -134,9 +155,11 @@ def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: 
                  field: str | None = None) -> tuple[pd.DataFrame, str | None]:
     """The user's table as (L, S) raw values of known fields on the adapter's grid, and the grid's frequency.
 
-    The grid is the adapter's recorded training frequency (`freq`, if given, must agree with it), else `freq`, else
-    inferred from the dates. A column with no value at all is an absent field, like a column that is not there.
-    A single series (numpy array, `pd.Series`, tensor) is the values of `field` (default: the adapter's only one).
+    The grid is the adapter's recorded training frequency, else `freq`, else inferred from the dates. A given `freq`
+    must name that grid or the own frequency of the fields forecast (`field`, else every column) when they share a
+    coarser one (`AdapterSpec.calendar`): QS for a quarterly field of a W-SAT adapter. A column with no value at all
+    is an absent field, like a column that is not there. A single series (numpy array, `pd.Series`, tensor) is the
+    values of `field` (default: the adapter's only one); with a table, `field` names the one column to forecast.
     """
     frame = to_frame(_one_field_table(data, spec, field), time_column)
     unknown = [str(c) for c in frame.columns if c not in spec.fields]
@@ -147,22 +170,47 @@ def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: 
         raise DataError(f"unknown field(s) {unknown}: this adapter knows {list(spec.fields)}{hint}")
     if frame.shape[1] == 0:
         raise DataError(f"no field columns: this adapter knows {list(spec.fields)}")
-    if spec.frequency and freq and parse_frequency(freq) != parse_frequency(spec.frequency):
-        raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on; leave "
-                        "freq out (coarser series are placed on that grid at their own spacing)")
+    if field is not None and field not in frame.columns:  # a table and the field to forecast
+        if field not in spec.fields:
+            raise DataError(f"unknown field {field!r}: this adapter knows {list(spec.fields)}")
+        raise DataError(f"field {field!r} is not a column of the history; its columns are {list(frame.columns)}")
+    grid_freq = grid_frequency(spec, freq, [field] if field is not None else list(frame.columns))
     frame = numeric_frame(frame)
     empty = [str(c) for c in frame.columns if frame[c].isna().all()]
     if len(empty) == frame.shape[1]:
         raise DataError(f"field(s) {empty} have no value in the history")
+    if field in empty:
+        raise DataError(f"field {field!r} has no value in the history: nothing to forecast from")
     if empty:
         logger.warning("field(s) %s have no value in the history: treated as absent", empty)
         frame = frame.drop(columns=empty)
-    freq = spec.frequency or freq
+    freq = grid_freq
     if (isinstance(frame.index, pd.DatetimeIndex) and freq is None and len(frame) < spec.min_history()
             and infer_frequency(frame.sort_index().index.unique()) is None):  # too short to say anything else
         raise DataError(f"the history has {len(frame)} steps; this adapter needs at least {spec.min_history()} "
                         f"(context_len {spec.context_len} - horizon {spec.horizon})")
     return on_grid(frame, freq)
+
+
+def grid_frequency(spec: AdapterSpec, freq: str | None, names: list[str]) -> str | None:
+    """The grid a history goes on: the adapter's recorded one, else `freq`. A `freq` that names neither that grid nor
+    the own frequency the forecast fields `names` share (`AdapterSpec.calendar`) is a one-line DataError."""
+    if not (spec.frequency and freq):
+        return spec.frequency or freq
+    if parse_frequency(freq) == parse_frequency(spec.frequency):
+        return spec.frequency
+    own = spec.calendar(names)
+    if own is not None and parse_frequency(freq) == parse_frequency(own):
+        return spec.frequency
+    owns = sorted({f for f in (spec.own_frequency(n) for n in names) if f})
+    also = f" and from the own frequency {', '.join(map(repr, owns))} of the field(s) forecast" if owns else ""
+    raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on{also}; leave "
+                    "freq out (a coarser field is placed on that grid and forecast on its own calendar)")
+
+
+def _is_single_series(data) -> bool:
+    """A numpy array, `pd.Series` or torch tensor: the values of one field (`field=`), not a table of fields."""
+    return isinstance(data, (np.ndarray, pd.Series, torch.Tensor))
 
 
 def _one_field_table(data, spec: AdapterSpec, field: str | None):
@@ -171,9 +219,6 @@ def _one_field_table(data, spec: AdapterSpec, field: str | None):
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     if not isinstance(data, (np.ndarray, pd.Series)):
-        if field is not None:
-            raise DataError("field= names the values of a single series (numpy array, pd.Series or tensor); a table "
-                            "names its fields by its columns")
         return data
     if field is None and isinstance(data, pd.Series) and data.name in spec.fields:
         field = data.name
@@ -236,35 +281,42 @@ def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndar
 # ---------------------------------------------------------------------------------------------------- forecast
 def forecast(model, history, prediction_length: int | None = None, *, time_column: str | None = None,
              freq: str | None = None, field: str | None = None, horizon: int | None = None) -> pd.DataFrame:
-    """Predict the `prediction_length` grid steps after `history`, in the data's own units (the median).
+    """Predict the `prediction_length` steps after `history`, in the data's own units (the median).
+
+    The steps are those of the adapter's grid (the finest frequency of the sources it trained on), or, when every
+    field forecast has the same coarser own frequency (a single series of a quarterly field, `field=` of a table,
+    or a table holding only quarterly fields of a weekly-grid adapter), that field's own steps: `prediction_length`
+    quarters, indexed by the quarter starts, whatever grid steps that takes.
 
     Args:
         model: a `PeftModel` from `GWMModel.from_pretrained(base, adapter)` (or the `GWMModel` inside it).
         history: DataFrame / dict of arrays / `datasets.Dataset`, columns named by field (any subset of the adapter's
             fields), a time column (`time_column`, else a DatetimeIndex or a column named date/time/timestamp) or
             none; or a single series (numpy array, `pd.Series`, torch tensor) of `field`'s values.
-        prediction_length: grid steps to predict (default: the adapter's horizon); beyond the adapter's horizon the
-            forecast is rolled out chunk by chunk.
+        prediction_length: steps to predict (default: the adapter's horizon), of the grid or of the fields' own
+            calendar (above); beyond the adapter's horizon the forecast is rolled out chunk by chunk.
         time_column: the column holding the times when it is not named date, time or timestamp.
-        freq: the series' pandas frequency when the adapter records none and it cannot be inferred from the dates.
-        field: the field a single series holds (default: the adapter's only field).
+        freq: the series' pandas frequency when the adapter records none and it cannot be inferred from the dates;
+            with an adapter that records its grid, it may only name that grid or the forecast fields' own frequency.
+        field: the field a single series holds (default: the adapter's only field); with a table, the one field to
+            forecast (the table's other fields are its context).
         horizon: deprecated alias of `prediction_length`.
 
     Returns:
-        a DataFrame (prediction_length, S) indexed by the future times (continuing the grid; steps 0, 1, ... after
-        the last row without times), one column per field of the history; NaN at the steps where a field has no
-        observation by its own spacing (a quarterly field on a monthly grid: two steps in three), and everywhere
-        for a field not observed in the last `context_len` steps (logged). `.attrs["units"]` maps fields to units.
+        a DataFrame (prediction_length, S) indexed by the future times (continuing the grid or the fields' own
+        calendar; steps 0, 1, ... after the last row without times), one column per field forecast. A table mixing
+        fields of different own frequencies stays on the grid: NaN at the steps where a coarser field starts no
+        period of its own (a quarterly field on a monthly grid: two steps in three). NaN everywhere for a field not
+        observed in the last `context_len` steps (logged). `.attrs["units"]` maps fields to units.
 
     Example:
         >>> model = GWMModel.from_pretrained(base, "runs/demo/final")
         >>> model.forecast(history, prediction_length=12)  # history: a DataFrame with a date column
     """
-    spec = AdapterSpec.from_model(model)
-    steps = prediction_length_of(prediction_length, horizon, spec)
-    frame, freq = read_history(history, spec, time_column, freq, field)
-    predictions, due = _forecast_frame(model, spec, frame, freq, steps)
-    check_finite(predictions.to_numpy(), due, list(predictions.columns), spec)
+    quantiles = forecast_quantiles(model, history, prediction_length, quantile_levels=[0.5], time_column=time_column,
+                                   freq=freq, field=field, horizon=horizon)
+    predictions = quantiles.xs(0.5, axis=1, level="level").rename_axis(columns=None)  # (steps, S)
+    predictions.attrs["units"] = quantiles.attrs["units"]
     return predictions
 
 
@@ -279,7 +331,7 @@ def forecast_quantiles(model, history, prediction_length: int | None = None, *, 
             DataError).
 
     Returns:
-        like `forecast` (same index and NaN rules), one column per (field, level): `result["co2", 0.9]`;
+        like `forecast` (same steps, index and NaN rules), one column per (field, level): `result["co2", 0.9]`;
         `result.xs(0.5, axis=1, level="level")` is `forecast`'s frame.
 
     Beyond the adapter's horizon the rollout feeds back the MEDIAN of each chunk, and the model's band for a chunk
@@ -295,7 +347,8 @@ def forecast_quantiles(model, history, prediction_length: int | None = None, *, 
     steps = prediction_length_of(prediction_length, horizon, spec)
     levels = spec.check_levels(quantile_levels)
     frame, freq = read_history(history, spec, time_column, freq, field)
-    quantiles, due = forecast_quantile_frame(model, spec, frame, freq, steps, levels)
+    names = [field] if field is not None and not _is_single_series(history) else list(frame.columns)
+    quantiles, due = forecast_on_calendar(model, spec, frame, freq, steps, levels, names)
     check_finite(quantiles.to_numpy(), np.repeat(due, len(levels), axis=1), list(quantiles.columns), spec)
     return quantiles
 
@@ -310,20 +363,28 @@ def prediction_length_of(prediction_length, horizon, spec: AdapterSpec) -> int:
     return spec.horizon if prediction_length is None else prediction_length
 
 
-def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarray:
-    """(L + horizon, S) bool: where each field is predicted, its own spacing continued from its last observation.
+def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int, freq: str | None) -> np.ndarray:
+    """(L + horizon, S) bool: where each field is predicted after its last observation: at the grid steps holding
+    the starts of its own periods (`tabular.period_starts`) when the adapter records a coarser own frequency and the
+    history has dates; else every grid step, or its own spacing continued (a gappy field of an older adapter).
 
     A field with no observation in the last `context_len` rows has nothing to forecast from: it gets no step.
     """
     length, names = len(frame), list(frame.columns)
     schedule = np.zeros((length + horizon, len(names)), dtype=bool)
+    dated = isinstance(frame.index, pd.DatetimeIndex) and freq is not None
+    grid = frame.index.append(future_index(frame.index, freq, horizon)) if dated else None  # (L + horizon,)
     stale = []
     for j, name in enumerate(names):
         rows = np.flatnonzero(frame[name].notna().to_numpy())
         if len(rows) == 0 or rows[-1] < length - spec.context_len:
             stale.append(name)
             continue
-        schedule[rows[-1] + own_spacing(rows)::own_spacing(rows), j] = True
+        own = spec.own_frequency(name) if dated else None
+        if own is not None:
+            schedule[rows[-1] + 1:, j] = period_starts(grid, freq, own)[rows[-1] + 1:]
+        else:
+            schedule[rows[-1] + own_spacing(rows)::own_spacing(rows), j] = True
     if len(stale) == len(names):
         raise DataError(f"no field is observed in the last {spec.context_len} steps of the history (the adapter's "
                         f"context_len): nothing to forecast from")
@@ -333,13 +394,31 @@ def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarra
     return schedule
 
 
-def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int
-                    ) -> tuple[pd.DataFrame, np.ndarray]:
-    """The median forecast of a gridded (L, S) history and its (horizon, S) bool schedule (True where predicted)."""
-    quantiles, schedule = forecast_quantile_frame(model, spec, frame, freq, horizon, [0.5])
-    result = quantiles.xs(0.5, axis=1, level="level").rename_axis(columns=None)  # (horizon, S), as before quantiles
-    result.attrs["units"] = quantiles.attrs["units"]
-    return result, schedule
+def forecast_on_calendar(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, steps: int,
+                         levels: list[float], names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The quantile forecast (steps, S_out x levels) of the fields `names` of a gridded (L, S) history, and its
+    (steps, S_out) bool schedule. When `names` share a coarser own frequency (`AdapterSpec.calendar`) and the history
+    has dates, the steps are theirs: the grid horizon that reaches the `steps`-th period start is forecast and the
+    steps holding those starts are kept, indexed by the starts (8 quarter starts, not ~104 Saturdays). Otherwise
+    the `steps` grid steps, as `forecast_quantile_frame` gives them."""
+    check_steps("prediction_length", steps)
+    own = spec.calendar(names) if isinstance(frame.index, pd.DatetimeIndex) and freq is not None else None
+    if own is None:
+        quantiles, due = forecast_quantile_frame(model, spec, frame, freq, steps, levels)
+        keep = [list(frame.columns).index(n) for n in names]
+    else:
+        dates, grid_steps = own_dates_after(frame.index[-1], freq, own, steps)
+        quantiles, due = forecast_quantile_frame(model, spec, frame, freq, grid_steps, levels)
+        rows = snap(dates, quantiles.index)  # (steps,) the grid step holding each period start
+        units = quantiles.attrs["units"]
+        quantiles = quantiles.iloc[rows].set_axis(dates.rename(frame.index.name), axis=0)
+        quantiles.attrs["units"] = units
+        due, keep = due[rows], [list(frame.columns).index(n) for n in names]
+    if len(names) < frame.shape[1]:
+        units = quantiles.attrs["units"]
+        quantiles = quantiles.loc[:, names]
+        quantiles.attrs["units"] = {n: units[n] for n in names}
+    return quantiles, due[:, keep]
 
 
 def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int,
@@ -347,7 +426,7 @@ def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq:
     """The quantile forecast (horizon, S x levels) of a gridded (L, S) history and its (horizon, S) schedule."""
     check_forecast_request(len(frame), horizon, spec)
     names, length = list(frame.columns), len(frame)
-    schedule = _schedule(frame, spec, horizon)  # (L + horizon, S)
+    schedule = _schedule(frame, spec, horizon, freq)  # (L + horizon, S)
     canvas = np.concatenate([_modelled(frame, spec), np.full((horizon, len(names)), np.nan)])  # (L + horizon, S)
     quantiles = np.full(canvas.shape + (len(spec.quantile_levels),), np.nan)  # (L + horizon, S, Q)
     # a field whose next observation is due inside the history (e.g. the last quarter not yet published) is
@@ -464,7 +543,8 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     log_return) are filled by accumulating predicted changes from the last observed value before each gap, and stay
     NaN before their first observation. Returns the frame on its regular grid with observed values unchanged.
 
-    `frame`, `time_column`, `freq` and `field` are read as `forecast` reads its history (a single series included).
+    `frame`, `time_column`, `freq` and `field` are read as `forecast` reads its history (a single series included;
+    `field` with a table: the one field to fill, the others are its context).
     """
     spec = AdapterSpec.from_model(model)
     raw, freq = read_history(frame, spec, time_column, freq, field)
@@ -476,6 +556,8 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
         rows = np.flatnonzero(~missing[:, j])
         own_steps[rows[0] % own_spacing(rows)::own_spacing(rows), j] = True
     missing = missing & own_steps
+    if field is not None and not _is_single_series(frame):  # a table and the one field to fill: the rest is context
+        missing[:, [n != field for n in names]] = False
     if not missing.any():
         return raw
     length, window = len(raw), min(spec.context_len, len(raw))
@@ -506,5 +588,5 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
 
 
 __all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "forecast",
-           "forecast_quantiles", "impute", "predict_windows", "prediction_length_of", "read_history",
+           "forecast_quantiles", "grid_frequency", "impute", "predict_windows", "prediction_length_of", "read_history",
            "widen_rolled_band"]

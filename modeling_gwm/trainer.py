@@ -75,6 +75,15 @@ def _span(own: tuple[str, str] | None, inherited: list[str] | None) -> dict:
     return {"span": [min(a for a, _ in spans), max(b for _, b in spans)]} if spans else {}
 
 
+def _own_frequency(name: str, data: NodeData, inherited: dict[str, dict]) -> str | None:
+    """A field's own frequency: its source's in this node, else the one its parent recorded (an older parent without
+    one: the parent's grid)."""
+    if name in data.field_frequencies:
+        return data.field_frequencies[name]
+    entry = inherited.get(name, {})
+    return entry.get("own_frequency") or entry.get("frequency")
+
+
 class NodeNotReadyError(RuntimeError):
     """A node's parents have no complete adapter in the output directory yet."""
 
@@ -179,7 +188,8 @@ class DAGCurriculumTrainer(RunPlan):
         for parent in self.curriculum.node(name).parents:
             for entry in self.run_folder.read_node_json(parent, "adapter_config.json")["fields"]:
                 inherited.setdefault(entry["name"], entry)
-        # "frequency": the grid this node trained on, so forecasting puts a history on the same grid
+        # "frequency": the grid this node trained on, so forecasting puts a history on the same grid; "own_frequency":
+        # the field's source's own (a quarterly field on a weekly grid), so its forecast comes out on its own calendar
         lost = [f for f in self.curriculum.adapter_fields(name) if f not in data.stats and f not in inherited]
         if lost:
             raise CurriculumError(f"{self.curriculum.where}: node {name!r}: field(s) {lost} should come from parent(s) "
@@ -187,6 +197,7 @@ class DAGCurriculumTrainer(RunPlan):
                                   "hold them (the curriculum changed after they were trained); retrain those parents "
                                   "or use a new --output_dir")
         return [{**(data.stats[f].to_dict() if f in data.stats else inherited[f]), "frequency": data.frequency,
+                 "own_frequency": _own_frequency(f, data, inherited),
                  **_span(data.date_range.get(f), inherited.get(f, {}).get("span"))}
                 for f in self.curriculum.adapter_fields(name)]
 
