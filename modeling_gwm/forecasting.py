@@ -398,18 +398,24 @@ def forecast_on_calendar(model, spec: AdapterSpec, frame: pd.DataFrame, freq: st
                          levels: list[float], names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """The quantile forecast (steps, S_out x levels) of the fields `names` of a gridded (L, S) history, and its
     (steps, S_out) bool schedule. When `names` share a coarser own frequency (`AdapterSpec.calendar`) and the history
-    has dates, the steps are theirs: the grid horizon that reaches the `steps`-th period start is forecast and the
-    steps holding those starts are kept, indexed by the starts (8 quarter starts, not ~104 Saturdays). Otherwise
-    the `steps` grid steps, as `forecast_quantile_frame` gives them."""
+    has dates, the steps are theirs: the `steps` period starts after the fields' last observation (a quarter not
+    yet published when the table's other fields end comes first), forecast on the grid as far as the last of them
+    and indexed by the starts (8 quarter starts, not ~104 Saturdays with NaN between). Otherwise the `steps` grid
+    steps after the history, as `forecast_quantile_frame` gives them."""
     check_steps("prediction_length", steps)
     own = spec.calendar(names) if isinstance(frame.index, pd.DatetimeIndex) and freq is not None else None
     if own is None:
         quantiles, due = forecast_quantile_frame(model, spec, frame, freq, steps, levels)
         keep = [list(frame.columns).index(n) for n in names]
     else:
-        dates, grid_steps = own_dates_after(frame.index[-1], freq, own, steps)
-        quantiles, due = forecast_quantile_frame(model, spec, frame, freq, grid_steps, levels)
-        rows = snap(dates, quantiles.index)  # (steps,) the grid step holding each period start
+        seen = frame[names].notna().to_numpy().any(axis=1)  # (L,) rows where one of the fields is observed
+        last = int(np.flatnonzero(seen)[-1])
+        dates, after = own_dates_after(frame.index[last], freq, own, steps)  # after: grid steps past `last`
+        horizon = max(1, last + after - (len(frame) - 1))  # grid steps past the history that reach the last date
+        positions = snap(dates, frame.index.append(future_index(frame.index, freq, horizon)))  # (steps,) grid rows
+        start = min(int(positions[0]), len(frame))
+        quantiles, due = forecast_quantile_frame(model, spec, frame, freq, horizon, levels, start=start)
+        rows = positions - start
         units = quantiles.attrs["units"]
         quantiles = quantiles.iloc[rows].set_axis(dates.rename(frame.index.name), axis=0)
         quantiles.attrs["units"] = units
@@ -422,10 +428,12 @@ def forecast_on_calendar(model, spec: AdapterSpec, frame: pd.DataFrame, freq: st
 
 
 def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int,
-                             levels: list[float]) -> tuple[pd.DataFrame, np.ndarray]:
-    """The quantile forecast (horizon, S x levels) of a gridded (L, S) history and its (horizon, S) schedule."""
+                             levels: list[float], *, start: int | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """The quantile forecast (horizon, S x levels) of a gridded (L, S) history and its (horizon, S) schedule; from
+    row `start` of the history instead (L - start + horizon rows), to keep the steps due inside it too."""
     check_forecast_request(len(frame), horizon, spec)
     names, length = list(frame.columns), len(frame)
+    first_row = length if start is None else start
     schedule = _schedule(frame, spec, horizon, freq)  # (L + horizon, S)
     canvas = np.concatenate([_modelled(frame, spec), np.full((horizon, len(names)), np.nan)])  # (L + horizon, S)
     quantiles = np.full(canvas.shape + (len(spec.quantile_levels),), np.nan)  # (L + horizon, S, Q)
@@ -449,7 +457,7 @@ def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq:
         quantiles[done:end][due] = predicted[due]
         canvas[done:end][due] = predicted[due][:, spec.median_index]  # the median is fed back where due
     picks = [spec.quantile_levels.index(q) for q in levels]
-    future = np.full((horizon, len(names), len(levels)), np.nan)  # (horizon, S, levels)
+    future = np.full((length + horizon - first_row, len(names), len(levels)), np.nan)  # (rows, S, levels)
     for j, name in enumerate(names):
         stats, due = spec.fields[name], schedule[:, j]
         if not due.any():
@@ -460,12 +468,12 @@ def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq:
             raw = np.full(length + horizon, np.nan)
             # change transforms accumulate over the field's own consecutive observations, from its last raw value
             raw[due] = invert_transform(denormalize(quantiles[due, j, pick], stats), stats.transform, last_raw)
-            future[:, j, k] = raw[length:]
+            future[:, j, k] = raw[first_row:]
     columns = pd.MultiIndex.from_product([names, levels], names=["field", "level"])
-    result = pd.DataFrame(future.reshape(horizon, -1), columns=columns,
-                          index=future_index(frame.index, freq, horizon))
+    result = pd.DataFrame(future.reshape(len(future), -1), columns=columns,
+                          index=frame.index[first_row:].append(future_index(frame.index, freq, horizon)))
     result.attrs["units"] = {name: spec.fields[name].unit for name in names}
-    return result, schedule[length:]
+    return result, schedule[first_row:]
 
 
 def widen_rolled_band(predicted: np.ndarray, target: np.ndarray, carry: np.ndarray, spec: AdapterSpec

@@ -261,28 +261,36 @@ class _Calendar:
     at the grid steps holding its period starts, and its rows are the next `prediction_length` of them."""
 
     freq: str  # the field's own frequency
-    dates: np.ndarray  # (N, prediction_length) datetime64: each item's next period starts after its last grid step
+    dates: np.ndarray  # (N, prediction_length) datetime64: each item's next period starts after its last observation
     positions: np.ndarray  # (N, prediction_length) their steps on the global grid
     grid_steps: int  # grid steps after an item's end that reach its last period start, the most over the items
 
 
 def _calendars(items: _Items, spec: AdapterSpec, fields: list[str], steps: int) -> list[_Calendar | None]:
-    """Per target field, its own calendar when the adapter records a coarser own frequency for it, else None."""
-    ends = items.first + items.lengths - 1  # (N,) each item's last step on the global grid
+    """Per target field, its own calendar when the adapter records a coarser own frequency for it, else None: the
+    `steps` period starts after the item's last observation of the field (after the item's end when it has none in
+    its last context_len steps), as `forecasting.forecast_on_calendar` has them."""
+    starts, lengths = items.offsets[:-1], items.lengths
+    ends = items.first + lengths - 1  # (N,) each item's last step on the global grid
+    row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
     out: list[_Calendar | None] = []
-    for name in fields:
+    for j, name in enumerate(fields):
         own = spec.own_frequency(name)
         if own is None:
             out.append(None)
             continue
-        unique_ends, which = np.unique(ends, return_inverse=True)  # items ending on one step share their dates
-        dates, after = [], []  # per unique end: (steps,) period starts, (steps,) grid steps after the end
-        for end in unique_ends:
-            own_dates, _ = own_dates_after(items.grid[end], items.freq, own, steps)
+        last = np.maximum.reduceat(np.where(np.isnan(items.values[:, j]), -1, row), starts)  # (N,) -1: none
+        fresh = last >= lengths - spec.context_len
+        after_step = np.where(fresh, items.first + last, ends)  # (N,) the grid step its period starts follow
+        unique, which = np.unique(after_step, return_inverse=True)  # items sharing that step share their dates
+        dates, after = [], []  # per unique step: (steps,) period starts, (steps,) grid steps after it
+        for step in unique:
+            own_dates, _ = own_dates_after(items.grid[step], items.freq, own, steps)
             dates.append(own_dates.to_numpy())
-            after.append(snap(own_dates, pd.date_range(items.grid[end], own_dates[-1], freq=items.freq)))
-        positions = ends[:, None] + np.stack(after)[which.ravel()]  # (N, steps) global grid steps
-        out.append(_Calendar(own, np.stack(dates)[which.ravel()], positions, int(np.max(positions[:, -1] - ends))))
+            after.append(snap(own_dates, pd.date_range(items.grid[step], own_dates[-1], freq=items.freq)))
+        positions = after_step[:, None] + np.stack(after)[which.ravel()]  # (N, steps) global grid steps
+        out.append(_Calendar(own, np.stack(dates)[which.ravel()], positions,
+                             max(1, int(np.max(positions[:, -1] - ends)))))
     return out
 
 

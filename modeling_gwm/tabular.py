@@ -405,6 +405,15 @@ def is_coarser(freq: str | None, grid_freq: str | None) -> bool:
     return _mean_step(freq) > _mean_step(grid_freq)
 
 
+def describe_grid(grid_freq: str, own: dict[str, str | None]) -> str:
+    """A grid for people: "W-SAT", or "W-SAT (finest of: co2 W-SAT, gdp QS)" when some of `own` ({source or field:
+    its own frequency}, None where unknown) are coarser, so a user sees which series sit on it at their own steps."""
+    if not any(is_coarser(freq, grid_freq) or freq is None for freq in own.values()):
+        return grid_freq
+    return f"{grid_freq} (finest of: " + ", ".join(f"{name} {freq or '(inferred when training)'}"
+                                                   for name, freq in own.items()) + ")"
+
+
 def align(frames: dict[str, pd.DataFrame], frequencies: dict[str, str | None]
           ) -> tuple[pd.DataFrame, str, dict[str, str]]:
     """Put every source on one regular grid at the finest declared (or inferred) frequency; NaN where absent.

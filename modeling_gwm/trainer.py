@@ -50,6 +50,7 @@ from .node_loop import (
 from .output_paths import check_run_contents
 from .plan import RunPlan
 from .run_folder import ADAPTER_FILES, CHECKSUM_KEY
+from .tabular import describe_grid
 from .training_args import TrainingArguments
 
 logger = get_logger(__name__)
@@ -309,8 +310,9 @@ class DAGCurriculumTrainer(RunPlan):
         run.model.train()
         run.progress = tqdm(total=run.steps, initial=run.state.step, desc=f"{run.name} [{node.kind}]",
                             disable=not (acc.is_local_main_process and show_progress()), dynamic_ncols=True)
-        logger.info(f"node {run.name} [{node.kind}]: training steps {run.state.step + 1}-{run.steps}, "
-                    f"val loss {run.state.val_history[0]['val_loss']:.4f}", main_process_only=True)
+        logger.info(f"node {run.name} [{node.kind}]: training steps {run.state.step + 1}-{run.steps} on grid "
+                    f"{describe_grid(run.data.frequency, run.data.field_frequencies)}, val loss "
+                    f"{run.state.val_history[0]['val_loss']:.4f}", main_process_only=True)
 
     def _loop(self, run: NodeRun, dag: dict) -> None:
         state = run.state
