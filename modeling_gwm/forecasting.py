@@ -544,8 +544,9 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
            ) -> pd.DataFrame:
     """Fill the missing values (NaN, or steps absent from a gappy time grid) of the known fields of `frame`.
 
-    Each field is filled only at the grid steps where it would be observed by its own spacing (a quarterly field on a
-    monthly grid: its quarters, continued from its first observation; the steps in between stay NaN). Windows of the
+    Each field is filled only at the grid steps where it would be observed: those holding its own periods' starts
+    when the adapter records a coarser own frequency (a quarterly field on a weekly grid: the weeks holding quarter
+    starts), else by its own spacing continued from its first observation; the steps in between stay NaN. Windows of the
     adapter's `context_len` tile the series; in each, those positions are hidden and predicted (the median) from
     everything observed around them (past and future). Fields with a change transform (diff, pct_change,
     log_return) are filled by accumulating predicted changes from the last observed value before each gap, and stay
@@ -559,10 +560,15 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     names = list(raw.columns)
     normalised = _modelled(raw, spec)  # (L, S)
     missing = raw.isna().to_numpy()  # (L, S)
-    own_steps = np.zeros_like(missing)  # (L, S) where each field would be observed by its own spacing
-    for j in range(len(names)):
+    own_steps = np.zeros_like(missing)  # (L, S) where each field would be observed: its period starts, or spacing
+    dated = isinstance(raw.index, pd.DatetimeIndex) and freq is not None
+    for j, name in enumerate(names):
         rows = np.flatnonzero(~missing[:, j])
-        own_steps[rows[0] % own_spacing(rows)::own_spacing(rows), j] = True
+        own = spec.own_frequency(name) if dated else None
+        if own is not None:
+            own_steps[:, j] = period_starts(raw.index, freq, own)
+        else:
+            own_steps[rows[0] % own_spacing(rows)::own_spacing(rows), j] = True
     missing = missing & own_steps
     if field is not None and not _is_single_series(frame):  # a table and the one field to fill: the rest is context
         missing[:, [n != field for n in names]] = False
@@ -587,10 +593,11 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
         if stats.transform not in CHANGE_TRANSFORMS:
             column[missing[:, j]] = invert_transform(modelled[missing[:, j]], stats.transform)
         else:
-            spacing = own_spacing(np.flatnonzero(~raw[name].isna().to_numpy()))
+            steps = np.flatnonzero(own_steps[:, j])  # the field's own steps
             for t in np.flatnonzero(missing[:, j]):  # the change since the field's own previous step
-                if t >= spacing and not np.isnan(column[t - spacing]):
-                    column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[t - spacing])[0]
+                before = steps[np.searchsorted(steps, t) - 1] if steps[0] < t else None
+                if before is not None and not np.isnan(column[before]):
+                    column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[before])[0]
         out[name] = column
     return out
 

@@ -183,3 +183,39 @@ def test_a_merge_of_a_weekly_and_a_quarterly_adapter_is_on_the_weekly_grid(run, 
     model.set_adapter("merged")
     out = model.forecast(_quarters(), prediction_length=4)
     assert list(out.index) == list(pd.date_range("2009-10-01", periods=4, freq="QS"))
+
+
+def _adapter_copy(run, tmp_path, edit) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    config = json.loads((run["out"] / "both" / "adapter_config.json").read_text())
+    for entry in config["fields"]:
+        edit(entry)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_model.safetensors").write_bytes((run["out"] / "both" / "adapter_model.safetensors").read_bytes())
+    return folder
+
+
+def test_an_adapter_without_own_frequencies_keeps_the_grid(run, tmp_path):
+    folder = _adapter_copy(run, tmp_path, lambda entry: entry.pop("own_frequency"))
+    old = GWMModel.from_pretrained(str(REPO / "configuration" / "tiny-cogvideox"), str(folder))
+    out = old.forecast(_quarters(), prediction_length=30)  # weekly steps; the quarter every 13 of them
+    assert out.index.freqstr == "W-SAT" and len(out) == 30 and 2 <= out[UNEMP].notna().sum() <= 3
+
+
+def test_a_bad_own_frequency_is_refused_in_one_line(run, tmp_path, capsys):
+    folder = _adapter_copy(run, tmp_path, lambda entry: entry.update(own_frequency="bogus"))
+    assert main(["forecast", "--adapter", str(folder), "--data", str(MACRO), "--columns", f"unemp={UNEMP}",
+                 "--horizon", "2", "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "own_frequency: frequency 'bogus'" in err and "\n" not in err, err
+
+
+def test_impute_fills_a_quarterly_field_at_the_weeks_holding_its_quarters(join):
+    history = _quarters()
+    gaps = history.index[-12:-2:3]  # three quarters missing near the end
+    filled = join.impute(history.drop(index=gaps))
+    weeks = filled[UNEMP].dropna().index
+    assert len(weeks) == len(history)  # every quarter present again, no week in between filled
+    holding = pd.DatetimeIndex([w for w in weeks if any(0 <= (d - w).days < 7 for d in history["date"])])
+    assert len(holding) == len(weeks)
