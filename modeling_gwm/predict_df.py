@@ -206,8 +206,9 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
             different lengths and end dates; each needs at least `context_len - horizon` grid steps.
         target: the column(s) to forecast, each named by one of the adapter's fields; a {column: field} mapping
             when the columns have other names; None (default): every column but the id and the timestamp.
-        prediction_length: grid steps to predict after each item's last period (default: the adapter's horizon);
-            beyond the horizon the forecast is rolled out chunk by chunk, feeding back the median.
+        prediction_length: steps to predict after each item's last period (default: the adapter's horizon), of the
+            grid, or, for a field coarser than the grid, of its own calendar (its next period starts after its last
+            observation); beyond the horizon the forecast is rolled out chunk by chunk, feeding back the median.
         quantile_levels: levels to report, among those the adapter was trained on (default: all of them).
         batch_size: windows per forward pass (bounds memory; results agree across sizes up to float rounding).
         freq: the grid's pandas alias when the adapter records none and the timestamps do not say.
@@ -215,9 +216,10 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
     Returns:
         a long-format DataFrame, one row per (item, target, future step): `id_column`, `timestamp_column`,
         `target_name` (the input column), `predictions` (the median, the point forecast) and one column per quantile
-        level named like "0.1", in the data's own units. NaN at the steps where a field is not due by its own
-        spacing, and for a field not observed in an item's last `context_len` steps; no rows for an item's field
-        that has no value at all.
+        level named like "0.1", in the data's own units; each row's timestamp on its field's own calendar (quarter
+        starts for a quarterly field of a weekly-grid adapter). NaN for a field not observed in an item's last
+        `context_len` steps (and, for adapters saved without own frequencies, at the steps where a coarser field is
+        not due by its own spacing); no rows for an item's field that has no value at all.
     """
     spec = AdapterSpec.from_model(model)
     if not isinstance(df, pd.DataFrame):
