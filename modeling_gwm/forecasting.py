@@ -410,6 +410,8 @@ def forecast_on_calendar(model, spec: AdapterSpec, frame: pd.DataFrame, freq: st
     else:
         seen = frame[names].notna().to_numpy().any(axis=1)  # (L,) rows where one of the fields is observed
         last = int(np.flatnonzero(seen)[-1])
+        if last < len(frame) - spec.context_len:  # stale (NaN, logged): its rows are dated after the history instead
+            last = len(frame) - 1
         dates, after = own_dates_after(frame.index[last], freq, own, steps)  # after: grid steps past `last`
         horizon = max(1, last + after - (len(frame) - 1))  # grid steps past the history that reach the last date
         positions = snap(dates, frame.index.append(future_index(frame.index, freq, horizon)))  # (steps,) grid rows

@@ -311,8 +311,14 @@ class DAGCurriculumTrainer(RunPlan):
         run.progress = tqdm(total=run.steps, initial=run.state.step, desc=f"{run.name} [{node.kind}]",
                             disable=not (acc.is_local_main_process and show_progress()), dynamic_ncols=True)
         logger.info(f"node {run.name} [{node.kind}]: training steps {run.state.step + 1}-{run.steps} on grid "
-                    f"{describe_grid(run.data.frequency, run.data.field_frequencies)}, val loss "
+                    f"{describe_grid(run.data.frequency, self._source_frequencies(run))}, val loss "
                     f"{run.state.val_history[0]['val_loss']:.4f}", main_process_only=True)
+
+    def _source_frequencies(self, run: NodeRun) -> dict[str, str]:
+        """{source: its own frequency} of the sources the node reads, for the log line naming its grid."""
+        sources = self.curriculum.sources
+        return {s: next(run.data.field_frequencies[f] for f in sources[s].fields if f in run.data.field_frequencies)
+                for s in run.node.sources if any(f in run.data.field_frequencies for f in sources[s].fields)}
 
     def _loop(self, run: NodeRun, dag: dict) -> None:
         state = run.state

@@ -52,8 +52,18 @@ def run(tmp_path_factory) -> dict:
     config = folder / "grids.yaml"
     config.write_text(yaml.safe_dump(spec, sort_keys=False))
     out = folder / "out"
-    DAGCurriculumTrainer(curriculum=load_curriculum(config), output_dir=str(out), device="cpu").run()
-    return {"config": config, "out": out, "folder": folder}
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    trainer_log = logging.getLogger("modeling_gwm.trainer")
+    trainer_log.addHandler(handler)
+    level, trainer_log.level = trainer_log.level, logging.INFO
+    try:
+        DAGCurriculumTrainer(curriculum=load_curriculum(config), output_dir=str(out), device="cpu").run()
+    finally:
+        trainer_log.removeHandler(handler)
+        trainer_log.setLevel(level)
+    return {"config": config, "out": out, "folder": folder, "log": lines}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +89,12 @@ def test_gwm_dag_prints_each_nodes_grid(run, capsys):
     assert "    grid W-SAT\n" in plan and "    grid QS\n" in plan
     assert "grid W-SAT (finest of: weekly W-SAT, us_macro QS); coarser sources are forecast on their own calendar" \
         in plan
+
+
+def test_the_training_log_names_each_nodes_grid(run):
+    assert any("node macro [root]: training steps 1-2 on grid QS," in line for line in run["log"]), run["log"]
+    assert any("node both [join]: training steps 1-2 on grid W-SAT (finest of: weekly W-SAT, us_macro QS)," in line
+               for line in run["log"]), run["log"]
 
 
 def test_the_card_states_the_grid_and_each_fields_own_frequency(run):
