@@ -349,6 +349,8 @@ def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, co
         "steps": _fmt(metrics.get("steps")),
         "val_loss": _fmt(metrics.get("val_loss_best", metrics.get("val_loss_end"))),  # the adapter written
         "n_fields": len(config.get("fields") or metrics.get("fields") or []),
+        "grid": next((f["frequency"] for f in config.get("fields") or [] if isinstance(f, dict) and f.get("frequency")),
+                     "—"),
     }
 
 

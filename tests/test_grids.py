@@ -101,6 +101,8 @@ def test_the_card_states_the_grid_and_each_fields_own_frequency(run):
     card = (run["out"] / "both" / "README.md").read_text()
     assert "Grid: **W-SAT**" in card and f"(`{UNEMP}`)" in card
     assert f"`{UNEMP}` | — | QS |" in card and f"`{LEVEL}` | m | W-SAT |" in card
+    index = (run["out"] / "README.md").read_text()  # the run's card: each node's grid in its table
+    assert "| fields | grid |" in index and "| 1 | QS |" in index and "| 2 | W-SAT |" in index
 
 
 @pytest.mark.parametrize("length", [1, 3, 8])
