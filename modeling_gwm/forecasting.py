@@ -47,8 +47,8 @@ from .tabular import (
     on_grid,
     own_dates_after,
     own_spacing,
-    parse_frequency,
     period_starts,
+    same_frequency,
     snap,
     to_frame,
 )
@@ -113,7 +113,7 @@ class AdapterSpec:
         """The one coarser own frequency every field of `names` shares, else None: a forecast of those fields alone
         comes out on that calendar (quarter starts), counted in its steps."""
         owns = [self.own_frequency(n) for n in names]
-        if not owns or None in owns or len({parse_frequency(f) for f in owns}) > 1:
+        if not owns or None in owns or not all(same_frequency(f, owns[0]) for f in owns):
             return None
         return owns[0]
 
@@ -197,10 +197,10 @@ def grid_frequency(spec: AdapterSpec, freq: str | None, names: list[str]) -> str
     the own frequency the forecast fields `names` share (`AdapterSpec.calendar`) is a one-line DataError."""
     if not (spec.frequency and freq):
         return spec.frequency or freq
-    if parse_frequency(freq) == parse_frequency(spec.frequency):
+    if same_frequency(freq, spec.frequency):
         return spec.frequency
     own = spec.calendar(names)
-    if own is not None and parse_frequency(freq) == parse_frequency(own):
+    if own is not None and same_frequency(freq, own):
         return spec.frequency
     owns = sorted({f for f in (spec.own_frequency(n) for n in names) if f})
     also = f" and from the own frequency {', '.join(map(repr, owns))} of the field(s) forecast" if owns else ""

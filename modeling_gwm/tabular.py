@@ -439,6 +439,14 @@ def parse_frequency(freq: str) -> pd.DateOffset:
         raise DataError(f"unknown frequency {freq!r} (a pandas offset alias such as 'D', 'W', 'MS', 'QS')") from None
 
 
+def same_frequency(a: str, b: str) -> bool:
+    """Whether two pandas aliases step through the same dates: QS and QS-OCT (both quarter starts), W and W-SUN."""
+    first, second = parse_frequency(a), parse_frequency(b)
+    start = pd.Timestamp("2000-01-01")
+    return first == second or pd.date_range(start, periods=12, freq=first).equals(
+        pd.date_range(start, periods=12, freq=second))
+
+
 def future_index(index: pd.Index, freq: str | None, steps: int) -> pd.Index:
     """The `steps` grid steps after `index`: continuing the dates at `freq`, else continuing the step numbers."""
     if isinstance(index, pd.DatetimeIndex) and freq is not None:

@@ -131,6 +131,8 @@ def test_field_picks_the_quarterly_field_of_a_mixed_table(join):
 
 
 def test_freq_must_be_the_grid_or_the_fields_own(join):
+    same = join.forecast(_quarters(), prediction_length=2, freq="QS-OCT")  # the same quarter starts as QS
+    assert list(same.index) == list(pd.date_range("2009-10-01", periods=2, freq="QS"))
     with pytest.raises(DataError, match=r"freq 'MS' differs from the 'W-SAT' grid .* own frequency 'QS'"):
         join.forecast(_quarters(), prediction_length=2, freq="MS")
 
