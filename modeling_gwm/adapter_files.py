@@ -260,6 +260,8 @@ def _check_loop_config(config: LoopConfig, path: str) -> None:
             stats = FieldStats.from_dict(entry)
             if entry.get("frequency") is not None:
                 check_frequency(entry["frequency"], "its grid")
+            if entry.get("own_frequency") is not None:
+                check_frequency(entry["own_frequency"], "its own_frequency")
         except (DataError, TypeError, ValueError, OverflowError) as err:
             raise bad(f"fields[{i}]", str(err)) from None
         if stats.std < sys.float_info.min:  # subnormal: dividing by it overflows, the forecast would be inf

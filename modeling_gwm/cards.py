@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData, constants
 from .budget import budget_rows
 from .plots import plot_loss_curves, plot_node_loss
 from .run_folder import FINAL_NODE, RunFolder
+from .tabular import is_coarser
 
 logger = logging.getLogger(__name__)
 
@@ -233,11 +234,15 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
     if metrics.get("val_coverage_10_90_end") is not None:
         results.append(("held-out targets inside the 10–90 % band, last evaluation (0.8 when calibrated)", None,
                         metrics["val_coverage_10_90_end"]))
+    grid = next((f["frequency"] for f in fields if f.get("frequency")), None)
     return {
         "fields": [{"slot": i, "name": f.get("name", "?"), "unit": f.get("unit") or "—",
                     "transform": f.get("transform") or "none", "mean": _fmt(f.get("mean")), "std": _fmt(f.get("std")),
+                    "own_frequency": f.get("own_frequency") or f.get("frequency") or "—",
                     "inherited": f.get("name") not in trained}
                    for i, f in enumerate(fields)],
+        "grid": grid,
+        "coarser_fields": [f.get("name", "?") for f in fields if is_coarser(f.get("own_frequency"), grid)],
         "field_names": [f.get("name", "?") for f in fields if f.get("name") in trained],
         "has_inherited": any(f.get("name") not in trained for f in fields),
         "example_field": next((f.get("name") for f in fields if f.get("name") in trained), "<field>"),
@@ -344,6 +349,8 @@ def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, co
         "steps": _fmt(metrics.get("steps")),
         "val_loss": _fmt(metrics.get("val_loss_best", metrics.get("val_loss_end"))),  # the adapter written
         "n_fields": len(config.get("fields") or metrics.get("fields") or []),
+        "grid": next((f["frequency"] for f in config.get("fields") or [] if isinstance(f, dict) and f.get("frequency")),
+                     "—"),
     }
 
 

@@ -218,7 +218,8 @@ def _history(args, spec):
 
     table = _table(args)
     with _naming_data(args):
-        return read_history(table, spec, time_column=args.time_column, freq=args.freq)
+        return read_history(table, spec, time_column=args.time_column, freq=args.freq,
+                            field=getattr(args, "field", None))
 
 
 def cmd_forecast(args) -> int:
@@ -236,7 +237,8 @@ def cmd_forecast(args) -> int:
     # the plot's 10-90 % band needs those levels even when only the median is written
     plotted = sorted({*levels, 0.5, *([q for q in (0.1, 0.9) if q in spec.quantile_levels] if args.plot else [])})
     with _naming_adapter(args):
-        quantiles = forecast_quantiles(model, history, args.prediction_length, quantile_levels=plotted, freq=freq)
+        quantiles = forecast_quantiles(model, history, args.prediction_length, quantile_levels=plotted,
+                                       freq=args.freq or freq, field=args.field)
     predictions = quantiles.xs(0.5, axis=1, level="level")
     if args.quantiles is None:
         table = predictions
@@ -396,7 +398,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time_column", default="date", help="name of the time column (default: date)")
     parser.add_argument("--columns", action="append", metavar="RAW=FIELD",
                         help="map a raw column to a field of the adapter (repeatable, or comma-separated)")
-    parser.add_argument("--freq", default=None, help="pandas frequency of the series (default: inferred)")
+    parser.add_argument("--freq", default=None,
+                        help="pandas frequency of the series (default: the adapter's grid, else inferred); it may "
+                        "name the adapter's grid or the own frequency of the fields forecast")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda or cuda:N (default: auto, CUDA when there is a CUDA device, else the CPU)")
 
@@ -406,8 +410,12 @@ def _add_table_commands(add) -> None:
     p = add("forecast", "Forecast the steps after a table's last row with a trained adapter, in the data's units.")
     _model_arguments(p)
     p.add_argument("--prediction_length", "--horizon", dest="prediction_length", type=_whole(" of steps"),
-                   required=True, help="steps to predict (rolled out beyond the adapter's own horizon); --horizon is "
-                   "an alias")
+                   required=True, help="steps to predict: of the adapter's grid, or of the fields' own calendar when "
+                   "they share a coarser frequency (quarters of a quarterly field); rolled out beyond the adapter's "
+                   "own horizon; --horizon is an alias")
+    p.add_argument("--field", default=None, help="forecast this field only (the table's other fields are its "
+                   "context); a field coarser than the adapter's grid comes out on its own calendar (e.g. quarter "
+                   "starts), --prediction_length counted in its own steps")
     p.add_argument("--out", required=True, help="CSV to write: the time column and one column per field (the median)")
     p.add_argument("--quantiles", type=float, nargs="*", default=None, metavar="LEVEL",
                    help="write quantile columns FIELD@LEVEL instead (e.g. co2@0.1); the levels must be among the "

@@ -17,7 +17,7 @@ import yaml
 from .data import DataSource, check_duplicate_fields
 from .io_utils import read_yaml
 from .merging import MERGE_METHODS, MergeSpec, normalised_merge_weights
-from .tabular import DataError
+from .tabular import DataError, describe_grid, finest_frequency, is_coarser, source_frequency
 
 # Used with fullmatch ("$" would accept a trailing newline). No ".": PEFT keys adapters by name in ParameterDicts.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -179,6 +179,24 @@ class Curriculum:
             self._fields_cache = (key, fields_of)
         return self._fields_cache[1]
 
+    def source_frequency(self, source: str) -> str | None:
+        """A source's own frequency: declared, else inferred from its local file as training infers it (`align`);
+        None for an undeclared Hub dataset (not downloaded to plan) or a file that cannot say."""
+        spec = self.sources[source]
+        if spec.frequency or not spec.path:
+            return spec.frequency
+        try:
+            return source_frequency(source, spec.read().index, None)
+        except (DataError, OSError):
+            return None
+
+    def node_grid(self, name: str) -> tuple[str | None, dict[str, str | None]]:
+        """The grid a node trains on, the finest frequency of its sources (`tabular.align`), and each source's own
+        frequency; a coarser source keeps its own steps on it (a quarterly one on a weekly grid every ~13 steps)."""
+        own = {source: self.source_frequency(source) for source in self.node(name).sources}
+        known = [freq for freq in own.values() if freq]
+        return (finest_frequency(known) if known else None), own
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         where = self.where
@@ -216,7 +234,7 @@ class Curriculum:
 
     # ------------------------------------------------------------------ views
     def plan(self) -> str:
-        """What `--dry_run` prints: order, kind, parents, merge weights, fields, steps."""
+        """What `--dry_run` and `gwm dag` print: order, kind, parents, merge weights, fields, steps, the grid."""
         lines = [f"Curriculum {self.where}: {len(self.nodes)} nodes, sink {self.sink()!r}"]
         for i, name in enumerate(self.order(), 1):
             node = self.node(name)
@@ -231,6 +249,10 @@ class Curriculum:
                          f"every {node.eval_every} steps{stop}; writes its best evaluated step")
             lines.append(f"    sources: {', '.join(node.sources)}; trains on {len(self.node_fields(name))} fields: "
                          + ", ".join(self.node_fields(name)))
+            grid, own = self.node_grid(name)
+            lines.append(f"    grid {describe_grid(grid, own) if grid else 'inferred when training'}"
+                         + ("; coarser sources are forecast on their own calendar" if grid and any(
+                             is_coarser(freq, grid) for freq in own.values()) else ""))
         return "\n".join(lines)
 
     def mermaid(self) -> str:

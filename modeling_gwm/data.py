@@ -309,6 +309,7 @@ class NodeData:
     field_names: list[str]
     stats: dict[str, FieldStats]
     frequency: str  # the grid's pandas frequency
+    field_frequencies: dict[str, str] = field(default_factory=dict)  # field -> its source's own frequency
     date_range: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) observed date
     index: pd.DatetimeIndex | None = None  # (L,) the aligned grid
 
@@ -384,7 +385,7 @@ def build_node_data(sources: list[DataSource], fields: list[str] | None = None, 
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     owner, field_names, frames, frequencies = _read_node_sources(sources, fields, context_len)
-    grid, frequency = align(frames, frequencies)
+    grid, frequency, source_frequencies = align(frames, frequencies)
     grid = grid[field_names]
     raw = grid.to_numpy(dtype=np.float64)  # (L, F) transformed, NaN where absent
     observed = ~np.isnan(raw)  # (L, F)
@@ -414,4 +415,5 @@ def build_node_data(sources: list[DataSource], fields: list[str] | None = None, 
     val = CanvasDataset(normalised, observed, _windows_with(is_val, starts, context_len), context_len, field_names,
                         stats, holdout=is_val, index=grid.index)
     return NodeData(train=train, val=val, field_names=field_names, stats=stats, frequency=frequency,
+                    field_frequencies={name: source_frequencies[owner[name].name] for name in field_names},
                     date_range=date_range, index=grid.index)

@@ -41,11 +41,15 @@ from .tabular import (
     future_index,
     infer_frequency,
     invert_transform,
+    is_coarser,
     normalize,
     numeric_frame,
     on_grid,
+    own_dates_after,
     own_spacing,
-    parse_frequency,
+    period_starts,
+    same_frequency,
+    snap,
     to_frame,
 )
 
@@ -68,6 +72,8 @@ class AdapterSpec:
     frequency: str | None = None  # the pandas alias of the grid it was trained on; None for older adapters
     quantile_levels: tuple[float, ...] = DEFAULT_QUANTILE_LEVELS  # what the value head predicts, sorted
     spans: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) date it trained on
+    # field -> its source's own frequency (QS for a quarterly field on a W-SAT grid); empty for older adapters
+    own_frequencies: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
@@ -80,7 +86,8 @@ class AdapterSpec:
         levels = tuple(float(q) for q in gwm_config.get("quantile_levels", DEFAULT_QUANTILE_LEVELS))
         return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
                    frequency, levels, {f["name"]: (str(f["span"][0]), str(f["span"][-1])) for f in loop_config.fields
-                                       if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2})
+                                       if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2},
+                   {f["name"]: f["own_frequency"] for f in loop_config.fields if f.get("own_frequency")})
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
@@ -95,6 +102,20 @@ class AdapterSpec:
             layer = next((m for m in model.modules() if isinstance(m, LoopLayer)), None)
             name = layer.active_adapters[0] if layer is not None and layer.active_adapters else next(iter(configs))
         return cls.from_config(configs[name], adapter_name=name)
+
+    def own_frequency(self, name: str) -> str | None:
+        """The field's own frequency where it is coarser than the grid (QS on W-SAT), else None (it is on the grid,
+        or the adapter is older than the record)."""
+        own = self.own_frequencies.get(name)
+        return own if is_coarser(own, self.frequency) else None
+
+    def calendar(self, names: list[str]) -> str | None:
+        """The one coarser own frequency every field of `names` shares, else None: a forecast of those fields alone
+        comes out on that calendar (quarter starts), counted in its steps."""
+        owns = [self.own_frequency(n) for n in names]
+        if not owns or None in owns or not all(same_frequency(f, owns[0]) for f in owns):
+            return None
+        return owns[0]
 
     def slots(self, names: list[str]) -> list[int]:
         return [list(self.fields).index(n) for n in names]
@@ -134,9 +155,11 @@ def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: 
                  field: str | None = None) -> tuple[pd.DataFrame, str | None]:
     """The user's table as (L, S) raw values of known fields on the adapter's grid, and the grid's frequency.
 
-    The grid is the adapter's recorded training frequency (`freq`, if given, must agree with it), else `freq`, else
-    inferred from the dates. A column with no value at all is an absent field, like a column that is not there.
-    A single series (numpy array, `pd.Series`, tensor) is the values of `field` (default: the adapter's only one).
+    The grid is the adapter's recorded training frequency, else `freq`, else inferred from the dates. A given `freq`
+    must name that grid or the own frequency of the fields forecast (`field`, else every column) when they share a
+    coarser one (`AdapterSpec.calendar`): QS for a quarterly field of a W-SAT adapter. A column with no value at all
+    is an absent field, like a column that is not there. A single series (numpy array, `pd.Series`, tensor) is the
+    values of `field` (default: the adapter's only one); with a table, `field` names the one column to forecast.
     """
     frame = to_frame(_one_field_table(data, spec, field), time_column)
     unknown = [str(c) for c in frame.columns if c not in spec.fields]
@@ -147,22 +170,47 @@ def read_history(data, spec: AdapterSpec, time_column: str | None = None, freq: 
         raise DataError(f"unknown field(s) {unknown}: this adapter knows {list(spec.fields)}{hint}")
     if frame.shape[1] == 0:
         raise DataError(f"no field columns: this adapter knows {list(spec.fields)}")
-    if spec.frequency and freq and parse_frequency(freq) != parse_frequency(spec.frequency):
-        raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on; leave "
-                        "freq out (coarser series are placed on that grid at their own spacing)")
+    if field is not None and field not in frame.columns:  # a table and the field to forecast
+        if field not in spec.fields:
+            raise DataError(f"unknown field {field!r}: this adapter knows {list(spec.fields)}")
+        raise DataError(f"field {field!r} is not a column of the history; its columns are {list(frame.columns)}")
+    grid_freq = grid_frequency(spec, freq, [field] if field is not None else list(frame.columns))
     frame = numeric_frame(frame)
     empty = [str(c) for c in frame.columns if frame[c].isna().all()]
     if len(empty) == frame.shape[1]:
         raise DataError(f"field(s) {empty} have no value in the history")
+    if field in empty:
+        raise DataError(f"field {field!r} has no value in the history: nothing to forecast from")
     if empty:
         logger.warning("field(s) %s have no value in the history: treated as absent", empty)
         frame = frame.drop(columns=empty)
-    freq = spec.frequency or freq
+    freq = grid_freq
     if (isinstance(frame.index, pd.DatetimeIndex) and freq is None and len(frame) < spec.min_history()
             and infer_frequency(frame.sort_index().index.unique()) is None):  # too short to say anything else
         raise DataError(f"the history has {len(frame)} steps; this adapter needs at least {spec.min_history()} "
                         f"(context_len {spec.context_len} - horizon {spec.horizon})")
     return on_grid(frame, freq)
+
+
+def grid_frequency(spec: AdapterSpec, freq: str | None, names: list[str]) -> str | None:
+    """The grid a history goes on: the adapter's recorded one, else `freq`. A `freq` that names neither that grid nor
+    the own frequency the forecast fields `names` share (`AdapterSpec.calendar`) is a one-line DataError."""
+    if not (spec.frequency and freq):
+        return spec.frequency or freq
+    if same_frequency(freq, spec.frequency):
+        return spec.frequency
+    own = spec.calendar(names)
+    if own is not None and same_frequency(freq, own):
+        return spec.frequency
+    owns = sorted({f for f in (spec.own_frequency(n) for n in names) if f})
+    also = f" and from the own frequency {', '.join(map(repr, owns))} of the field(s) forecast" if owns else ""
+    raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on{also}; leave "
+                    "freq out (a coarser field is placed on that grid and forecast on its own calendar)")
+
+
+def _is_single_series(data) -> bool:
+    """A numpy array, `pd.Series` or torch tensor: the values of one field (`field=`), not a table of fields."""
+    return isinstance(data, (np.ndarray, pd.Series, torch.Tensor))
 
 
 def _one_field_table(data, spec: AdapterSpec, field: str | None):
@@ -171,9 +219,6 @@ def _one_field_table(data, spec: AdapterSpec, field: str | None):
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     if not isinstance(data, (np.ndarray, pd.Series)):
-        if field is not None:
-            raise DataError("field= names the values of a single series (numpy array, pd.Series or tensor); a table "
-                            "names its fields by its columns")
         return data
     if field is None and isinstance(data, pd.Series) and data.name in spec.fields:
         field = data.name
@@ -236,35 +281,42 @@ def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndar
 # ---------------------------------------------------------------------------------------------------- forecast
 def forecast(model, history, prediction_length: int | None = None, *, time_column: str | None = None,
              freq: str | None = None, field: str | None = None, horizon: int | None = None) -> pd.DataFrame:
-    """Predict the `prediction_length` grid steps after `history`, in the data's own units (the median).
+    """Predict the `prediction_length` steps after `history`, in the data's own units (the median).
+
+    The steps are those of the adapter's grid (the finest frequency of the sources it trained on), or, when every
+    field forecast has the same coarser own frequency (a single series of a quarterly field, `field=` of a table,
+    or a table holding only quarterly fields of a weekly-grid adapter), that field's own steps: `prediction_length`
+    quarters, indexed by the quarter starts, whatever grid steps that takes.
 
     Args:
         model: a `PeftModel` from `GWMModel.from_pretrained(base, adapter)` (or the `GWMModel` inside it).
         history: DataFrame / dict of arrays / `datasets.Dataset`, columns named by field (any subset of the adapter's
             fields), a time column (`time_column`, else a DatetimeIndex or a column named date/time/timestamp) or
             none; or a single series (numpy array, `pd.Series`, torch tensor) of `field`'s values.
-        prediction_length: grid steps to predict (default: the adapter's horizon); beyond the adapter's horizon the
-            forecast is rolled out chunk by chunk.
+        prediction_length: steps to predict (default: the adapter's horizon), of the grid or of the fields' own
+            calendar (above); beyond the adapter's horizon the forecast is rolled out chunk by chunk.
         time_column: the column holding the times when it is not named date, time or timestamp.
-        freq: the series' pandas frequency when the adapter records none and it cannot be inferred from the dates.
-        field: the field a single series holds (default: the adapter's only field).
+        freq: the series' pandas frequency when the adapter records none and it cannot be inferred from the dates;
+            with an adapter that records its grid, it may only name that grid or the forecast fields' own frequency.
+        field: the field a single series holds (default: the adapter's only field); with a table, the one field to
+            forecast (the table's other fields are its context).
         horizon: deprecated alias of `prediction_length`.
 
     Returns:
-        a DataFrame (prediction_length, S) indexed by the future times (continuing the grid; steps 0, 1, ... after
-        the last row without times), one column per field of the history; NaN at the steps where a field has no
-        observation by its own spacing (a quarterly field on a monthly grid: two steps in three), and everywhere
-        for a field not observed in the last `context_len` steps (logged). `.attrs["units"]` maps fields to units.
+        a DataFrame (prediction_length, S) indexed by the future times (continuing the grid or the fields' own
+        calendar; steps 0, 1, ... after the last row without times), one column per field forecast. A table mixing
+        fields of different own frequencies stays on the grid: NaN at the steps where a coarser field starts no
+        period of its own (a quarterly field on a monthly grid: two steps in three). NaN everywhere for a field not
+        observed in the last `context_len` steps (logged). `.attrs["units"]` maps fields to units.
 
     Example:
         >>> model = GWMModel.from_pretrained(base, "runs/demo/final")
         >>> model.forecast(history, prediction_length=12)  # history: a DataFrame with a date column
     """
-    spec = AdapterSpec.from_model(model)
-    steps = prediction_length_of(prediction_length, horizon, spec)
-    frame, freq = read_history(history, spec, time_column, freq, field)
-    predictions, due = _forecast_frame(model, spec, frame, freq, steps)
-    check_finite(predictions.to_numpy(), due, list(predictions.columns), spec)
+    quantiles = forecast_quantiles(model, history, prediction_length, quantile_levels=[0.5], time_column=time_column,
+                                   freq=freq, field=field, horizon=horizon)
+    predictions = quantiles.xs(0.5, axis=1, level="level").rename_axis(columns=None)  # (steps, S)
+    predictions.attrs["units"] = quantiles.attrs["units"]
     return predictions
 
 
@@ -279,7 +331,7 @@ def forecast_quantiles(model, history, prediction_length: int | None = None, *, 
             DataError).
 
     Returns:
-        like `forecast` (same index and NaN rules), one column per (field, level): `result["co2", 0.9]`;
+        like `forecast` (same steps, index and NaN rules), one column per (field, level): `result["co2", 0.9]`;
         `result.xs(0.5, axis=1, level="level")` is `forecast`'s frame.
 
     Beyond the adapter's horizon the rollout feeds back the MEDIAN of each chunk, and the model's band for a chunk
@@ -295,7 +347,8 @@ def forecast_quantiles(model, history, prediction_length: int | None = None, *, 
     steps = prediction_length_of(prediction_length, horizon, spec)
     levels = spec.check_levels(quantile_levels)
     frame, freq = read_history(history, spec, time_column, freq, field)
-    quantiles, due = forecast_quantile_frame(model, spec, frame, freq, steps, levels)
+    names = [field] if field is not None and not _is_single_series(history) else list(frame.columns)
+    quantiles, due = forecast_on_calendar(model, spec, frame, freq, steps, levels, names)
     check_finite(quantiles.to_numpy(), np.repeat(due, len(levels), axis=1), list(quantiles.columns), spec)
     return quantiles
 
@@ -310,20 +363,28 @@ def prediction_length_of(prediction_length, horizon, spec: AdapterSpec) -> int:
     return spec.horizon if prediction_length is None else prediction_length
 
 
-def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarray:
-    """(L + horizon, S) bool: where each field is predicted, its own spacing continued from its last observation.
+def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int, freq: str | None) -> np.ndarray:
+    """(L + horizon, S) bool: where each field is predicted after its last observation: at the grid steps holding
+    the starts of its own periods (`tabular.period_starts`) when the adapter records a coarser own frequency and the
+    history has dates; else every grid step, or its own spacing continued (a gappy field of an older adapter).
 
     A field with no observation in the last `context_len` rows has nothing to forecast from: it gets no step.
     """
     length, names = len(frame), list(frame.columns)
     schedule = np.zeros((length + horizon, len(names)), dtype=bool)
+    dated = isinstance(frame.index, pd.DatetimeIndex) and freq is not None
+    grid = frame.index.append(future_index(frame.index, freq, horizon)) if dated else None  # (L + horizon,)
     stale = []
     for j, name in enumerate(names):
         rows = np.flatnonzero(frame[name].notna().to_numpy())
         if len(rows) == 0 or rows[-1] < length - spec.context_len:
             stale.append(name)
             continue
-        schedule[rows[-1] + own_spacing(rows)::own_spacing(rows), j] = True
+        own = spec.own_frequency(name) if dated else None
+        if own is not None:
+            schedule[rows[-1] + 1:, j] = period_starts(grid, freq, own)[rows[-1] + 1:]
+        else:
+            schedule[rows[-1] + own_spacing(rows)::own_spacing(rows), j] = True
     if len(stale) == len(names):
         raise DataError(f"no field is observed in the last {spec.context_len} steps of the history (the adapter's "
                         f"context_len): nothing to forecast from")
@@ -333,21 +394,49 @@ def _schedule(frame: pd.DataFrame, spec: AdapterSpec, horizon: int) -> np.ndarra
     return schedule
 
 
-def _forecast_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int
-                    ) -> tuple[pd.DataFrame, np.ndarray]:
-    """The median forecast of a gridded (L, S) history and its (horizon, S) bool schedule (True where predicted)."""
-    quantiles, schedule = forecast_quantile_frame(model, spec, frame, freq, horizon, [0.5])
-    result = quantiles.xs(0.5, axis=1, level="level").rename_axis(columns=None)  # (horizon, S), as before quantiles
-    result.attrs["units"] = quantiles.attrs["units"]
-    return result, schedule
+def forecast_on_calendar(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, steps: int,
+                         levels: list[float], names: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The quantile forecast (steps, S_out x levels) of the fields `names` of a gridded (L, S) history, and its
+    (steps, S_out) bool schedule. When `names` share a coarser own frequency (`AdapterSpec.calendar`) and the history
+    has dates, the steps are theirs: the `steps` period starts after the fields' last observation (a quarter not
+    yet published when the table's other fields end comes first), forecast on the grid as far as the last of them
+    and indexed by the starts (8 quarter starts, not ~104 Saturdays with NaN between). Otherwise the `steps` grid
+    steps after the history, as `forecast_quantile_frame` gives them."""
+    check_steps("prediction_length", steps)
+    own = spec.calendar(names) if isinstance(frame.index, pd.DatetimeIndex) and freq is not None else None
+    if own is None:
+        quantiles, due = forecast_quantile_frame(model, spec, frame, freq, steps, levels)
+        keep = [list(frame.columns).index(n) for n in names]
+    else:
+        seen = frame[names].notna().to_numpy().any(axis=1)  # (L,) rows where one of the fields is observed
+        last = int(np.flatnonzero(seen)[-1])
+        if last < len(frame) - spec.context_len:  # stale (NaN, logged): its rows are dated after the history instead
+            last = len(frame) - 1
+        dates, after = own_dates_after(frame.index[last], freq, own, steps)  # after: grid steps past `last`
+        horizon = max(1, last + after - (len(frame) - 1))  # grid steps past the history that reach the last date
+        positions = snap(dates, frame.index.append(future_index(frame.index, freq, horizon)))  # (steps,) grid rows
+        start = min(int(positions[0]), len(frame))
+        quantiles, due = forecast_quantile_frame(model, spec, frame, freq, horizon, levels, start=start)
+        rows = positions - start
+        units = quantiles.attrs["units"]
+        quantiles = quantiles.iloc[rows].set_axis(dates.rename(frame.index.name), axis=0)
+        quantiles.attrs["units"] = units
+        due, keep = due[rows], [list(frame.columns).index(n) for n in names]
+    if len(names) < frame.shape[1]:
+        units = quantiles.attrs["units"]
+        quantiles = quantiles.loc[:, names]
+        quantiles.attrs["units"] = {n: units[n] for n in names}
+    return quantiles, due[:, keep]
 
 
 def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq: str | None, horizon: int,
-                             levels: list[float]) -> tuple[pd.DataFrame, np.ndarray]:
-    """The quantile forecast (horizon, S x levels) of a gridded (L, S) history and its (horizon, S) schedule."""
+                             levels: list[float], *, start: int | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """The quantile forecast (horizon, S x levels) of a gridded (L, S) history and its (horizon, S) schedule; from
+    row `start` of the history instead (L - start + horizon rows), to keep the steps due inside it too."""
     check_forecast_request(len(frame), horizon, spec)
     names, length = list(frame.columns), len(frame)
-    schedule = _schedule(frame, spec, horizon)  # (L + horizon, S)
+    first_row = length if start is None else start
+    schedule = _schedule(frame, spec, horizon, freq)  # (L + horizon, S)
     canvas = np.concatenate([_modelled(frame, spec), np.full((horizon, len(names)), np.nan)])  # (L + horizon, S)
     quantiles = np.full(canvas.shape + (len(spec.quantile_levels),), np.nan)  # (L + horizon, S, Q)
     # a field whose next observation is due inside the history (e.g. the last quarter not yet published) is
@@ -370,7 +459,7 @@ def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq:
         quantiles[done:end][due] = predicted[due]
         canvas[done:end][due] = predicted[due][:, spec.median_index]  # the median is fed back where due
     picks = [spec.quantile_levels.index(q) for q in levels]
-    future = np.full((horizon, len(names), len(levels)), np.nan)  # (horizon, S, levels)
+    future = np.full((length + horizon - first_row, len(names), len(levels)), np.nan)  # (rows, S, levels)
     for j, name in enumerate(names):
         stats, due = spec.fields[name], schedule[:, j]
         if not due.any():
@@ -381,12 +470,12 @@ def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq:
             raw = np.full(length + horizon, np.nan)
             # change transforms accumulate over the field's own consecutive observations, from its last raw value
             raw[due] = invert_transform(denormalize(quantiles[due, j, pick], stats), stats.transform, last_raw)
-            future[:, j, k] = raw[length:]
+            future[:, j, k] = raw[first_row:]
     columns = pd.MultiIndex.from_product([names, levels], names=["field", "level"])
-    result = pd.DataFrame(future.reshape(horizon, -1), columns=columns,
-                          index=future_index(frame.index, freq, horizon))
+    result = pd.DataFrame(future.reshape(len(future), -1), columns=columns,
+                          index=frame.index[first_row:].append(future_index(frame.index, freq, horizon)))
     result.attrs["units"] = {name: spec.fields[name].unit for name in names}
-    return result, schedule[length:]
+    return result, schedule[first_row:]
 
 
 def widen_rolled_band(predicted: np.ndarray, target: np.ndarray, carry: np.ndarray, spec: AdapterSpec
@@ -457,25 +546,34 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
            ) -> pd.DataFrame:
     """Fill the missing values (NaN, or steps absent from a gappy time grid) of the known fields of `frame`.
 
-    Each field is filled only at the grid steps where it would be observed by its own spacing (a quarterly field on a
-    monthly grid: its quarters, continued from its first observation; the steps in between stay NaN). Windows of the
+    Each field is filled only at the grid steps where it would be observed: those holding its own periods' starts
+    when the adapter records a coarser own frequency (a quarterly field on a weekly grid: the weeks holding quarter
+    starts), else by its own spacing continued from its first observation; the steps in between stay NaN. Windows of the
     adapter's `context_len` tile the series; in each, those positions are hidden and predicted (the median) from
     everything observed around them (past and future). Fields with a change transform (diff, pct_change,
     log_return) are filled by accumulating predicted changes from the last observed value before each gap, and stay
     NaN before their first observation. Returns the frame on its regular grid with observed values unchanged.
 
-    `frame`, `time_column`, `freq` and `field` are read as `forecast` reads its history (a single series included).
+    `frame`, `time_column`, `freq` and `field` are read as `forecast` reads its history (a single series included;
+    `field` with a table: the one field to fill, the others are its context).
     """
     spec = AdapterSpec.from_model(model)
     raw, freq = read_history(frame, spec, time_column, freq, field)
     names = list(raw.columns)
     normalised = _modelled(raw, spec)  # (L, S)
     missing = raw.isna().to_numpy()  # (L, S)
-    own_steps = np.zeros_like(missing)  # (L, S) where each field would be observed by its own spacing
-    for j in range(len(names)):
+    own_steps = np.zeros_like(missing)  # (L, S) where each field would be observed: its period starts, or spacing
+    dated = isinstance(raw.index, pd.DatetimeIndex) and freq is not None
+    for j, name in enumerate(names):
         rows = np.flatnonzero(~missing[:, j])
-        own_steps[rows[0] % own_spacing(rows)::own_spacing(rows), j] = True
+        own = spec.own_frequency(name) if dated else None
+        if own is not None:
+            own_steps[:, j] = period_starts(raw.index, freq, own)
+        else:
+            own_steps[rows[0] % own_spacing(rows)::own_spacing(rows), j] = True
     missing = missing & own_steps
+    if field is not None and not _is_single_series(frame):  # a table and the one field to fill: the rest is context
+        missing[:, [n != field for n in names]] = False
     if not missing.any():
         return raw
     length, window = len(raw), min(spec.context_len, len(raw))
@@ -497,14 +595,15 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
         if stats.transform not in CHANGE_TRANSFORMS:
             column[missing[:, j]] = invert_transform(modelled[missing[:, j]], stats.transform)
         else:
-            spacing = own_spacing(np.flatnonzero(~raw[name].isna().to_numpy()))
+            steps = np.flatnonzero(own_steps[:, j])  # the field's own steps
             for t in np.flatnonzero(missing[:, j]):  # the change since the field's own previous step
-                if t >= spacing and not np.isnan(column[t - spacing]):
-                    column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[t - spacing])[0]
+                before = steps[np.searchsorted(steps, t) - 1] if steps[0] < t else None
+                if before is not None and not np.isnan(column[before]):
+                    column[t] = invert_transform(modelled[t:t + 1], stats.transform, column[before])[0]
         out[name] = column
     return out
 
 
 __all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "forecast",
-           "forecast_quantiles", "impute", "predict_windows", "prediction_length_of", "read_history",
+           "forecast_quantiles", "grid_frequency", "impute", "predict_windows", "prediction_length_of", "read_history",
            "widen_rolled_band"]

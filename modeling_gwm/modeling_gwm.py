@@ -452,22 +452,27 @@ class GWMModel(PreTrainedModel):
     # ------------------------------------------------------------------ inference in the data's own units
     def forecast(self, history, prediction_length: int | None = None, *, time_column: str | None = None,
                  freq: str | None = None, field: str | None = None, horizon: int | None = None) -> pd.DataFrame:
-        """The median forecast of the `prediction_length` grid steps after `history`, in the data's own units.
+        """The median forecast of the `prediction_length` steps after `history`, in the data's own units: steps of
+        the adapter's grid, or of the forecast fields' own calendar when they share a coarser frequency (quarters of a
+        quarterly field of a weekly-grid adapter, indexed by the quarter starts).
 
         Args:
             history: a DataFrame / dict of arrays / `datasets.Dataset` with one column per field (any subset of the
                 adapter's fields) and a time column (or a DatetimeIndex), or a single series (numpy array,
                 `pd.Series`, tensor) of `field`'s values.
-            prediction_length: grid steps to predict (default: the adapter's horizon); longer forecasts are rolled
-                out chunk by chunk, feeding back the median.
+            prediction_length: steps to predict, of the grid or of the fields' own calendar (default: the adapter's
+                horizon); longer forecasts are rolled out chunk by chunk, feeding back the median.
             time_column: the column holding the times when it is not named date, time or timestamp.
-            freq: the grid's pandas alias when the adapter records none and the dates do not say.
-            field: the field a single series holds (default: the adapter's only field).
+            freq: the grid's pandas alias when the adapter records none and the dates do not say; otherwise it may
+                only name the adapter's grid or the forecast fields' own frequency.
+            field: the field a single series holds (default: the adapter's only field); with a table, the one field
+                to forecast (the other columns are its context).
             horizon: deprecated alias of `prediction_length`.
 
         Returns:
-            a DataFrame (prediction_length, fields) indexed by the future times; NaN where a field is not due by its
-            own spacing. Details: `modeling_gwm.forecasting.forecast`.
+            a DataFrame (prediction_length, fields) indexed by the future times; a table mixing fields of different
+            own frequencies stays on the grid, NaN where a coarser field starts no period. Details:
+            `modeling_gwm.forecasting.forecast`.
         """
         from .forecasting import forecast
 
@@ -478,7 +483,7 @@ class GWMModel(PreTrainedModel):
                            quantile_levels: list[float] | None = None, time_column: str | None = None,
                            freq: str | None = None, field: str | None = None, horizon: int | None = None
                            ) -> pd.DataFrame:
-        """Quantile forecast of the `prediction_length` grid steps after `history`, in the data's own units.
+        """Quantile forecast of the `prediction_length` steps after `history` (as in `forecast`), in the data's units.
 
         Args:
             history, prediction_length, time_column, freq, field, horizon: as in `forecast`.
@@ -503,8 +508,8 @@ class GWMModel(PreTrainedModel):
             time_column, freq, field: as in `forecast`.
 
         Returns:
-            the frame on its regular grid, observed values unchanged, each field filled at its own spacing. Details:
-            `modeling_gwm.forecasting.impute`.
+            the frame on its regular grid, observed values unchanged, each field filled at its own steps (a coarser
+            field: the grid steps holding its period starts). Details: `modeling_gwm.forecasting.impute`.
         """
         from .forecasting import impute
 
@@ -520,7 +525,8 @@ class GWMModel(PreTrainedModel):
             df: columns `id_column`, `timestamp_column` and the target column(s).
             target: the column(s) to forecast, each named by a field; a {column: field} mapping for other names;
                 None: every other column.
-            prediction_length: grid steps after each item's last period (default: the adapter's horizon).
+            prediction_length: steps after each item's last period (default: the adapter's horizon): of the grid,
+                or of a coarser field's own calendar, each row dated on its field's calendar.
             quantile_levels: levels to report, among the adapter's trained ones (default: all of them).
             batch_size: windows per forward pass.
             freq: the grid's pandas alias when the adapter records none and the timestamps do not say.

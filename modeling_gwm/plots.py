@@ -138,13 +138,17 @@ def plot_forecast(history: pd.DataFrame, predictions: pd.DataFrame, path: str | 
 
     units = units or predictions.attrs.get("units") or {}
     names = list(predictions.columns)
-    context = context or max(4 * len(predictions), 48)
+    context = context or max(4 * len(predictions), 48)  # history rows shown (of a coarser field: observations)
     recent = history.iloc[-context:]
     fig = Figure(figsize=(9, 2.4 * len(names) + 0.8), dpi=110)
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     for ax, name in zip(axes, names):
         observed = recent[name].dropna()
-        ax.plot(recent.index, recent[name], color="#444444", lw=1.3, label="history")
+        if len(observed) < len(recent) / 2:  # sparse on the grid (a coarser field): its own last observations, joined
+            observed = history[name].dropna().iloc[-context:]
+            ax.plot(observed.index, observed, color="#444444", lw=1.3, marker=".", ms=3, label="history")
+        else:
+            ax.plot(recent.index, recent[name], color="#444444", lw=1.3, label="history")
         # start the forecast and the actuals at the last observed point, so the lines read as continuations
         anchor = observed.iloc[-1:]
         if actuals is not None and name in actuals:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .forecasting import AdapterSpec, predict_windows, widen_rolled_band
+from .forecasting import AdapterSpec, grid_frequency, predict_windows, widen_rolled_band
 from .tabular import (
     DataError,
     check_model_units,
@@ -30,8 +30,9 @@ from .tabular import (
     infer_frequency,
     normalize,
     numeric_frame,
+    own_dates_after,
     own_spacing,
-    parse_frequency,
+    period_starts,
     regular_grid,
     snap,
 )
@@ -106,7 +107,8 @@ class _Items:
 
 def _gridded(df: pd.DataFrame, id_column: str, timestamp_column: str, columns: list[str], spec: AdapterSpec,
              freq: str | None) -> _Items:
-    """Sort, check, snap and average every item's rows onto the adapter's grid in a handful of numpy calls."""
+    """Sort, check, snap and average every item's rows onto the adapter's grid (`freq`: `grid_frequency`'s) in a
+    handful of numpy calls."""
     try:
         codes, ids = pd.factorize(df[id_column], sort=False)  # (rows,), (N,)
     except TypeError:  # lists, dicts: unhashable
@@ -126,10 +128,6 @@ def _gridded(df: pd.DataFrame, id_column: str, timestamp_column: str, columns: l
         raise DataError(f"{int(repeated.sum())} duplicate ({id_column}, {timestamp_column}) row(s), e.g. item "
                         f"{_item(ids[codes[at]])} at {times[at]}: give each item one row per time")
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])  # (N,) first row of each item
-    if spec.frequency and freq and parse_frequency(freq) != parse_frequency(spec.frequency):
-        raise DataError(f"freq {freq!r} differs from the {spec.frequency!r} grid this adapter was trained on; leave "
-                        "freq out")
-    freq = spec.frequency or freq
     if freq is None:  # the longest item says it best
         counts = np.diff(np.r_[starts, len(codes)])
         longest = int(np.argmax(counts))
@@ -208,8 +206,9 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
             different lengths and end dates; each needs at least `context_len - horizon` grid steps.
         target: the column(s) to forecast, each named by one of the adapter's fields; a {column: field} mapping
             when the columns have other names; None (default): every column but the id and the timestamp.
-        prediction_length: grid steps to predict after each item's last period (default: the adapter's horizon);
-            beyond the horizon the forecast is rolled out chunk by chunk, feeding back the median.
+        prediction_length: steps to predict after each item's last period (default: the adapter's horizon), of the
+            grid, or, for a field coarser than the grid, of its own calendar (its next period starts after its last
+            observation); beyond the horizon the forecast is rolled out chunk by chunk, feeding back the median.
         quantile_levels: levels to report, among those the adapter was trained on (default: all of them).
         batch_size: windows per forward pass (bounds memory; results agree across sizes up to float rounding).
         freq: the grid's pandas alias when the adapter records none and the timestamps do not say.
@@ -217,9 +216,10 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
     Returns:
         a long-format DataFrame, one row per (item, target, future step): `id_column`, `timestamp_column`,
         `target_name` (the input column), `predictions` (the median, the point forecast) and one column per quantile
-        level named like "0.1", in the data's own units. NaN at the steps where a field is not due by its own
-        spacing, and for a field not observed in an item's last `context_len` steps; no rows for an item's field
-        that has no value at all.
+        level named like "0.1", in the data's own units; each row's timestamp on its field's own calendar (quarter
+        starts for a quarterly field of a weekly-grid adapter). NaN for a field not observed in an item's last
+        `context_len` steps (and, for adapters saved without own frequencies, at the steps where a coarser field is
+        not due by its own spacing); no rows for an item's field that has no value at all.
     """
     spec = AdapterSpec.from_model(model)
     if not isinstance(df, pd.DataFrame):
@@ -237,7 +237,7 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
         raise DataError("the frame has no rows")
     mapping = _targets(df, id_column, timestamp_column, target, spec)
     columns, fields = list(mapping), list(mapping.values())
-    items = _gridded(df, id_column, timestamp_column, columns, spec, freq)
+    items = _gridded(df, id_column, timestamp_column, columns, spec, grid_frequency(spec, freq, fields))
     valued = np.add.reduceat((~np.isnan(items.values)).any(axis=1), items.offsets[:-1]) > 0  # (N,)
     if not valued.any():
         raise DataError(f"no item has a value in the target column(s) {columns}")
@@ -251,8 +251,49 @@ def predict_df(model, df: pd.DataFrame, *, id_column: str = "item_id", timestamp
                         f"adapter needs at least {spec.min_history()} (context_len {spec.context_len} - horizon "
                         f"{spec.horizon})" + (f"; {len(short) - 1} other item(s) are too short too" if len(short) > 1
                                               else ""))
-    rolled = _rollout(model, spec, items, fields, horizon, batch_size)
-    return _long_frame(items, spec, fields, columns, rolled, horizon, levels, id_column, timestamp_column)
+    calendars = _calendars(items, spec, fields, horizon)
+    width = max([horizon] * any(c is None for c in calendars) + [c.grid_steps for c in calendars if c is not None])
+    rolled = _rollout(model, spec, items, fields, width, batch_size, calendars)
+    return _long_frame(items, spec, fields, columns, rolled, horizon, levels, id_column, timestamp_column, calendars)
+
+
+@dataclass
+class _Calendar:
+    """A target field's own calendar, coarser than the grid (a quarterly field of a W-SAT adapter): it is forecast
+    at the grid steps holding its period starts, and its rows are the next `prediction_length` of them."""
+
+    freq: str  # the field's own frequency
+    dates: np.ndarray  # (N, prediction_length) datetime64: each item's next period starts after its last observation
+    positions: np.ndarray  # (N, prediction_length) their steps on the global grid
+    grid_steps: int  # grid steps after an item's end that reach its last period start, the most over the items
+
+
+def _calendars(items: _Items, spec: AdapterSpec, fields: list[str], steps: int) -> list[_Calendar | None]:
+    """Per target field, its own calendar when the adapter records a coarser own frequency for it, else None: the
+    `steps` period starts after the item's last observation of the field (after the item's end when it has none in
+    its last context_len steps), as `forecasting.forecast_on_calendar` has them."""
+    starts, lengths = items.offsets[:-1], items.lengths
+    ends = items.first + lengths - 1  # (N,) each item's last step on the global grid
+    row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
+    out: list[_Calendar | None] = []
+    for j, name in enumerate(fields):
+        own = spec.own_frequency(name)
+        if own is None:
+            out.append(None)
+            continue
+        last = np.maximum.reduceat(np.where(np.isnan(items.values[:, j]), -1, row), starts)  # (N,) -1: none
+        fresh = last >= lengths - spec.context_len
+        after_step = np.where(fresh, items.first + last, ends)  # (N,) the grid step its period starts follow
+        unique, which = np.unique(after_step, return_inverse=True)  # items sharing that step share their dates
+        dates, after = [], []  # per unique step: (steps,) period starts, (steps,) grid steps after it
+        for step in unique:
+            own_dates, _ = own_dates_after(items.grid[step], items.freq, own, steps)
+            dates.append(own_dates.to_numpy())
+            after.append(snap(own_dates, pd.date_range(items.grid[step], own_dates[-1], freq=items.freq)))
+        positions = after_step[:, None] + np.stack(after)[which.ravel()]  # (N, steps) global grid steps
+        out.append(_Calendar(own, np.stack(dates)[which.ravel()], positions,
+                             max(1, int(np.max(positions[:, -1] - ends)))))
+    return out
 
 
 @dataclass
@@ -268,10 +309,12 @@ class _Rollout:
     quantiles: np.ndarray  # (N, W, S, Q) normalised, where due
 
 
-def _schedule(items: _Items, context: int, history: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _schedule(items: _Items, context: int, history: int, width: int, calendars: list[_Calendar | None]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each (item, field) is predicted: (N, S) present, (N, S) row of its last observation (-1 when absent)
-    and (N, W, S) due on the right-aligned canvas, the field's own spacing continued from its last observation, for
-    fields observed in the item's last `context` steps (the others are stale: logged, not forecast)."""
+    and (N, W, S) due on the right-aligned canvas after its last observation, for fields observed in the item's last
+    `context` steps (the others are stale: logged, not forecast): at the grid steps holding its period starts for a
+    field with its own calendar (`forecasting._schedule`), else its own spacing continued."""
     starts, lengths, n = items.offsets[:-1], items.lengths, len(items.ids)
     # per (item, field): observations, first and last observed row, the field's own spacing
     observed = ~np.isnan(items.values)  # (sum L_i, S)
@@ -291,10 +334,17 @@ def _schedule(items: _Items, context: int, history: int, width: int) -> tuple[np
     column = np.arange(width)[None, :, None]
     last_column = (last - lengths[:, None] + history)[:, None, :]  # (N, 1, S)
     due = fresh[:, None, :] & (column > last_column) & ((column - last_column) % spacing[:, None, :] == 0)
+    grid = pd.date_range(items.grid[0], periods=len(items.grid) + width - history, freq=items.freq)
+    position = (items.first + lengths - history)[:, None] + np.arange(width)[None, :]  # (N, W) global grid step
+    for j, calendar in enumerate(calendars):
+        if calendar is not None:
+            starts_here = period_starts(grid, items.freq, calendar.freq)[np.maximum(position, 0)]  # (N, W)
+            due[:, :, j] = fresh[:, None, j] & (column[..., 0] > last_column[..., j]) & starts_here
     return present, last, due
 
 
-def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int) -> _Rollout:
+def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon: int, batch_size: int,
+             calendars: list[_Calendar | None]) -> _Rollout:
     """Roll every item out, batched: the windows of all items at one chunk round go through shared forward passes.
 
     Mirrors `forecasting.forecast_quantile_frame` item by item: a chunk of `spec.horizon` steps from the item's
@@ -307,7 +357,7 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
     history = 2 * context
     width = history + horizon
     starts, lengths = items.offsets[:-1], items.lengths
-    present, last, due = _schedule(items, context, history, width)  # (N, S), (N, S), (N, W, S)
+    present, last, due = _schedule(items, context, history, width, calendars)  # (N, S), (N, S), (N, W, S)
     any_due = due.any(axis=2)  # (N, W)
     idle = np.flatnonzero(~any_due.any(axis=1) & present.any(axis=1))  # an item with no value: no rows, no error
     if len(idle):
@@ -353,14 +403,16 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
 
 
 def _long_frame(items: _Items, spec: AdapterSpec, fields: list[str], columns: list[str], rolled: _Rollout,
-                horizon: int, levels: list[float], id_column: str, timestamp_column: str) -> pd.DataFrame:
-    """(item, target, step) rows in the data's own units, items in order of first appearance.
+                horizon: int, levels: list[float], id_column: str, timestamp_column: str,
+                calendars: list[_Calendar | None]) -> pd.DataFrame:
+    """(item, target, step) rows in the data's own units, items in order of first appearance: `horizon` grid steps,
+    or, for a field with its own calendar, its next `horizon` period starts.
 
     Change transforms accumulate each level's path from the item's last raw value, as `forecast_quantiles` does.
     """
     future = pd.date_range(items.grid[0], periods=len(items.grid) + horizon, freq=items.freq)
     picks = [spec.median_index, *(spec.quantile_levels.index(q) for q in levels)]
-    item_index, field_index, positions, blocks = [], [], [], []
+    item_index, field_index, stamps, blocks = [], [], [], []
     for j, name in enumerate(fields):
         stats, members = spec.fields[name], np.flatnonzero(rolled.present[:, j])
         due = rolled.due[members, :, j][..., None]  # (M, W, 1)
@@ -377,16 +429,25 @@ def _long_frame(items: _Items, spec: AdapterSpec, fields: list[str], columns: li
                 raw = last_raw * np.cumprod(np.where(due, 1.0 + modelled, 1.0), axis=1)
             else:  # log_return
                 raw = last_raw * np.exp(np.cumsum(np.where(due, modelled, 0.0), axis=1))
-        blocks.append(np.where(due, raw, np.nan)[:, rolled.history:].reshape(-1, len(picks)))  # (M * horizon, ..)
+        raw = np.where(due, raw, np.nan)  # (M, W, 1 + levels)
+        calendar = calendars[j]
+        if calendar is None:  # the next `horizon` grid steps
+            blocks.append(raw[:, rolled.history:rolled.history + horizon].reshape(-1, len(picks)))  # (M * horizon, ..)
+            stamps.append(future[(items.first[members, None] + items.lengths[members, None] + np.arange(horizon)
+                                  ).ravel()])
+        else:  # the canvas columns of the item's next `horizon` period starts
+            ends = (items.first + items.lengths - 1)[members, None]  # (M, 1)
+            taken = calendar.positions[members] - ends - 1 + rolled.history  # (M, horizon)
+            blocks.append(np.take_along_axis(raw, taken[..., None], axis=1).reshape(-1, len(picks)))
+            stamps.append(pd.DatetimeIndex(calendar.dates[members].ravel()))
         item_index.append(np.repeat(members, horizon))
         field_index.append(np.full(len(members) * horizon, j))
-        positions.append((items.first[members, None] + items.lengths[members, None] + np.arange(horizon)).ravel())
     item_index, field_index = np.concatenate(item_index), np.concatenate(field_index)
     step = np.tile(np.arange(horizon), len(item_index) // horizon)  # blocks are (item, step) row-major
     order = np.lexsort((step, field_index, item_index))
     values = np.concatenate(blocks)[order]  # (rows, 1 + levels)
     frame = pd.DataFrame({id_column: items.ids[item_index[order]],
-                          timestamp_column: future[np.concatenate(positions)[order]],
+                          timestamp_column: stamps[0].append(stamps[1:])[order],
                           "target_name": np.asarray(columns, dtype=object)[field_index[order]],
                           "predictions": values[:, 0]})
     for c, q in enumerate(levels):

@@ -384,25 +384,53 @@ def infer_frequency(index: pd.DatetimeIndex) -> str | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
-def align(frames: dict[str, pd.DataFrame], frequencies: dict[str, str | None]) -> tuple[pd.DataFrame, str]:
-    """Put every source on one regular grid at the finest declared (or inferred) frequency; NaN where absent."""
-    freqs = {}
-    for name, frame in frames.items():
-        freq = frequencies.get(name)
-        if not freq:
-            freq = _infer_freq(frame.index) if len(frame.index) >= 3 else None
-            if freq is None:
-                raise DataError(f"source {name!r}: cannot infer the frequency of its time column (gaps or irregular "
-                                "dates); declare 'frequency' (e.g. D, W, MS, QS, YS)")
-        freqs[name] = freq
-    grid_freq = min(freqs.values(), key=_mean_step)
+def source_frequency(name: str, index: pd.DatetimeIndex, declared: str | None) -> str:
+    """A source's own frequency: the declared one, else inferred from its (gap-free) dates; a DataError names it."""
+    if declared:
+        return declared
+    freq = _infer_freq(index) if len(index) >= 3 else None
+    if freq is None:
+        raise DataError(f"source {name!r}: cannot infer the frequency of its time column (gaps or irregular "
+                        "dates); declare 'frequency' (e.g. D, W, MS, QS, YS)")
+    return freq
+
+
+def finest_frequency(freqs) -> str:
+    """The grid of sources at `freqs` (pandas aliases): the one of the shortest step, as `align` chooses it."""
+    return min(freqs, key=_mean_step)
+
+
+def is_coarser(freq: str | None, grid_freq: str | None) -> bool:
+    """Whether `freq` (a field's own frequency) steps further than the grid `grid_freq` (QS on W-SAT: True)."""
+    if not freq or not grid_freq:
+        return False
+    return _mean_step(freq) > _mean_step(grid_freq)
+
+
+def describe_grid(grid_freq: str, own: dict[str, str | None]) -> str:
+    """A grid for people: "W-SAT", or "W-SAT (finest of: co2 W-SAT, gdp QS)" when some of `own` ({source or field:
+    its own frequency}, None where unknown) are coarser, so a user sees which series sit on it at their own steps."""
+    if not any(is_coarser(freq, grid_freq) or freq is None for freq in own.values()):
+        return grid_freq
+    return f"{grid_freq} (finest of: " + ", ".join(f"{name} {freq or '(inferred when training)'}"
+                                                   for name, freq in own.items()) + ")"
+
+
+def align(frames: dict[str, pd.DataFrame], frequencies: dict[str, str | None]
+          ) -> tuple[pd.DataFrame, str, dict[str, str]]:
+    """Put every source on one regular grid at the finest declared (or inferred) frequency; NaN where absent.
+
+    Returns the aligned frame, the grid's frequency and each source's own frequency (a coarser source keeps it: its
+    rows sit at the grid steps holding its periods, NaN between)."""
+    freqs = {name: source_frequency(name, frame.index, frequencies.get(name)) for name, frame in frames.items()}
+    grid_freq = finest_frequency(freqs.values())
     first = min(f.index.min() for f in frames.values())
     last = max(f.index.max() for f in frames.values())
     grid = regular_grid(first, last, grid_freq, f"sources {list(frames)}")
     placed = [place_on_grid(frame, grid) for frame in frames.values()]
     aligned = pd.concat(placed, axis=1)
     aligned.index = grid.rename("time")
-    return aligned, grid_freq
+    return aligned, grid_freq, freqs
 
 
 def parse_frequency(freq: str) -> pd.DateOffset:
@@ -413,12 +441,52 @@ def parse_frequency(freq: str) -> pd.DateOffset:
         raise DataError(f"unknown frequency {freq!r} (a pandas offset alias such as 'D', 'W', 'MS', 'QS')") from None
 
 
+def same_frequency(a: str, b: str) -> bool:
+    """Whether two pandas aliases step through the same dates: QS and QS-OCT (both quarter starts), W and W-SUN."""
+    first, second = parse_frequency(a), parse_frequency(b)
+    start = pd.Timestamp("2000-01-01")
+    return first == second or pd.date_range(start, periods=12, freq=first).equals(
+        pd.date_range(start, periods=12, freq=second))
+
+
 def future_index(index: pd.Index, freq: str | None, steps: int) -> pd.Index:
     """The `steps` grid steps after `index`: continuing the dates at `freq`, else continuing the step numbers."""
     if isinstance(index, pd.DatetimeIndex) and freq is not None:
         offset = pd.tseries.frequencies.to_offset(freq)
         return pd.date_range(index[-1] + offset, periods=steps, freq=freq, name=index.name)
     return pd.RangeIndex(len(index), len(index) + steps, name=index.name or "step")
+
+
+def _first_start_at_or_after(stamp: pd.Timestamp, offset: pd.DateOffset) -> pd.Timestamp:
+    """The first start of an `offset` period at or after `stamp`."""
+    if isinstance(offset, pd.offsets.Tick):
+        return stamp.ceil(offset)
+    return offset.rollforward(stamp)
+
+
+def period_starts(grid: pd.DatetimeIndex, grid_freq: str, freq: str) -> np.ndarray:
+    """(len(grid),) bool: the steps of a `grid_freq` grid that hold the start of a `freq` period.
+
+    A coarser field's observation is placed at the grid step holding its date (`place_on_grid`); training reads its
+    periods' starts (`to_periods`), so these are the steps where a field of own frequency `freq` is observed, and
+    the steps it is forecast at (a quarter starting 2009-10-01 sits on the W-SAT step 2009-09-26)."""
+    if not len(grid):
+        return np.zeros(0, dtype=bool)
+    offset, step = pd.tseries.frequencies.to_offset(freq), pd.tseries.frequencies.to_offset(grid_freq)
+    starts = pd.date_range(_first_start_at_or_after(grid[0], offset), grid[-1] + step, freq=offset, inclusive="left")
+    out = np.zeros(len(grid), dtype=bool)
+    out[snap(starts, grid)] = True
+    return out
+
+
+def own_dates_after(last: pd.Timestamp, grid_freq: str, freq: str, steps: int) -> tuple[pd.DatetimeIndex, int]:
+    """The `steps` period starts of `freq` after the `grid_freq` grid step `last`, and how many grid steps after
+    `last` reach the last of them (the grid horizon that covers them): 8 quarters after a W-SAT step -> (8 quarter
+    starts, about 104 weeks)."""
+    step = pd.tseries.frequencies.to_offset(grid_freq)
+    dates = pd.date_range(_first_start_at_or_after(last + step, pd.tseries.frequencies.to_offset(freq)),
+                          periods=steps, freq=freq)
+    return dates, len(pd.date_range(last, dates[-1], freq=step)) - 1
 
 
 def own_spacing(rows: np.ndarray) -> int:

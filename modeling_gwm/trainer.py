@@ -50,6 +50,7 @@ from .node_loop import (
 from .output_paths import check_run_contents
 from .plan import RunPlan
 from .run_folder import ADAPTER_FILES, CHECKSUM_KEY
+from .tabular import describe_grid
 from .training_args import TrainingArguments
 
 logger = get_logger(__name__)
@@ -73,6 +74,15 @@ def _span(own: tuple[str, str] | None, inherited: list[str] | None) -> dict:
     """{"span": [first, last]}: the dates a field's adapter has seen (its own data and its parents'), or nothing."""
     spans = [tuple(s) for s in (own, inherited) if s]
     return {"span": [min(a for a, _ in spans), max(b for _, b in spans)]} if spans else {}
+
+
+def _own_frequency(name: str, data: NodeData, inherited: dict[str, dict]) -> str | None:
+    """A field's own frequency: its source's in this node, else the one its parent recorded (an older parent without
+    one: the parent's grid)."""
+    if name in data.field_frequencies:
+        return data.field_frequencies[name]
+    entry = inherited.get(name, {})
+    return entry.get("own_frequency") or entry.get("frequency")
 
 
 class NodeNotReadyError(RuntimeError):
@@ -179,7 +189,8 @@ class DAGCurriculumTrainer(RunPlan):
         for parent in self.curriculum.node(name).parents:
             for entry in self.run_folder.read_node_json(parent, "adapter_config.json")["fields"]:
                 inherited.setdefault(entry["name"], entry)
-        # "frequency": the grid this node trained on, so forecasting puts a history on the same grid
+        # "frequency": the grid this node trained on, so forecasting puts a history on the same grid; "own_frequency":
+        # the field's source's own (a quarterly field on a weekly grid), so its forecast comes out on its own calendar
         lost = [f for f in self.curriculum.adapter_fields(name) if f not in data.stats and f not in inherited]
         if lost:
             raise CurriculumError(f"{self.curriculum.where}: node {name!r}: field(s) {lost} should come from parent(s) "
@@ -187,6 +198,7 @@ class DAGCurriculumTrainer(RunPlan):
                                   "hold them (the curriculum changed after they were trained); retrain those parents "
                                   "or use a new --output_dir")
         return [{**(data.stats[f].to_dict() if f in data.stats else inherited[f]), "frequency": data.frequency,
+                 "own_frequency": _own_frequency(f, data, inherited),
                  **_span(data.date_range.get(f), inherited.get(f, {}).get("span"))}
                 for f in self.curriculum.adapter_fields(name)]
 
@@ -298,8 +310,15 @@ class DAGCurriculumTrainer(RunPlan):
         run.model.train()
         run.progress = tqdm(total=run.steps, initial=run.state.step, desc=f"{run.name} [{node.kind}]",
                             disable=not (acc.is_local_main_process and show_progress()), dynamic_ncols=True)
-        logger.info(f"node {run.name} [{node.kind}]: training steps {run.state.step + 1}-{run.steps}, "
-                    f"val loss {run.state.val_history[0]['val_loss']:.4f}", main_process_only=True)
+        logger.info(f"node {run.name} [{node.kind}]: training steps {run.state.step + 1}-{run.steps} on grid "
+                    f"{describe_grid(run.data.frequency, self._source_frequencies(run))}, val loss "
+                    f"{run.state.val_history[0]['val_loss']:.4f}", main_process_only=True)
+
+    def _source_frequencies(self, run: NodeRun) -> dict[str, str]:
+        """{source: its own frequency} of the sources the node reads, for the log line naming its grid."""
+        sources = self.curriculum.sources
+        return {s: next(run.data.field_frequencies[f] for f in sources[s].fields if f in run.data.field_frequencies)
+                for s in run.node.sources if any(f in run.data.field_frequencies for f in sources[s].fields)}
 
     def _loop(self, run: NodeRun, dag: dict) -> None:
         state = run.state

@@ -160,8 +160,8 @@ def test_node_card_loads_back_with_every_metadata_field(run_dir):
 
 def test_node_card_body_documents_fields_usage_budget_and_limitations(run_dir):
     text = (run_dir / "world" / "README.md").read_text()
-    assert "| 0 | `macro.us.real_gdp` | % q/q | pct_change | 0.006 | 0.011 |" in text
-    assert "| 1 | `markets.sp500.close` | USD | log | 7.2 | 0.9 |" in text
+    assert "| 0 | `macro.us.real_gdp` | % q/q | — | pct_change | 0.006 | 0.011 |" in text  # — : no own frequency
+    assert "| 1 | `markets.sp500.close` | USD | — | log | 7.2 | 0.9 |" in text
     assert 'GWMModel.from_pretrained(base, "<user>/<repo>", subfolder="world")' in text
     trainable = sum(t.numel() for t in load_file(run_dir / "world" / "adapter_model.safetensors").values())
     assert f"| **Total trainable** | **{trainable:,}** | yes |" in text

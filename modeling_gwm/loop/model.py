@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..merging import MERGE_METHODS, MergeSpec, merge_adapters
+from ..tabular import finest_frequency, is_coarser, parse_frequency
 from .config import ADAPTER_FORMAT_VERSION, DEFAULT_TARGET_MODULES, LoopConfig
 from .layer import LoopLayer
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterMismatchError(ValueError):
@@ -130,6 +134,9 @@ class LoopModel(BaseTuner):
         adapter - init, so it needs the adapters' common initialisation: `init` is the name of a loaded adapter
         holding it (a fresh adapter added to a model built with the training seed) or its state dict. Field
         embeddings merge by field name; the new adapter's fields are the adapters' fields in order of appearance.
+        Adapters trained on different grids (a weekly and a quarterly one) merge onto the finest, as a join node
+        trains on the finest of its sources: each field keeps its own frequency (forecast on its own calendar), a
+        warning says so, and the window settings are those of the (first) adapter on that grid.
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} already exists")
@@ -150,14 +157,11 @@ class LoopModel(BaseTuner):
                                  "one shape can be merged")
         states = [get_peft_model_state_dict(self, adapter_name=a) for a in adapters]
         init_state = self._merge_init_state(init, combination_type, states[0])
-        meta: dict[str, dict] = {}
-        for config in configs:
-            for entry in config.fields:
-                meta.setdefault(entry["name"], entry)
+        meta, finest = _merged_fields(adapters, configs, adapter_name)
         spec = MergeSpec(combination_type, list(weights), density, majority_sign_method)
         merged = merge_adapters(states, [c.field_names for c in configs], list(meta), init_state, spec=spec,
                                 seed=seed)
-        config = copy.deepcopy(configs[0])
+        config = copy.deepcopy(configs[finest])  # its window and season are those of the grid the merge is on
         config.fields = list(meta.values())
         config.inference_mode = False
         self.peft_config[adapter_name] = config
@@ -183,3 +187,28 @@ class LoopModel(BaseTuner):
             return get_peft_model_state_dict(self, adapter_name=init)
         # a PeftModel's state dict carries a "base_model." prefix that the tuner's does not
         return {k.removeprefix("base_model."): v for k, v in init.items()}
+
+
+def _merged_fields(adapters: list[str], configs: list[LoopConfig], adapter_name: str) -> tuple[dict[str, dict], int]:
+    """The merged adapter's field entries by name (first adapter's entry for a shared field) and the index of the
+    (first) adapter on the finest grid. Adapters on different grids: every entry moves to that grid, keeping its
+    own frequency (`own_frequency`, else its adapter's grid), with a warning; on one grid, the entries as they are."""
+    grids = {a: next((f["frequency"] for f in c.fields if f.get("frequency")), None) for a, c in zip(adapters, configs)}
+    known = {a: g for a, g in grids.items() if g}
+    finest = finest_frequency(known.values()) if known else None
+    mixed = len({parse_frequency(g) for g in known.values()}) > 1
+    meta: dict[str, dict] = {}
+    for config in configs:
+        for entry in config.fields:
+            if entry["name"] not in meta:
+                own = entry.get("own_frequency") or entry.get("frequency")
+                meta[entry["name"]] = {**entry, "frequency": finest, "own_frequency": own} if mixed else entry
+    if mixed:
+        coarser = {n: e["own_frequency"] for n, e in meta.items() if is_coarser(e["own_frequency"], finest)}
+        logger.warning("add_weighted_adapter: the adapters are on different grids (%s); %r is on the finest, %s, as a "
+                       "join node is, and each field keeps its own frequency (%s): forecasts of those fields come out "
+                       "on their own calendar", ", ".join(f"{a} {g}" for a, g in known.items()), adapter_name, finest,
+                       ", ".join(f"{n} {f}" for n, f in coarser.items()))
+    index = next(i for i, a in enumerate(adapters) if not finest or (grids[a] and parse_frequency(grids[a]) ==
+                                                                     parse_frequency(finest)))
+    return meta, index
