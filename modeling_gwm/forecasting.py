@@ -17,7 +17,7 @@ widened by the spread reached before it (`widen_rolled_band`), so the band grows
 
 The model predicts quantiles (the adapter's `quantile_levels`, 0.1 ... 0.9 by default): `forecast` returns the
 median, `forecast_quantiles` every level; `predict_windows` is the batched step both (and `predict_df`) are built on.
-An adapter trained with `calibrate_quantiles` records, per field, a factor for each level's offset from the median,
+An adapter trained with `calibrate_quantiles` records, per field, factors on each level's offset from the median,
 fitted on its node's validation windows (`fit_quantile_scales`); `predict_windows` applies them (`scale_quantiles`),
 so every band a user sees is the calibrated one. The median is never changed.
 """
@@ -60,8 +60,8 @@ logger = logging.getLogger(__name__)
 MAX_FORECAST_STEPS = 10_000
 # Quantile calibration (`fit_quantile_scales`; the factors are in an adapter's fields under `QUANTILE_SCALE_KEY`):
 # the bounds a fitted factor is clipped to, and the fewest validation targets a factor is fitted from.
-QUANTILE_SCALE_BOUNDS = (0.25, 4.0)  # a fitted factor is clipped to these
-MIN_CALIBRATION_POINTS = 20  # fewer validation targets of a field (or with a usable offset at a level): factor 1
+QUANTILE_SCALE_BOUNDS = (0.25, 4.0)  # the range a factor is searched in
+MIN_CALIBRATION_POINTS = 20  # a field with fewer validation targets gets no factor
 
 
 # ---------------------------------------------------------------------------------------------------- the adapter
@@ -229,14 +229,14 @@ def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
 
 
 def fit_quantile_scales(actual: np.ndarray, quantiles: np.ndarray, levels) -> list[float] | None:
-    """Per-level factors on each level's offset from the median, fitted so that the calibrated level
-    `median + factor * (q - median)` has the level's share of `actual` at or below it (split-conformal scaling of
-    the band, as CQR does with an additive margin).
+    """One factor on every level's offset from the median, the one whose calibrated band
+    `median + factor * (q - median)` has the lowest mean pinball loss (the quantity WQL weighs) on these targets.
 
-    For a level above the median, the factor is the level's empirical quantile of `(actual - median) / (q - median)`;
-    below it, the (1 - level) quantile of the same ratio (the offset is negative). Targets where the level sits on
-    the median are left out. Each factor is clipped to `QUANTILE_SCALE_BOUNDS`; a level with fewer than
-    `MIN_CALIBRATION_POINTS` usable targets keeps 1.
+    The factor is searched on a log-spaced grid over `QUANTILE_SCALE_BOUNDS` that includes 1, so the calibrated band
+    never scores worse than the model's own on the targets it was fitted on. One factor per field, not one per level:
+    on bench_forecast's tuning series per-level factors (each matching its level's coverage) made the hold-out WQL
+    worse, the single factor better (benchmarks/README.md section 6). A field with fewer than
+    `MIN_CALIBRATION_POINTS` targets gets no factor.
 
     Args:
         actual: (N,) observed values of one field.
@@ -244,26 +244,28 @@ def fit_quantile_scales(actual: np.ndarray, quantiles: np.ndarray, levels) -> li
         levels: (Q,) the quantile levels, with 0.5.
 
     Returns:
-        Q plain floats (1.0 at the median), or None with fewer than `MIN_CALIBRATION_POINTS` targets.
+        Q plain floats, one per level (1.0 at the median, the fitted factor at every other level), or None.
     """
     actual, quantiles = np.asarray(actual, dtype=np.float64), np.asarray(quantiles, dtype=np.float64)
     keep = np.isfinite(actual) & np.isfinite(quantiles).all(axis=1)
     actual, quantiles = actual[keep], quantiles[keep]
     if len(actual) < MIN_CALIBRATION_POINTS:
         return None
-    levels = [float(q) for q in levels]
-    median = quantiles[:, levels.index(0.5)]
-    scales = []
-    for k, level in enumerate(levels):
-        offset = quantiles[:, k] - median
-        usable = np.abs(offset) > 1e-9
-        if level == 0.5 or usable.sum() < MIN_CALIBRATION_POINTS:
-            scales.append(1.0)
-            continue
-        ratio = (actual[usable] - median[usable]) / offset[usable]
-        factor = np.quantile(ratio, level if level > 0.5 else 1.0 - level)
-        scales.append(float(np.clip(factor, *QUANTILE_SCALE_BOUNDS)))
-    return scales
+    levels = np.asarray([float(q) for q in levels])
+    median_index = int(np.flatnonzero(levels == 0.5)[0])
+    low, high = QUANTILE_SCALE_BOUNDS
+    grid = np.concatenate([[1.0], np.geomspace(low, high, 161)])
+    losses = [mean_pinball(actual, scale_quantiles(quantiles, np.where(levels == 0.5, 1.0, g), median_index), levels)
+              for g in grid]
+    factor = float(grid[int(np.argmin(losses))])  # the first of equal losses: 1 unless another is strictly better
+    return [1.0 if level == 0.5 else factor for level in levels]
+
+
+def mean_pinball(actual: np.ndarray, quantiles: np.ndarray, levels) -> float:
+    """The pinball (quantile) loss of (N, Q) `quantiles` at `levels` for (N,) `actual`, averaged over both."""
+    error = np.asarray(actual, dtype=np.float64)[:, None] - np.asarray(quantiles, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
+    return float(np.mean(np.maximum(levels * error, (levels - 1.0) * error)))
 
 
 def scale_quantiles(quantiles: np.ndarray, scales: np.ndarray, median_index: int) -> np.ndarray:
@@ -596,6 +598,6 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     return out
 
 
-__all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite",
-           "coverage_error", "fit_quantile_scales", "forecast", "forecast_quantiles", "impute", "predict_windows",
+__all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "coverage_error",
+           "fit_quantile_scales", "forecast", "forecast_quantiles", "impute", "mean_pinball", "predict_windows",
            "prediction_length_of", "read_history", "scale_quantiles", "widen_rolled_band"]

@@ -18,7 +18,7 @@ from .checkpoint import NodeState
 from .curriculum import TrainingNode
 from .data import CanvasDataset, NodeData, collate_canvas
 from .faults import crash_point, inject_nan
-from .forecasting import coverage_error, fit_quantile_scales, scale_quantiles
+from .forecasting import coverage_error, fit_quantile_scales, mean_pinball, scale_quantiles
 from .masking import sample_target_mask
 
 
@@ -228,8 +228,9 @@ def calibrate_quantiles(acc: Accelerator, model: torch.nn.Module, dataset: Canva
     """Fit each field's quantile calibration on the node's validation windows (all of them, up to
     `CALIBRATION_WINDOWS`): `forecasting.fit_quantile_scales` on the scored targets of that field.
 
-    Returns {"scales": {field: Q factors, or None with too few targets}, "coverage_error_before" / "_after": the
-    mean over levels of |empirical share below the level - the level| on those targets, before and after}.
+    Returns {"scales": {field: Q factors, or None with too few targets}, and over all those targets, before and after
+    calibration: "pinball_before" / "_after" (the mean pinball loss, normalised units) and "coverage_error_before" /
+    "_after" (the mean over levels of |share of targets below the level - the level|)}.
     """
     levels = [float(q) for q in acc.unwrap_model(model).config.quantile_levels]
     actual: dict[int, list] = {j: [] for j in range(len(fields))}
@@ -246,16 +247,15 @@ def calibrate_quantiles(acc: Accelerator, model: torch.nn.Module, dataset: Canva
         y = np.concatenate(actual[j]) if actual[j] else np.zeros(0)
         q = np.concatenate(predicted[j]) if predicted[j] else np.zeros((0, len(levels)))
         scales[name] = fit_quantile_scales(y, q, levels)
-        before.append((y, q))
-        after.append((y, q if scales[name] is None else scale_quantiles(q, np.asarray(scales[name]), median)))
-    return {"scales": scales, "coverage_error_before": _pooled_coverage_error(before, levels),
-            "coverage_error_after": _pooled_coverage_error(after, levels)}
-
-
-def _pooled_coverage_error(pairs: list[tuple[np.ndarray, np.ndarray]], levels: list[float]) -> float | None:
-    y = np.concatenate([a for a, _ in pairs]) if pairs else np.zeros(0)
-    q = np.concatenate([b for _, b in pairs]) if pairs else np.zeros((0, len(levels)))
-    return coverage_error(y, q, levels) if len(y) else None
+        before.append(q)
+        after.append(q if scales[name] is None else scale_quantiles(q, np.asarray(scales[name]), median))
+    y = np.concatenate([np.concatenate(actual[j]) for j in actual if actual[j]] or [np.zeros(0)])
+    record = {"scales": scales}
+    for when, parts in (("before", before), ("after", after)):
+        q = np.concatenate(parts) if parts else np.zeros((0, len(levels)))
+        record[f"pinball_{when}"] = mean_pinball(y, q, levels) if len(y) else None
+        record[f"coverage_error_{when}"] = coverage_error(y, q, levels) if len(y) else None
+    return record
 
 
 def node_metrics(acc: Accelerator, run: NodeRun, seed: int, nonfinite: str) -> dict:

@@ -396,8 +396,8 @@ class DAGCurriculumTrainer(RunPlan):
             entry.pop(QUANTILE_SCALE_KEY, None)
             if fitted["scales"].get(entry["name"]) is not None:
                 entry[QUANTILE_SCALE_KEY] = fitted["scales"][entry["name"]]
-        logger.info(f"node {run.name}: quantiles calibrated on its validation windows, coverage error "
-                    f"{_fmt_loss(fitted['coverage_error_before'])} -> {_fmt_loss(fitted['coverage_error_after'])}",
+        logger.info(f"node {run.name}: quantiles calibrated on its validation windows, pinball loss "
+                    f"{_fmt_loss(fitted['pinball_before'])} -> {_fmt_loss(fitted['pinball_after'])}",
                     main_process_only=True)
         return fitted
 
