@@ -59,9 +59,9 @@ logger = logging.getLogger(__name__)
 # calls at horizon 4; a longer request is almost surely a typo, refused up front instead of running for hours.
 MAX_FORECAST_STEPS = 10_000
 # Quantile calibration (`fit_quantile_scales`; the factors are in an adapter's fields under `QUANTILE_SCALE_KEY`):
-# the bounds a fitted factor is clipped to, and the fewest validation targets a factor is fitted from.
-QUANTILE_SCALE_BOUNDS = (0.25, 4.0)  # the range a factor is searched in
-MIN_CALIBRATION_POINTS = 20  # a field with fewer validation targets gets no factor
+# the range a factor is searched in, and the fewest validation targets of a field it is fitted from.
+QUANTILE_SCALE_BOUNDS = (0.25, 4.0)
+MIN_CALIBRATION_POINTS = 20
 
 
 # ---------------------------------------------------------------------------------------------------- the adapter
@@ -226,8 +226,6 @@ def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- calibration
-
-
 def fit_quantile_scales(actual: np.ndarray, quantiles: np.ndarray, levels) -> list[float] | None:
     """One factor on every level's offset from the median, the one whose calibrated band
     `median + factor * (q - median)` has the lowest mean pinball loss (the quantity WQL weighs) on these targets.
