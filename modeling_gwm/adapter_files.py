@@ -18,7 +18,7 @@ from torch import nn
 from .configuration_gwm import MODEL_LIMITS, GWMConfig
 from .io_utils import file_sha256, read_json
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer
-from .loop.config import ADAPTER_FORMAT_VERSION
+from .loop.config import ADAPTER_FORMAT_VERSION, QUANTILE_SCALE_KEY
 
 if TYPE_CHECKING:
     from .modeling_gwm import GWMModel
@@ -295,3 +295,10 @@ def _check_loop_config(config: LoopConfig, path: str) -> None:
         raise bad("gwm_config", str(err)) from None
     if len(names) > gwm_config.max_fields:
         raise bad("fields", f"has {len(names)} entries, more than gwm_config.max_fields={gwm_config.max_fields}")
+    count = len(gwm_config.quantile_levels)
+    for i, entry in enumerate(config.fields):  # quantile calibration (optional): one positive factor per level
+        scale = entry.get(QUANTILE_SCALE_KEY)
+        if scale is not None and not (isinstance(scale, list) and len(scale) == count and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in scale)):
+            raise bad(f"fields[{i}].{QUANTILE_SCALE_KEY}", f"must be a list of {count} positive finite numbers (one "
+                      f"per quantile level), got {scale!r:.60}")

@@ -56,6 +56,8 @@ class TrainingNode:
     warmup_ratio: float = 0.05
     eval_every: int = 25  # validation every so many steps (and at step 0 and the last); the best step is written
     early_stopping_patience: int | None = None  # stop after so many evaluations without a new best (None: never)
+    # fit the written state's band on the node's validation windows (`forecasting.fit_quantile_scales`)
+    calibrate_quantiles: bool = False
     merge: MergeSpec | None = None
 
     @property
@@ -246,7 +248,8 @@ class Curriculum:
                          f"batch {node.batch_size}, n_loops {node.n_loops}, window {node.context_len}/{node.horizon}")
             stop = f", early stop after {node.early_stopping_patience}" if node.early_stopping_patience else ""
             lines.append(f"    schedule {node.lr_scheduler_type} (warm-up {node.warmup_for(node.steps)}), validated "
-                         f"every {node.eval_every} steps{stop}; writes its best evaluated step")
+                         f"every {node.eval_every} steps{stop}; writes its best evaluated step"
+                         + ", its quantiles calibrated on its validation windows" * node.calibrate_quantiles)
             lines.append(f"    sources: {', '.join(node.sources)}; trains on {len(self.node_fields(name))} fields: "
                          + ", ".join(self.node_fields(name)))
             grid, own = self.node_grid(name)

@@ -16,7 +16,10 @@ input for the next chunk (its MEDIAN), on a window of the adapter's `context_len
 widened by the spread reached before it (`widen_rolled_band`), so the band grows with the lead time.
 
 The model predicts quantiles (the adapter's `quantile_levels`, 0.1 ... 0.9 by default): `forecast` returns the
-median, `forecast_quantiles` every level; `predict_windows` is the batched step both are built on.
+median, `forecast_quantiles` every level; `predict_windows` is the batched step both (and `predict_df`) are built on.
+An adapter trained with `calibrate_quantiles` records, per field, factors on each level's offset from the median,
+fitted on its node's validation windows (`fit_quantile_scales`); `predict_windows` applies them (`scale_quantiles`),
+so every band a user sees is the calibrated one. The median is never changed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from .configuration_gwm import DEFAULT_QUANTILE_LEVELS
 from .data import FieldStats
+from .loop.config import QUANTILE_SCALE_KEY
 from .tabular import (
     CHANGE_TRANSFORMS,
     DataError,
@@ -58,6 +62,10 @@ logger = logging.getLogger(__name__)
 # Longest forecast (and hold-out) in grid steps: one model call per adapter horizon of steps, so 10,000 steps is 2,500
 # calls at horizon 4; a longer request is almost surely a typo, refused up front instead of running for hours.
 MAX_FORECAST_STEPS = 10_000
+# Quantile calibration (`fit_quantile_scales`; the factors are in an adapter's fields under `QUANTILE_SCALE_KEY`):
+# the range a factor is searched in, and the fewest validation targets of a field it is fitted from.
+QUANTILE_SCALE_BOUNDS = (0.25, 4.0)
+MIN_CALIBRATION_POINTS = 20
 
 
 # ---------------------------------------------------------------------------------------------------- the adapter
@@ -74,6 +82,7 @@ class AdapterSpec:
     spans: dict[str, tuple[str, str]] = field(default_factory=dict)  # field -> (first, last) date it trained on
     # field -> its source's own frequency (QS for a quarterly field on a W-SAT grid); empty for older adapters
     own_frequencies: dict[str, str] = field(default_factory=dict)
+    quantile_scales: dict[str, tuple[float, ...]] = field(default_factory=dict)  # field -> factor per level (fitted)
 
     @classmethod
     def from_config(cls, loop_config, adapter_name: str | None = None) -> AdapterSpec:
@@ -87,7 +96,9 @@ class AdapterSpec:
         return cls(fields, int(gwm_config.get("context_len", 24)), int(gwm_config.get("horizon", 4)), adapter_name,
                    frequency, levels, {f["name"]: (str(f["span"][0]), str(f["span"][-1])) for f in loop_config.fields
                                        if isinstance(f.get("span"), (list, tuple)) and len(f["span"]) == 2},
-                   {f["name"]: f["own_frequency"] for f in loop_config.fields if f.get("own_frequency")})
+                   {f["name"]: f["own_frequency"] for f in loop_config.fields if f.get("own_frequency")},
+                   {f["name"]: tuple(float(x) for x in f[QUANTILE_SCALE_KEY]) for f in loop_config.fields
+                    if f.get(QUANTILE_SCALE_KEY)})
 
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
@@ -144,6 +155,14 @@ class AdapterSpec:
         """(S,) bool: the fields whose rolled-out band is widened chunk by chunk (`widen_rolled_band`); change
         transforms are left out, their band already grows as each level's changes are accumulated."""
         return np.array([self.fields[n].transform not in CHANGE_TRANSFORMS for n in names], dtype=bool)
+
+    def scale_rows(self, slots: list[int]) -> np.ndarray | None:
+        """(S, Q) the calibration factors of the fields at `slots` (1 for a field without), or None when the adapter
+        has no calibration at all (its quantiles are used as the model predicts them)."""
+        if not self.quantile_scales:
+            return None
+        names, ones = list(self.fields), (1.0,) * len(self.quantile_levels)
+        return np.array([self.quantile_scales.get(names[s], ones) for s in slots], dtype=np.float64)
 
     def min_history(self) -> int:
         """Rows a forecast needs: one window of context_len steps minus the horizon it predicts."""
@@ -251,8 +270,74 @@ def _modelled(frame: pd.DataFrame, spec: AdapterSpec) -> np.ndarray:
     return np.stack(columns, axis=1)
 
 
+# ---------------------------------------------------------------------------------------------------- calibration
+def fit_quantile_scales(actual: np.ndarray, quantiles: np.ndarray, levels) -> list[float] | None:
+    """One factor on every level's offset from the median, the one whose calibrated band
+    `median + factor * (q - median)` has the lowest mean pinball loss (the quantity WQL weighs) on these targets.
+
+    The factor is searched on a log-spaced grid over `QUANTILE_SCALE_BOUNDS` that includes 1, so the calibrated band
+    never scores worse than the model's own on the targets it was fitted on. One factor per field, not one per level:
+    on bench_forecast's tuning series per-level factors (each matching its level's coverage) made the hold-out WQL
+    worse, the single factor better (benchmarks/README.md section 6). A field with fewer than
+    `MIN_CALIBRATION_POINTS` targets gets no factor.
+
+    Args:
+        actual: (N,) observed values of one field.
+        quantiles: (N, Q) the model's quantiles for them at the sorted `levels`, in the same units.
+        levels: (Q,) the quantile levels, with 0.5.
+
+    Returns:
+        Q plain floats, one per level (1.0 at the median, the fitted factor at every other level), or None.
+    """
+    actual, quantiles = np.asarray(actual, dtype=np.float64), np.asarray(quantiles, dtype=np.float64)
+    keep = np.isfinite(actual) & np.isfinite(quantiles).all(axis=1)
+    actual, quantiles = actual[keep], quantiles[keep]
+    if len(actual) < MIN_CALIBRATION_POINTS:
+        return None
+    levels = np.asarray([float(q) for q in levels])
+    median_index = int(np.flatnonzero(levels == 0.5)[0])
+    low, high = QUANTILE_SCALE_BOUNDS
+    grid = np.concatenate([[1.0], np.geomspace(low, high, 161)])
+    losses = [mean_pinball(actual, scale_quantiles(quantiles, np.where(levels == 0.5, 1.0, g), median_index), levels)
+              for g in grid]
+    factor = float(grid[int(np.argmin(losses))])  # the first of equal losses: 1 unless another is strictly better
+    return [1.0 if level == 0.5 else factor for level in levels]
+
+
+def mean_pinball(actual: np.ndarray, quantiles: np.ndarray, levels) -> float:
+    """The pinball (quantile) loss of (N, Q) `quantiles` at `levels` for (N,) `actual`, averaged over both."""
+    error = np.asarray(actual, dtype=np.float64)[:, None] - np.asarray(quantiles, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
+    return float(np.mean(np.maximum(levels * error, (levels - 1.0) * error)))
+
+
+def scale_quantiles(quantiles: np.ndarray, scales: np.ndarray, median_index: int) -> np.ndarray:
+    """Calibrated quantiles: each level's offset from the median times its factor, sorted again (no crossing).
+
+    Args:
+        quantiles: (..., S, Q) sorted quantiles.
+        scales: (S, Q) positive factors per field and level (`AdapterSpec.scale_rows`).
+        median_index: the position of the 0.5 level.
+
+    Returns:
+        (..., S, Q); the median is the input's, bit for bit (every offset keeps its side of it).
+    """
+    median = quantiles[..., median_index:median_index + 1]
+    out = np.sort(median + scales * (quantiles - median), axis=-1)
+    out[..., median_index] = quantiles[..., median_index]
+    return out
+
+
+def coverage_error(actual: np.ndarray, quantiles: np.ndarray, levels) -> float:
+    """Mean over levels of |share of `actual` (N,) at or below the level's quantile (N, Q) - the level|: 0 when
+    every level covers its nominal share."""
+    below = (np.asarray(actual)[:, None] <= np.asarray(quantiles)).mean(axis=0)
+    return float(np.mean(np.abs(below - np.asarray(levels, dtype=np.float64))))
+
+
 @torch.no_grad()
-def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndarray) -> np.ndarray:
+def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndarray,
+                    spec: AdapterSpec | None = None) -> np.ndarray:
     """The batched forecasting step: many windows in one forward pass, in the adapter's normalised units.
 
     Args:
@@ -260,11 +345,13 @@ def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndar
         values: (B, T, S) float, transformed and normalised by the adapter's field statistics, NaN where missing.
         slots: (S,) codec slot of each column (`AdapterSpec.slots(names)`).
         target: (B, T, S) bool, the positions to predict (hidden from the input even when observed).
+        spec: the active adapter's `AdapterSpec` (read from `model` when not given).
 
     Returns:
         (B, T, S, Q) float array of the quantiles at the adapter's `quantile_levels` (sorted), normalised units, at
-        every position (meaningful where `target` holds). Each window is scaled by its own visible context inside
-        the model, so windows of very different levels batch together.
+        every position (meaningful where `target` holds), calibrated with the adapter's recorded factors when it has
+        them (`scale_quantiles`; the median as the model predicts it). Each window is scaled by its own visible
+        context inside the model, so windows of very different levels batch together.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -275,7 +362,11 @@ def predict_windows(model, values: np.ndarray, slots: list[int], target: np.ndar
     field_ids = torch.as_tensor(slots, device=device)
     out = model(values=values_t, presence=presence, field_ids=field_ids, target_mask=target_t).quantiles
     model.train(was_training)
-    return out.float().cpu().numpy()
+    out = out.float().cpu().numpy()
+    if spec is None and getattr(model, "peft_config", None):
+        spec = AdapterSpec.from_model(model)
+    scales = spec.scale_rows(slots) if spec is not None else None
+    return out if scales is None else scale_quantiles(out, scales, spec.median_index)
 
 
 # ---------------------------------------------------------------------------------------------------- forecast
@@ -453,7 +544,7 @@ def forecast_quantile_frame(model, spec: AdapterSpec, frame: pd.DataFrame, freq:
         values = canvas[start:end][None].copy()  # (1, T, S)
         target = np.zeros(values.shape, dtype=bool)
         target[0, done - start:] = due
-        predicted = predict_windows(model, values, spec.slots(names), target)[:, done - start:]  # (1, steps, S, Q)
+        predicted = predict_windows(model, values, spec.slots(names), target, spec)[:, done - start:]  # (1, T', S, Q)
         predicted, carry = widen_rolled_band(predicted, target[:, done - start:] & widened, carry, spec)
         predicted = predicted[0]  # (steps, S, Q)
         quantiles[done:end][due] = predicted[due]
@@ -581,7 +672,7 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     starts = [s for s in starts if missing[s:s + window].any()]
     values = np.stack([normalised[s:s + window] for s in starts])  # (B, T, S)
     target = np.stack([missing[s:s + window] for s in starts])  # (B, T, S)
-    predictions = predict_windows(model, values, spec.slots(names), target)[..., spec.median_index]  # (B, T, S)
+    predictions = predict_windows(model, values, spec.slots(names), target, spec)[..., spec.median_index]  # (B, T, S)
     check_finite(predictions.reshape(-1, len(names)), target.reshape(-1, len(names)), names, spec)
     filled = normalised.copy()
     for b, s in enumerate(starts):
@@ -604,6 +695,6 @@ def impute(model, frame, *, time_column: str | None = None, freq: str | None = N
     return out
 
 
-__all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "forecast",
-           "forecast_quantiles", "grid_frequency", "impute", "predict_windows", "prediction_length_of", "read_history",
-           "widen_rolled_band"]
+__all__ = ["MAX_FORECAST_STEPS", "AdapterSpec", "NonFiniteForecastError", "check_finite", "coverage_error",
+           "fit_quantile_scales", "forecast", "forecast_quantiles", "grid_frequency", "impute", "mean_pinball",
+           "predict_windows", "prediction_length_of", "read_history", "scale_quantiles", "widen_rolled_band"]

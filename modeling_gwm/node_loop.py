@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -17,6 +18,7 @@ from .checkpoint import NodeState
 from .curriculum import TrainingNode
 from .data import CanvasDataset, NodeData, collate_canvas
 from .faults import crash_point, inject_nan
+from .forecasting import coverage_error, fit_quantile_scales, mean_pinball, scale_quantiles
 from .masking import sample_target_mask
 
 
@@ -169,6 +171,10 @@ def all_finite(acc: Accelerator, loss: torch.Tensor, params: list[torch.nn.Param
     return not bad
 
 
+# Validation windows a node's quantile calibration is fitted on, at most (spread evenly over its validation data).
+CALIBRATION_WINDOWS = 512
+
+
 @torch.no_grad()
 def validation_loss(acc: Accelerator, model: torch.nn.Module, dataset: CanvasDataset, field_ids: torch.Tensor,
                     horizon: int, max_windows: int) -> float:
@@ -185,27 +191,71 @@ def validation_scores(acc: Accelerator, model: torch.nn.Module, dataset: CanvasD
         return {"val_loss": float("nan"), "val_coverage_10_90": None}
     levels = [float(q) for q in acc.unwrap_model(model).config.quantile_levels]
     band = [levels.index(q) for q in (0.1, 0.9)] if 0.1 in levels and 0.9 in levels else None
+    sse, count, inside = 0.0, 0.0, 0.0
+    for values, scored, out in validation_forecasts(acc, model, dataset, field_ids, horizon, max_windows):
+        sse += float((out.position_loss.float() * scored).sum())
+        count += float(scored.sum())
+        if band is not None:  # quantiles (windows, time, fields, Q) in the values' units
+            low, high = out.quantiles[..., band[0]].float(), out.quantiles[..., band[1]].float()
+            inside += float((scored & (values >= low) & (values <= high)).sum())
+    return {"val_loss": sse / count if count else float("nan"),
+            "val_coverage_10_90": inside / count if count and band is not None else None}
+
+
+@torch.no_grad()
+def validation_forecasts(acc: Accelerator, model: torch.nn.Module, dataset: CanvasDataset, field_ids: torch.Tensor,
+                         horizon: int, max_windows: int):
+    """The model's forecasts of validation windows, up to `max_windows` of them spread evenly, 64 per forward pass:
+    yields (values (W, T, F), scored (W, T, F) bool, the model's output), the last `horizon` steps hidden and scored
+    where observed in the held-out tail; values and quantiles in the same (normalised) units."""
     picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).round().long().unique()
     was_training = model.training
     model.eval()
-    sse, count, inside = 0.0, 0.0, 0.0
     for chunk in picks.split(64):
         batch = collate_canvas([dataset[int(i)] for i in chunk])
         values = batch["values"].to(acc.device)  # (windows, time, fields)
         presence = batch["presence"].to(acc.device)
         target = torch.zeros_like(presence)
         target[:, -horizon:] = True
-        with acc.autocast(), torch.no_grad():
+        with acc.autocast():
             out = model(values, presence, field_ids=field_ids, target_mask=target)
-        scored = target & presence & batch.get("holdout", presence).to(presence.device)
-        sse += float((out.position_loss.float() * scored).sum())
-        count += float(scored.sum())
-        if band is not None:  # quantiles (windows, time, fields, Q) in the values' units
-            low, high = out.quantiles[..., band[0]].float(), out.quantiles[..., band[1]].float()
-            inside += float((scored & (values >= low) & (values <= high)).sum())
+        yield values, target & presence & batch.get("holdout", presence).to(presence.device), out
     model.train(was_training)
-    return {"val_loss": sse / count if count else float("nan"),
-            "val_coverage_10_90": inside / count if count and band is not None else None}
+
+
+def calibrate_quantiles(acc: Accelerator, model: torch.nn.Module, dataset: CanvasDataset, field_ids: torch.Tensor,
+                        horizon: int, fields: list[str]) -> dict:
+    """Fit each field's quantile calibration on the node's validation windows (all of them, up to
+    `CALIBRATION_WINDOWS`): `forecasting.fit_quantile_scales` on the scored targets of that field.
+
+    Returns {"scales": {field: Q factors, or None with too few targets}, and over all those targets, before and after
+    calibration: "pinball_before" / "_after" (the mean pinball loss, normalised units) and "coverage_error_before" /
+    "_after" (the mean over levels of |share of targets below the level - the level|)}.
+    """
+    levels = [float(q) for q in acc.unwrap_model(model).config.quantile_levels]
+    actual: dict[int, list] = {j: [] for j in range(len(fields))}
+    predicted: dict[int, list] = {j: [] for j in range(len(fields))}
+    if len(dataset):
+        for values, scored, out in validation_forecasts(acc, model, dataset, field_ids, horizon, CALIBRATION_WINDOWS):
+            quantiles = out.quantiles.float()
+            for j in range(len(fields)):
+                actual[j].append(values[..., j][scored[..., j]].cpu().double().numpy())
+                predicted[j].append(quantiles[..., j, :][scored[..., j]].cpu().double().numpy())
+    median = levels.index(0.5)
+    scales, before, after = {}, [], []
+    for j, name in enumerate(fields):
+        y = np.concatenate(actual[j]) if actual[j] else np.zeros(0)
+        q = np.concatenate(predicted[j]) if predicted[j] else np.zeros((0, len(levels)))
+        scales[name] = fit_quantile_scales(y, q, levels)
+        before.append(q)
+        after.append(q if scales[name] is None else scale_quantiles(q, np.asarray(scales[name]), median))
+    y = np.concatenate([np.concatenate(actual[j]) for j in actual if actual[j]] or [np.zeros(0)])
+    record = {"scales": scales}
+    for when, parts in (("before", before), ("after", after)):
+        q = np.concatenate(parts) if parts else np.zeros((0, len(levels)))
+        record[f"pinball_{when}"] = mean_pinball(y, q, levels) if len(y) else None
+        record[f"coverage_error_{when}"] = coverage_error(y, q, levels) if len(y) else None
+    return record
 
 
 def node_metrics(acc: Accelerator, run: NodeRun, seed: int, nonfinite: str) -> dict:

@@ -393,7 +393,7 @@ def _rollout(model, spec: AdapterSpec, items: _Items, fields: list[str], horizon
                          fields_in[None, None, :])  # index (B, T, S_g) of the windows in the canvas
                 values = canvas[cells]  # (B, T, S_g)
                 target = due[cells] & (cells[1] >= done[chunk, None, None])
-                predicted = predict_windows(model, values, slots, target)  # (B, T, S_g, Q)
+                predicted = predict_windows(model, values, slots, target, spec)  # (B, T, S_g, Q)
                 predicted, carried = widen_rolled_band(predicted, target & widened[fields_in], carry[chunk][
                     :, fields_in], spec)
                 carry[chunk[:, None], fields_in[None, :]] = carried

@@ -34,12 +34,14 @@ from .data import CanvasDataset, DataSource, NodeData
 from .faults import crash_point
 from .io_utils import atomic_move_file, atomic_write_json, writing
 from .loop import LoopConfig
+from .loop.config import QUANTILE_SCALE_KEY
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
 from .node_loop import (
     NodeRun,
     adamw,
     all_finite,
+    calibrate_quantiles,
     make_scheduler,
     node_metrics,
     set_base_rate,
@@ -188,7 +190,8 @@ class DAGCurriculumTrainer(RunPlan):
         inherited: dict[str, dict] = {}
         for parent in self.curriculum.node(name).parents:
             for entry in self.run_folder.read_node_json(parent, "adapter_config.json")["fields"]:
-                inherited.setdefault(entry["name"], entry)
+                # a parent's quantile calibration held for the parent's weights: this node fits its own, or none
+                inherited.setdefault(entry["name"], {k: v for k, v in entry.items() if k != QUANTILE_SCALE_KEY})
         # "frequency": the grid this node trained on, so forecasting puts a history on the same grid; "own_frequency":
         # the field's source's own (a quarterly field on a weekly grid), so its forecast comes out on its own calendar
         lost = [f for f in self.curriculum.adapter_fields(name) if f not in data.stats and f not in inherited]
@@ -387,7 +390,8 @@ class DAGCurriculumTrainer(RunPlan):
 
     def _evaluate_end(self, run: NodeRun) -> dict:
         """The last step's validation loss (unless an early stop just measured it), then the best state goes back
-        into the adapter: what the node writes."""
+        into the adapter: what the node writes; with `calibrate_quantiles`, the band of that state is calibrated on
+        the node's validation windows (the factors go into the adapter's fields)."""
         state = run.state
         if state.val_history[-1]["step"] != state.step:
             self._evaluate(run)
@@ -397,7 +401,24 @@ class DAGCurriculumTrainer(RunPlan):
             logger.info(f"node {run.name}: keeps its step-{state.best_step} state (val loss "
                         f"{state.best_val_loss:.4f}; last step {state.val_history[-1]['val_loss']:.4f})",
                         main_process_only=True)
-        return node_metrics(self.accelerator, run, self.args.seed, self.args.nonfinite)
+        metrics = node_metrics(self.accelerator, run, self.args.seed, self.args.nonfinite)
+        if run.node.calibrate_quantiles:
+            metrics["quantile_calibration"] = self._calibrate(run)
+        return metrics
+
+    def _calibrate(self, run: NodeRun) -> dict:
+        """Fit the written state's quantile calibration on the node's validation windows and record the factors in
+        the adapter's fields (adapter_config.json); a field with too few validation targets gets none."""
+        fitted = calibrate_quantiles(self.accelerator, self.peft_model, run.data.val, run.field_ids, run.node.horizon,
+                                     run.data.field_names)
+        for entry in self.peft_model.peft_config[run.name].fields:
+            entry.pop(QUANTILE_SCALE_KEY, None)
+            if fitted["scales"].get(entry["name"]) is not None:
+                entry[QUANTILE_SCALE_KEY] = fitted["scales"][entry["name"]]
+        logger.info(f"node {run.name}: quantiles calibrated on its validation windows, pinball loss "
+                    f"{_fmt_loss(fitted['pinball_before'])} -> {_fmt_loss(fitted['pinball_after'])}",
+                    main_process_only=True)
+        return fitted
 
     def _write(self, run: NodeRun, dag: dict, metrics: dict) -> None:
         acc, name = self.accelerator, run.name

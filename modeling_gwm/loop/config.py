@@ -13,6 +13,9 @@ DEFAULT_MODULES_TO_SAVE = ["codec", "proj_in", "proj_out", "encoder_token", "nor
 # quantile value head; adapters without it predate both and are refused on load (they need retraining). 3: window
 # statistics scale-free (no global location) and the value head a residual over a context baseline.
 ADAPTER_FORMAT_VERSION = 3
+# The key of a field's quantile calibration in `fields` (optional, one factor per quantile level, 1 at the median):
+# written by a node trained with `calibrate_quantiles`, applied by `forecasting.predict_windows`.
+QUANTILE_SCALE_KEY = "quantile_scale"
 
 
 @dataclass
@@ -40,7 +43,8 @@ class LoopConfig(PeftConfig):
     )
     fields: list[dict] = field(
         default_factory=list,
-        metadata={"help": "The adapter's fields in codec-slot order: name, mean, std, transform, unit."},
+        metadata={"help": "The adapter's fields in codec-slot order: name, mean, std, transform, unit, frequency, span "
+                          "and, when calibrated, quantile_scale."},
     )
     inner_dim: int | None = field(default=None, metadata={"help": "Width of the base's blocks (set at creation)."})
     num_blocks: int | None = field(default=None, metadata={"help": "Number of looped blocks (set at creation)."})
