@@ -231,7 +231,12 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
     if metrics.get("best_step") is not None:  # what this adapter is: the evaluated step with the lowest loss
         results.append((f"validation loss of this adapter (step {metrics['best_step']} of {metrics.get('steps')}, the "
                         "best evaluated)", None, metrics.get("val_loss_best")))
-    if metrics.get("val_coverage_10_90_end") is not None:
+    calibration = metrics.get("quantile_calibration") or {}
+    if calibration.get("coverage_10_90_after") is not None:  # the band this adapter forecasts with
+        results.append(("held-out targets inside the 10–90 % band of this adapter (before → after its calibration on "
+                        "the validation windows; 0.8 is calibrated)", calibration.get("coverage_10_90_before"),
+                        calibration["coverage_10_90_after"]))
+    elif metrics.get("val_coverage_10_90_end") is not None:
         results.append(("held-out targets inside the 10–90 % band, last evaluation (0.8 when calibrated)", None,
                         metrics["val_coverage_10_90_end"]))
     grid = next((f["frequency"] for f in fields if f.get("frequency")), None)

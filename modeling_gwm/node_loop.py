@@ -230,7 +230,8 @@ def calibrate_quantiles(acc: Accelerator, model: torch.nn.Module, dataset: Canva
 
     Returns {"scales": {field: Q factors, or None with too few targets}, and over all those targets, before and after
     calibration: "pinball_before" / "_after" (the mean pinball loss, normalised units) and "coverage_error_before" /
-    "_after" (the mean over levels of |share of targets below the level - the level|)}.
+    "_after" (the mean over levels of |share of targets below the level - the level|), and "coverage_10_90_before" /
+    "_after" (the share inside the 10-90 % band) when those levels are predicted}.
     """
     levels = [float(q) for q in acc.unwrap_model(model).config.quantile_levels]
     actual: dict[int, list] = {j: [] for j in range(len(fields))}
@@ -255,6 +256,9 @@ def calibrate_quantiles(acc: Accelerator, model: torch.nn.Module, dataset: Canva
         q = np.concatenate(parts) if parts else np.zeros((0, len(levels)))
         record[f"pinball_{when}"] = mean_pinball(y, q, levels) if len(y) else None
         record[f"coverage_error_{when}"] = coverage_error(y, q, levels) if len(y) else None
+        if len(y) and 0.1 in levels and 0.9 in levels:  # the share inside the 10-90 % band (0.8 when calibrated)
+            low, high = q[:, levels.index(0.1)], q[:, levels.index(0.9)]
+            record[f"coverage_10_90_{when}"] = float(((y >= low) & (y <= high)).mean())
     return record
 
 

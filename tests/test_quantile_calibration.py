@@ -17,6 +17,7 @@ from _tiny import DATA, TINY_BASE, tiny_curriculum, write_curriculum
 
 from modeling_gwm import GWMModel
 from modeling_gwm.adapter_files import AdapterLoadError
+from modeling_gwm.cards import render_node_card
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.data import collate_canvas
 from modeling_gwm.forecasting import (
@@ -219,3 +220,14 @@ def test_add_weighted_adapter_carries_no_parent_calibration(run):
     model.add_weighted_adapter(["macro", "climate"], [0.5, 0.5], "merged")
     assert not any("quantile_scale" in entry for entry in model.peft_config["merged"].fields)
     assert all("quantile_scale" in entry for entry in model.peft_config["macro"].fields)  # the parents keep theirs
+
+
+def test_the_card_reports_the_band_the_adapter_forecasts_with(run):
+    """The card's coverage row is the calibrated band's (before -> after), not the uncalibrated last evaluation's."""
+    trainer, _ = run
+    folder = trainer.run_folder.node_dir("climate")
+    calibration = json.loads((folder / "metrics.json").read_text())["quantile_calibration"]
+    assert 0.0 <= calibration["coverage_10_90_before"] <= 1.0 and 0.0 <= calibration["coverage_10_90_after"] <= 1.0
+    card = str(render_node_card(trainer.output_dir, "climate"))
+    assert "10–90 % band of this adapter (before → after its calibration" in card
+    assert f"{calibration['coverage_10_90_after']:.4f}" in card
