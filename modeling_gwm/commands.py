@@ -269,12 +269,13 @@ def cmd_evaluate(args) -> int:
     _check_outputs(args, "json", "plot")
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
-    check_evaluate_request(len(history), args.holdout, spec)
+    check_evaluate_request(history, args.holdout, spec, freq, args.field)  # before loading the model
     if args.season is not None and args.season < 1:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
     model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)
     with _naming_adapter(args):
-        result = evaluate(model, history, args.holdout, season=args.season, methods=methods, freq=freq)
+        result = evaluate(model, history, args.holdout, season=args.season, methods=methods, freq=freq,
+                          field=args.field)
     print(format_evaluation(result))
     if args.json:
         _write_atomic("--json", args.json, lambda buffer: buffer.write(
@@ -283,7 +284,8 @@ def cmd_evaluate(args) -> int:
     if args.plot:
         _write_atomic("--plot", args.plot, lambda buffer: plot_forecast(
             result["history"], result["predictions"], buffer, actuals=result["actuals"],
-            title=f"GWM hold-out forecast of the last {args.holdout} steps", quantiles=result["quantiles"],
+            title=f"GWM hold-out forecast of the last {args.holdout} steps"
+                  + (f" ({result['frequency']})" if result["frequency"] else ""), quantiles=result["quantiles"],
             baselines=result["baseline_predictions"]))
         print(f"wrote {args.plot}")
     return 0
@@ -426,9 +428,14 @@ def _add_table_commands(add) -> None:
 
     p = add("evaluate", "Hold out the last steps, forecast them, and score the model next to naive baselines.")
     _model_arguments(p)
-    p.add_argument("--holdout", type=_whole(" of steps"), required=True, help="steps held out at the end")
+    p.add_argument("--holdout", type=_whole(" of steps"), required=True, help="steps held out at the end: of the "
+                   "adapter's grid, or of the fields' own calendar when they share a coarser frequency (the last "
+                   "quarters of a quarterly field)")
+    p.add_argument("--field", default=None, help="score this field only (the table's other fields are its context); "
+                   "a field coarser than the adapter's grid is held out and scored on its own calendar")
     p.add_argument("--season", type=_whole(" of steps"), default=None,
-                   help="seasonal period for seasonal-naive and MASE (default: from the frequency)")
+                   help="seasonal period for seasonal-naive and MASE, in the steps held out (default: from their "
+                   "frequency)")
     p.add_argument("--methods", action="append", metavar="METHOD",
                    help="baselines next to the model: naive, seasonal_naive, auto_ets, auto_arima, auto_theta "
                         "(repeatable or comma-separated; default: all, the statsforecast ones when installed)")

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from utilsforecast import losses
 
-from .forecasting import AdapterSpec, check_finite, check_steps, forecast_quantile_frame, read_history
-from .tabular import DataError, own_spacing
+from .forecasting import AdapterSpec, check_finite, check_steps, forecast_on_calendar, read_history
+from .tabular import DataError, own_periods, own_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -224,43 +224,59 @@ def _methods_and_note(methods) -> tuple[tuple[str, ...], str | None]:
 
 
 def evaluate(model, data, holdout: int, *, season: int | None = None, methods=None, quantile_levels=None,
-             time_column: str | None = None, freq: str | None = None) -> dict:
+             time_column: str | None = None, freq: str | None = None, field: str | None = None) -> dict:
     """Hold out the last `holdout` steps, forecast them from the rest, and score model and baselines per field.
+
+    The steps are the adapter's grid steps, or, when every field evaluated shares a coarser own frequency (a
+    quarterly field on a weekly grid: a table of quarterly fields only, a single series of one, or `field=`), that
+    calendar's: the last `holdout` quarters up to the fields' last observation are held out, forecast from
+    everything before them (as `forecast` does, on its own calendar) and scored at exactly those quarters, with the
+    season counted in quarters (4). A table mixing own frequencies stays on the grid.
 
     Args:
         methods: baselines next to the model, from `BASELINES` (default: all; without statsforecast the naive ones,
             said in one warning and in `result["note"]`).
         quantile_levels: the levels WQL averages over, for the model and every baseline alike: a subset of the
             adapter's trained levels (default: all of them). The model's point forecast is its median.
+        season: the seasonal period in the steps held out (default: from their frequency).
+        time_column, freq, field: as in `forecast` (`field` of a table: the one field scored, the others are its
+            context).
 
-    Returns {"holdout", "season", "mase_lag", "frequency", "methods", "quantile_levels", "note", "fields": {field:
-    {"unit", "model", "naive", ...}}, "aggregate": {"reference", "mase": {method: x}, "wql": {...}}}; each method a
-    dict of mae/rmse/mase/wql in the field's own units (wql NaN for a method without quantiles); `"predictions"`
-    holds the model's median forecast frame, `"quantiles"` its `forecast_quantiles` frame and `"actuals"` /
-    `"history"` the held-out and training frames, `"baseline_predictions"` {method: point forecast frame} (not JSON;
-    `evaluation_json` drops them); `"overlap"` {field: warning} where the hold-out overlaps the adapter's training
-    span (`training_overlap`, also logged).
+    Returns {"holdout", "season", "mase_lag", "frequency" (of the steps: the grid's or the own calendar's),
+    "methods", "quantile_levels", "note", "fields": {field: {"unit", "model", "naive", ...}}, "aggregate":
+    {"reference", "mase": {method: x}, "wql": {...}}}; each method a dict of mae/rmse/mase/wql in the field's own
+    units (wql NaN for a method without quantiles); `"predictions"` holds the model's median forecast frame,
+    `"quantiles"` its `forecast_quantiles` frame and `"actuals"` / `"history"` the held-out and training frames of
+    the fields scored, `"baseline_predictions"` {method: point forecast frame}, all indexed by the steps' dates (not
+    JSON; `evaluation_json` drops them); `"overlap"` {field: warning} where the hold-out overlaps the adapter's
+    training span (`training_overlap`, also logged).
     """
     methods, note = _methods_and_note(methods)
     spec = AdapterSpec.from_model(model)
     quantile_levels = tuple(spec.check_levels(quantile_levels))
-    frame, freq = read_history(data, spec, time_column, freq)
-    check_evaluate_request(len(frame), holdout, spec)
-    train, actual = frame.iloc[:-holdout], frame.iloc[-holdout:]
+    frame, grid = read_history(data, spec, time_column, freq, field)
+    names = [field] if field is not None else list(frame.columns)
+    context, train, actual, freq = split_holdout(frame, grid, holdout, spec, names)
     season = default_season(freq) if season is None else season
     if season is not None and season < 1:
         raise ValueError(f"season must be a positive number of steps, got {season}")
     if not (season and season > 1):
         methods = tuple(m for m in methods if m != "seasonal_naive")
-    model_quantiles, schedule = forecast_quantile_frame(model, spec, train, freq, holdout,
-                                                         sorted({*quantile_levels, 0.5}))  # (holdout, S x levels)
+    steps = holdout if freq == grid else _steps_to(train, actual)
+    model_quantiles, schedule = forecast_on_calendar(model, spec, context, grid, steps,
+                                                     sorted({*quantile_levels, 0.5}), names)  # (steps, S x levels)
+    if len(model_quantiles) != len(actual) or not model_quantiles.index.equals(actual.index):  # own calendar
+        due = pd.DataFrame(schedule, index=model_quantiles.index).reindex(actual.index, fill_value=False)
+        units = model_quantiles.attrs["units"]
+        model_quantiles, schedule = model_quantiles.reindex(actual.index), due.to_numpy(dtype=bool)
+        model_quantiles.attrs["units"] = units
     predictions = model_quantiles.xs(0.5, axis=1, level="level")  # the median is the point forecast
     check_finite(predictions.to_numpy(), schedule, list(predictions.columns), spec)
     predictions.attrs["units"] = model_quantiles.attrs["units"]
     scale_lag = season if season and season > 1 and len(train) > season else 1
-    overlap = training_overlap(spec, actual.index, list(frame.columns))
+    overlap = training_overlap(spec, actual.index, names)
     fields, forecasts = {}, {}
-    for j, name in enumerate(frame.columns):
+    for j, name in enumerate(names):
         forecasts[name] = _baselines(train[name].to_numpy(), schedule[:, j], methods, season, quantile_levels)
         points = {"model": predictions[name].to_numpy(), **forecasts[name][0]}
         quantiles = {"model": model_quantiles[name][list(quantile_levels)].to_numpy(), **forecasts[name][1]}
@@ -276,6 +292,50 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
             "baseline_predictions": {method: pd.DataFrame({name: forecasts[name][0][method] for name in forecasts
                                                            if method in forecasts[name][0]}, index=actual.index)
                                      for method in methods if any(method in f[0] for f in forecasts.values())}}
+
+
+def split_holdout(frame: pd.DataFrame, freq: str | None, holdout, spec: AdapterSpec, names: list[str]
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str | None]:
+    """Split a gridded (L, S) history for `evaluate`: (the grid rows before the hold-out, every column: what the
+    forecast reads; the training part and the held-out part of the fields `names` as they are scored; the frequency
+    of their steps).
+
+    On the grid: the last `holdout` rows are held out. When `names` share a coarser own frequency
+    (`AdapterSpec.calendar`) and the history has dates, the fields are read on that calendar (one row per period
+    start, NaN where a period is missing) up to their last observation, and its last `holdout` periods are held out;
+    the forecast reads the grid rows before the step holding the first of them. A hold-out that leaves less than one
+    window of the adapter (or no observation of the fields) is a one-line DataError."""
+    check_steps("holdout", holdout)
+    own = spec.calendar(names) if isinstance(frame.index, pd.DatetimeIndex) and freq is not None else None
+    if own is None:
+        _check_left(len(frame), holdout, spec, "steps")
+        return frame.iloc[:-holdout], frame[names].iloc[:-holdout], frame[names].iloc[-holdout:], freq
+    starts, rows = own_periods(frame.index, freq, own)
+    calendar = frame[names].iloc[rows].set_axis(starts, axis=0)  # (P, S_out) the fields on their own calendar
+    observed = np.flatnonzero(calendar.notna().any(axis=1).to_numpy())
+    if not len(observed):
+        raise DataError(f"no value of {names} falls on a {own} period start: nothing to hold out")
+    calendar, rows = calendar.iloc[:observed[-1] + 1], rows[:observed[-1] + 1]  # up to the fields' last observation
+    if holdout >= len(calendar) or not calendar.iloc[:-holdout].notna().any().any():
+        raise DataError(f"the data has {len(calendar)} {own} steps of {names} (up to the last observation); holding "
+                        f"out {holdout} leaves {max(0, len(calendar) - holdout)}"
+                        + (", with no observation" if holdout < len(calendar) else ""))
+    cut = int(rows[len(calendar) - holdout])  # the grid step holding the first period held out
+    _check_left(len(frame), len(frame) - cut, spec, f"steps of the {freq!r} grid ({holdout} {own} steps)")
+    return frame.iloc[:cut], calendar.iloc[:-holdout], calendar.iloc[-holdout:], own
+
+
+def _check_left(length: int, holdout: int, spec: AdapterSpec, steps: str) -> None:
+    if length - holdout < spec.min_history():
+        raise DataError(f"the data has {length} steps; holding out {holdout} {steps} leaves {length - holdout}, fewer "
+                        f"than the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "
+                        f"{spec.horizon})")
+
+
+def _steps_to(train: pd.DataFrame, actual: pd.DataFrame) -> int:
+    """The own-calendar steps a forecast from `train`'s last observation takes to reach `actual`'s last row."""
+    observed = np.flatnonzero(train.notna().any(axis=1).to_numpy())
+    return len(train) - int(observed[-1]) - 1 + len(actual)
 
 
 def _scores(history: np.ndarray, actual: np.ndarray, due: np.ndarray, points: dict, quantiles: dict, scale_lag: int,
@@ -345,12 +405,11 @@ def _baselines(history: np.ndarray, due: np.ndarray, methods: tuple[str, ...], s
     return points, quantiles
 
 
-def check_evaluate_request(length: int, holdout, spec: AdapterSpec) -> None:
-    check_steps("holdout", holdout)
-    if length - holdout < spec.min_history():
-        raise DataError(f"the data has {length} steps; holding out {holdout} leaves {length - holdout}, fewer than "
-                        f"the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "
-                        f"{spec.horizon})")
+def check_evaluate_request(history: pd.DataFrame, holdout, spec: AdapterSpec, freq: str | None = None,
+                           field: str | None = None) -> None:
+    """The one-line errors of `evaluate` for this gridded history and `holdout` (`split_holdout`), before any model
+    is loaded."""
+    split_holdout(history, freq, holdout, spec, [field] if field is not None else list(history.columns))
 
 
 def evaluation_json(result: dict) -> dict:
@@ -399,5 +458,5 @@ def _fmt(value: float | None) -> str:
 
 __all__ = ["BASELINES", "QUANTILE_LEVELS", "check_evaluate_request", "check_methods", "default_season",
            "error_metrics", "evaluate", "evaluation_json", "format_evaluation", "has_statsforecast", "naive_forecast",
-           "relative_scores", "seasonal_naive_forecast", "statistical_forecasts", "training_overlap",
+           "relative_scores", "seasonal_naive_forecast", "split_holdout", "statistical_forecasts", "training_overlap",
            "weighted_quantile_loss"]

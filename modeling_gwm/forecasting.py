@@ -503,8 +503,13 @@ def forecast_on_calendar(model, spec: AdapterSpec, frame: pd.DataFrame, freq: st
         last = int(np.flatnonzero(seen)[-1])
         if last < len(frame) - spec.context_len:  # stale (NaN, logged): its rows are dated after the history instead
             last = len(frame) - 1
-        dates, after = own_dates_after(frame.index[last], freq, own, steps)  # after: grid steps past `last`
+        try:
+            dates, after = own_dates_after(frame.index[last], freq, own, steps)  # after: grid steps past `last`
+        except pd.errors.OutOfBoundsDatetime:
+            raise ValueError(f"prediction_length {steps} ({own} steps) runs past the last date pandas can hold "
+                             f"({pd.Timestamp.max.date()}); ask for fewer steps") from None
         horizon = max(1, last + after - (len(frame) - 1))  # grid steps past the history that reach the last date
+        check_steps("prediction_length", steps, grid_steps=horizon, grid=freq)
         positions = snap(dates, frame.index.append(future_index(frame.index, freq, horizon)))  # (steps,) grid rows
         start = min(int(positions[0]), len(frame))
         quantiles, due = forecast_quantile_frame(model, spec, frame, freq, horizon, levels, start=start)
@@ -614,13 +619,19 @@ def check_finite(values: np.ndarray, due: np.ndarray, names: list[str], spec: Ad
             "use an earlier checkpoint or retrain it")
 
 
-def check_steps(name: str, steps) -> None:
-    """A forecast length (horizon, hold-out) is a positive integer of at most MAX_FORECAST_STEPS grid steps."""
+def check_steps(name: str, steps, *, grid_steps: int | None = None, grid: str | None = None) -> None:
+    """A forecast length (horizon, hold-out) is a positive integer of at most MAX_FORECAST_STEPS grid steps.
+
+    `grid_steps`: the steps of the `grid` that `steps` of a coarser own calendar take (8 quarters: ~104 weeks); the
+    limit counts those, and the error quotes both."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ValueError(f"{name} must be a positive number of steps, got {steps!r}")
     if steps > MAX_FORECAST_STEPS:
         raise ValueError(f"{name} {steps} is over the limit of {MAX_FORECAST_STEPS} steps "
                          f"(forecasting.MAX_FORECAST_STEPS); ask for fewer steps")
+    if grid_steps is not None and grid_steps > MAX_FORECAST_STEPS:
+        raise ValueError(f"{name} {steps} takes {grid_steps} steps of the adapter's {grid!r} grid, over the limit of "
+                         f"{MAX_FORECAST_STEPS} grid steps (forecasting.MAX_FORECAST_STEPS); ask for fewer steps")
 
 
 def check_forecast_request(history_len: int, prediction_length, spec: AdapterSpec) -> None:

@@ -470,13 +470,21 @@ def period_starts(grid: pd.DatetimeIndex, grid_freq: str, freq: str) -> np.ndarr
     A coarser field's observation is placed at the grid step holding its date (`place_on_grid`); training reads its
     periods' starts (`to_periods`), so these are the steps where a field of own frequency `freq` is observed, and
     the steps it is forecast at (a quarter starting 2009-10-01 sits on the W-SAT step 2009-09-26)."""
-    if not len(grid):
-        return np.zeros(0, dtype=bool)
-    offset, step = pd.tseries.frequencies.to_offset(freq), pd.tseries.frequencies.to_offset(grid_freq)
-    starts = pd.date_range(_first_start_at_or_after(grid[0], offset), grid[-1] + step, freq=offset, inclusive="left")
     out = np.zeros(len(grid), dtype=bool)
-    out[snap(starts, grid)] = True
+    out[own_periods(grid, grid_freq, freq)[1]] = True
     return out
+
+
+def own_periods(grid: pd.DatetimeIndex, grid_freq: str, freq: str) -> tuple[pd.DatetimeIndex, np.ndarray]:
+    """The starts of the `freq` periods that begin on a `grid_freq` grid, and the grid step holding each (`snap`):
+    a coarser field's own calendar and where it sits on the grid (the quarter 2009-10-01 on the W-SAT step
+    2009-09-26)."""
+    if not len(grid):
+        return pd.DatetimeIndex([], name=grid.name), np.zeros(0, dtype=int)
+    offset, step = pd.tseries.frequencies.to_offset(freq), pd.tseries.frequencies.to_offset(grid_freq)
+    starts = pd.date_range(_first_start_at_or_after(grid[0], offset), grid[-1] + step, freq=offset, inclusive="left",
+                           name=grid.name)
+    return starts, snap(starts, grid)
 
 
 def own_dates_after(last: pd.Timestamp, grid_freq: str, freq: str, steps: int) -> tuple[pd.DatetimeIndex, int]:

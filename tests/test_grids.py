@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from modeling_gwm import GWMModel  # noqa: E402
 from modeling_gwm.commands import main  # noqa: E402
 from modeling_gwm.curriculum import load_curriculum  # noqa: E402
+from modeling_gwm.evaluation import evaluate  # noqa: E402
 from modeling_gwm.tabular import DataError  # noqa: E402
 from modeling_gwm.trainer import DAGCurriculumTrainer  # noqa: E402
 
@@ -239,3 +240,47 @@ def test_impute_fills_a_quarterly_field_at_the_weeks_holding_its_quarters(join):
     assert len(weeks) == len(history)  # every quarter present again, no week in between filled
     holding = pd.DatetimeIndex([w for w in weeks if any(0 <= (d - w).days < 7 for d in history["date"])])
     assert len(holding) == len(weeks)
+
+
+def test_evaluate_holds_out_the_quarterly_fields_last_quarters(join):
+    history = _quarters()
+    result = evaluate(join, history, 4, methods=["naive", "seasonal_naive"])
+    quarters = pd.DatetimeIndex(history["date"].iloc[-4:])
+    assert (result["frequency"], result["season"], result["holdout"]) == ("QS", 4, 4)
+    for frame in (result["actuals"], result["predictions"], result["quantiles"],
+                  *result["baseline_predictions"].values()):
+        assert list(frame.index) == list(quarters)
+    np.testing.assert_allclose(result["actuals"][UNEMP], history[UNEMP].iloc[-4:])
+    assert list(result["history"].index) == list(pd.DatetimeIndex(history["date"].iloc[:-4]))
+    np.testing.assert_allclose(result["baseline_predictions"]["naive"][UNEMP], history[UNEMP].iloc[-5])
+    np.testing.assert_allclose(result["baseline_predictions"]["seasonal_naive"][UNEMP], history[UNEMP].iloc[-8:-4])
+    scores = result["fields"][UNEMP]
+    assert all(np.isfinite(scores[m][k]) for m in ("model", "naive", "seasonal_naive") for k in ("mae", "mase"))
+    assert scores["naive"]["mae"] == pytest.approx(np.mean(np.abs(history[UNEMP].iloc[-4:] - history[UNEMP].iloc[-5])))
+    # the model's hold-out forecast is the forecast of those quarters from the quarters before
+    alone = join.forecast(history.iloc[:-4], prediction_length=4)
+    np.testing.assert_allclose(result["predictions"][UNEMP], alone[UNEMP], rtol=1e-4)
+    # field= of a mixed table: the same quarters held out, the weekly field as context up to the first of them
+    weekly = _weekly().rename(columns={"level": LEVEL})
+    mixed = pd.concat([history, weekly], ignore_index=True).sort_values("date")
+    picked = evaluate(join, mixed, 4, field=UNEMP, methods=["naive"])
+    assert list(picked["actuals"].index) == list(quarters) and list(picked["fields"]) == [UNEMP]
+    on_grid = evaluate(join, mixed, 4, methods=["naive"])  # both fields: 4 weeks of the grid
+    assert on_grid["frequency"] == "W-SAT" and list(on_grid["actuals"].index) == list(weekly["date"].iloc[-4:])
+
+
+def test_gwm_evaluate_of_the_quarterly_field_prints_a_table_of_quarters(run, capsys):
+    argv = ["evaluate", "--adapter", str(run["out"] / "both"), "--data", str(MACRO), "--columns", f"unemp={UNEMP}",
+            "--methods", "naive,seasonal_naive"]
+    assert main([*argv, "--holdout", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "Hold-out: last 4 steps (QS); MASE scaled by the in-sample seasonal naive error (lag 4)" in printed
+    assert f"| {UNEMP} |  | seasonal_naive |" in printed
+    assert main([*argv, "--holdout", str(len(_quarters()))]) == 2  # counted in quarters, not in weeks
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gwm evaluate: error: ") and "QS steps" in err and "\n" not in err, err
+
+
+def test_a_forecast_too_long_on_the_grid_quotes_the_quarters_asked(join):
+    with pytest.raises(ValueError, match=r"prediction_length 800 takes \d+ steps of the adapter's 'W-SAT' grid"):
+        join.forecast(_quarters(), prediction_length=800)
