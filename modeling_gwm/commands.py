@@ -269,7 +269,8 @@ def cmd_evaluate(args) -> int:
     _check_outputs(args, "json", "plot")
     spec = _spec(args.adapter, args.subfolder)
     history, freq = _history(args, spec)
-    check_evaluate_request(history, args.holdout, spec, freq, args.field)  # before loading the model
+    with _naming_data(args):  # before loading the model: errors come fast
+        check_evaluate_request(history, args.holdout, spec, freq, args.field)
     if args.season is not None and args.season < 1:
         raise ValueError(f"--season must be a positive number of steps, got {args.season}")
     model = GWMModel.from_pretrained(args.base, args.adapter, subfolder=args.subfolder, device=device)

@@ -308,7 +308,7 @@ def split_holdout(frame: pd.DataFrame, freq: str | None, holdout, spec: AdapterS
     check_steps("holdout", holdout)
     own = spec.calendar(names) if isinstance(frame.index, pd.DatetimeIndex) and freq is not None else None
     if own is None:
-        _check_left(len(frame), holdout, spec, "steps")
+        _check_left(len(frame), holdout, spec)
         return frame.iloc[:-holdout], frame[names].iloc[:-holdout], frame[names].iloc[-holdout:], freq
     starts, rows = own_periods(frame.index, freq, own)
     calendar = frame[names].iloc[rows].set_axis(starts, axis=0)  # (P, S_out) the fields on their own calendar
@@ -321,13 +321,13 @@ def split_holdout(frame: pd.DataFrame, freq: str | None, holdout, spec: AdapterS
                         f"out {holdout} leaves {max(0, len(calendar) - holdout)}"
                         + (", with no observation" if holdout < len(calendar) else ""))
     cut = int(rows[len(calendar) - holdout])  # the grid step holding the first period held out
-    _check_left(len(frame), len(frame) - cut, spec, f"steps of the {freq!r} grid ({holdout} {own} steps)")
+    _check_left(len(frame), len(frame) - cut, spec, f" steps of the {freq!r} grid ({holdout} {own} steps)")
     return frame.iloc[:cut], calendar.iloc[:-holdout], calendar.iloc[-holdout:], own
 
 
-def _check_left(length: int, holdout: int, spec: AdapterSpec, steps: str) -> None:
+def _check_left(length: int, holdout: int, spec: AdapterSpec, steps: str = "") -> None:
     if length - holdout < spec.min_history():
-        raise DataError(f"the data has {length} steps; holding out {holdout} {steps} leaves {length - holdout}, fewer "
+        raise DataError(f"the data has {length} steps; holding out {holdout}{steps} leaves {length - holdout}, fewer "
                         f"than the {spec.min_history()} this adapter needs (context_len {spec.context_len} - horizon "
                         f"{spec.horizon})")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +243,7 @@ def test_impute_fills_a_quarterly_field_at_the_weeks_holding_its_quarters(join):
     assert len(holding) == len(weeks)
 
 
-def test_evaluate_holds_out_the_quarterly_fields_last_quarters(join):
+def test_evaluate_holds_out_the_quarterly_fields_last_quarters(join, monkeypatch):
     history = _quarters()
     result = evaluate(join, history, 4, methods=["naive", "seasonal_naive"])
     quarters = pd.DatetimeIndex(history["date"].iloc[-4:])
@@ -257,6 +258,11 @@ def test_evaluate_holds_out_the_quarterly_fields_last_quarters(join):
     scores = result["fields"][UNEMP]
     assert all(np.isfinite(scores[m][k]) for m in ("model", "naive", "seasonal_naive") for k in ("mae", "mase"))
     assert scores["naive"]["mae"] == pytest.approx(np.mean(np.abs(history[UNEMP].iloc[-4:] - history[UNEMP].iloc[-5])))
+    monkeypatch.setitem(sys.modules, "statsforecast", None)  # the core install's naive baselines: the same quarters
+    core = evaluate(join, history, 4, methods=["naive", "seasonal_naive"])["baseline_predictions"]
+    for method in ("naive", "seasonal_naive"):
+        pd.testing.assert_frame_equal(core[method], result["baseline_predictions"][method])
+    monkeypatch.undo()
     # the model's hold-out forecast is the forecast of those quarters from the quarters before
     alone = join.forecast(history.iloc[:-4], prediction_length=4)
     np.testing.assert_allclose(result["predictions"][UNEMP], alone[UNEMP], rtol=1e-4)
@@ -278,7 +284,8 @@ def test_gwm_evaluate_of_the_quarterly_field_prints_a_table_of_quarters(run, cap
     assert f"| {UNEMP} |  | seasonal_naive |" in printed
     assert main([*argv, "--holdout", str(len(_quarters()))]) == 2  # counted in quarters, not in weeks
     err = capsys.readouterr().err.strip()
-    assert err.startswith("gwm evaluate: error: ") and "QS steps" in err and "\n" not in err, err
+    assert err.startswith(f"gwm evaluate: error: {MACRO}: the data has {len(_quarters())} QS steps") and \
+        "\n" not in err, err
 
 
 def test_a_forecast_too_long_on_the_grid_quotes_the_quarters_asked(join):
