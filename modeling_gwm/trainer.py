@@ -34,7 +34,7 @@ from .data import CanvasDataset, DataSource, NodeData
 from .faults import crash_point
 from .io_utils import atomic_move_file, atomic_write_json, writing
 from .loop import LoopConfig
-from .loop.config import QUANTILE_SCALE_KEY
+from .loop.config import QUANTILE_SCALE_KEY, without_calibration
 from .merging import MergeSpec, align_fields, merge_adapters
 from .modeling_gwm import GWMModel
 from .node_loop import (
@@ -190,8 +190,7 @@ class DAGCurriculumTrainer(RunPlan):
         inherited: dict[str, dict] = {}
         for parent in self.curriculum.node(name).parents:
             for entry in self.run_folder.read_node_json(parent, "adapter_config.json")["fields"]:
-                # a parent's quantile calibration held for the parent's weights: this node fits its own, or none
-                inherited.setdefault(entry["name"], {k: v for k, v in entry.items() if k != QUANTILE_SCALE_KEY})
+                inherited.setdefault(entry["name"], without_calibration(entry))  # this node fits its own, or none
         # "frequency": the grid this node trained on, so forecasting puts a history on the same grid; "own_frequency":
         # the field's source's own (a quarterly field on a weekly grid), so its forecast comes out on its own calendar
         lost = [f for f in self.curriculum.adapter_fields(name) if f not in data.stats and f not in inherited]

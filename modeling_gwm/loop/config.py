@@ -18,6 +18,12 @@ ADAPTER_FORMAT_VERSION = 3
 QUANTILE_SCALE_KEY = "quantile_scale"
 
 
+def without_calibration(entry: dict) -> dict:
+    """A field entry without its quantile calibration: the factors hold for the weights they were fitted on, so an
+    adapter made from others (a fork or join node, `add_weighted_adapter`) fits its own or has none."""
+    return {k: v for k, v in entry.items() if k != QUANTILE_SCALE_KEY}
+
+
 @dataclass
 class LoopConfig(PeftConfig):
     """

@@ -11,7 +11,7 @@ from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_
 
 from ..merging import MERGE_METHODS, MergeSpec, merge_adapters
 from ..tabular import finest_frequency, is_coarser, parse_frequency
-from .config import ADAPTER_FORMAT_VERSION, DEFAULT_TARGET_MODULES, QUANTILE_SCALE_KEY, LoopConfig
+from .config import ADAPTER_FORMAT_VERSION, DEFAULT_TARGET_MODULES, LoopConfig, without_calibration
 from .layer import LoopLayer
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,7 @@ def _merged_fields(adapters: list[str], configs: list[LoopConfig], adapter_name:
     for config in configs:
         for entry in config.fields:
             if entry["name"] not in meta:
-                # a parent's quantile calibration was fitted for the parent's weights: the merge has none
-                entry = {k: v for k, v in entry.items() if k != QUANTILE_SCALE_KEY}
+                entry = without_calibration(entry)  # the merge has no calibration of its own
                 own = entry.get("own_frequency") or entry.get("frequency")
                 meta[entry["name"]] = {**entry, "frequency": finest, "own_frequency": own} if mixed else entry
     if mixed:
