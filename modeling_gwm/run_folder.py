@@ -24,9 +24,15 @@ from filelock import FileLock, Timeout
 
 from .io_utils import atomic_replace_dir, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-NODE_FILES = (*ADAPTER_FILES, "README.md", "loss_curve.png", "metrics.json")  # what a node publishes
-RUN_FILES = ("README.md", "dag.json", "loss_curves.png")  # what the run publishes at the repo root
+# File names: every module asks for these names here instead of writing the literal.
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # peft's CONFIG_NAME
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
+METRICS_FILE = "metrics.json"  # a node's training record (losses, checksum, calibration)
+CARD_FILE = "README.md"  # a node's or a run's model card
+LOSS_CURVE_FILE = "loss_curve.png"  # a node's loss curve
+LOSS_CURVES_FILE = "loss_curves.png"  # the run's loss curves, every node
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+NODE_FILES = (*ADAPTER_FILES, CARD_FILE, LOSS_CURVE_FILE, METRICS_FILE)  # what a node publishes
 COMPLETE_MARKER = "COMPLETE"
 CHECKSUM_KEY = "adapter_sha256"  # metrics.json: the SHA-256 of the node's adapter_model.safetensors
 DAG_FILE = "dag.json"
@@ -34,7 +40,7 @@ FINAL_NODE = "final"
 CHECKPOINT_DIR = "checkpoint"
 LOCK_DIR = ".locks"
 # Every name the trainer creates in the run folder besides one folder per node (for the output-path guards).
-RUN_WRITES = (DAG_FILE, "README.md", "loss_curves.png", "runs", LOCK_DIR, FINAL_NODE, ".final.tmp", ".final.old")
+RUN_WRITES = (DAG_FILE, CARD_FILE, LOSS_CURVES_FILE, "runs", LOCK_DIR, FINAL_NODE, ".final.tmp", ".final.old")
 
 
 class NodeBusyError(RuntimeError):
@@ -96,7 +102,7 @@ class RunFolder:
         A missing metrics.json, or weights whose SHA-256 differs from `adapter_sha256` (damaged, truncated, or another
         adapter's file copied in), is a ValueError naming the node and file and how to recover.
         """
-        folder, path = self.node_dir(name), self.node_dir(name) / "metrics.json"
+        folder, path = self.node_dir(name), self.node_dir(name) / METRICS_FILE
         if not path.is_file():
             raise ValueError(f"node {name!r}: {path} is missing, so its settings and adapter checksum cannot be "
                              f"checked; restore it, or delete {folder / COMPLETE_MARKER} to train the node again")
@@ -110,7 +116,7 @@ class RunFolder:
 
     def adapter_fields(self, name: str) -> list[str]:
         """The field names a saved node adapter holds, in its slot order."""
-        return [f["name"] for f in self.read_node_json(name, "adapter_config.json")["fields"]]
+        return [f["name"] for f in self.read_node_json(name, ADAPTER_CONFIG_FILE)["fields"]]
 
     # ------------------------------------------------------------------ dag.json
     def read_dag(self) -> dict:
