@@ -19,6 +19,7 @@ from .configuration_gwm import MODEL_LIMITS, GWMConfig
 from .io_utils import file_sha256, read_json
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer
 from .loop.config import ADAPTER_FORMAT_VERSION, QUANTILE_SCALE_KEY
+from .run_folder import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHECKSUM_KEY, METRICS_FILE
 
 if TYPE_CHECKING:
     from .modeling_gwm import GWMModel
@@ -33,7 +34,7 @@ class AdapterLoadError(OSError):
     """An adapter folder is missing files, holds a foreign PEFT method or a damaged weights file."""
 
 
-def _saved_model_file(location, filename: str, subfolder: str | None, revision: str | None, token,
+def saved_model_file(location, filename: str, subfolder: str | None, revision: str | None, token,
                       hub_options: dict) -> str | None:
     """Path of `filename` of a model saved by `GWMModel.save_pretrained` (local folder or Hub repo), else None.
     For config.json, a config of another model type (or a CogVideoX checkpoint, which has none) is not ours."""
@@ -57,7 +58,7 @@ def _saved_model_file(location, filename: str, subfolder: str | None, revision: 
         return None
 
 
-def _expected_adapter_shapes(model: GWMModel, loop_config: LoopConfig, where: str) -> dict[str, tuple[int, ...]]:
+def expected_adapter_shapes(model: GWMModel, loop_config: LoopConfig, where: str) -> dict[str, tuple[int, ...]]:
     """The tensors (names as PEFT saves them, shapes) an adapter of `loop_config` holds for `model`.
 
     Derived from the built model, not hard-coded: the modules to save are read off the model, the looped blocks'
@@ -66,7 +67,7 @@ def _expected_adapter_shapes(model: GWMModel, loop_config: LoopConfig, where: st
     """
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    config_file = os.path.join(where, "adapter_config.json")
+    config_file = os.path.join(where, ADAPTER_CONFIG_FILE)
     prefix = "base_model.model."
     block_names = {f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))}
     for name, _ in model.named_modules():
@@ -94,18 +95,18 @@ def _expected_adapter_shapes(model: GWMModel, loop_config: LoopConfig, where: st
     return shapes
 
 
-def _check_adapter_weights(folder: str, loop_config: LoopConfig, arch: dict[str, int],
+def check_adapter_weights(folder: str, loop_config: LoopConfig, arch: dict[str, int],
                            expected: dict[str, tuple[int, ...]] | None = None) -> None:
     """Check the weights file against the model from its header alone: a config edited by hand cannot hide a
     different n_loops, width, block count or canvas width, and a damaged file is named before PEFT reads it.
 
-    With `expected` (`_expected_adapter_shapes`), every tensor must be there with its shape and nothing else may be:
+    With `expected` (`expected_adapter_shapes`), every tensor must be there with its shape and nothing else may be:
     PEFT would stop on a missing key or a wrong shape with a traceback, and load unknown tensors silently."""
     from safetensors import safe_open
 
-    path = os.path.join(folder, "adapter_model.safetensors")
+    path = os.path.join(folder, ADAPTER_WEIGHTS_FILE)
     if not os.path.isfile(path):
-        raise AdapterLoadError(f"No adapter_model.safetensors in {folder}: the adapter has no weights.")
+        raise AdapterLoadError(f"No {ADAPTER_WEIGHTS_FILE} in {folder}: the adapter has no weights.")
     try:
         with safe_open(path, framework="pt") as weights:
             shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
@@ -160,19 +161,19 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
 
     location = f"{adapter}" + (f" (subfolder {subfolder})" if subfolder else "")
     local = os.path.isdir(adapter)
-    config_file = os.path.join(adapter, subfolder or "", "adapter_config.json")
+    config_file = os.path.join(adapter, subfolder or "", ADAPTER_CONFIG_FILE)
     if local and (not os.path.exists(config_file) or os.path.isdir(config_file)):  # a device is read, bounded
-        raise AdapterLoadError(f"No adapter_config.json in {location}: not a GWM adapter folder.")
+        raise AdapterLoadError(f"No {ADAPTER_CONFIG_FILE} in {location}: not a GWM adapter folder.")
     if local:
         _check_raw_adapter_config(config_file)
     try:
         peft_config = PeftConfig.from_pretrained(str(adapter), subfolder=subfolder, revision=revision, token=token)
     except ValueError as err:
-        raise AdapterLoadError(f"{location}/adapter_config.json is not a valid PEFT adapter config: {err}") from None
+        raise AdapterLoadError(f"{location}/{ADAPTER_CONFIG_FILE} is not a valid PEFT adapter config: {err}") from None
     except OSError as err:
         raise AdapterLoadError(f"Could not fetch the adapter {location}: {str(err).splitlines()[0]}") from None
     except (TypeError, KeyError, AttributeError) as err:  # a hand-edited file PEFT's reader trips over
-        raise AdapterLoadError(f"{location}/adapter_config.json is not a valid PEFT adapter config: "
+        raise AdapterLoadError(f"{location}/{ADAPTER_CONFIG_FILE} is not a valid PEFT adapter config: "
                                f"{type(err).__name__}: {err}") from None
     if not isinstance(peft_config, LoopConfig):
         raise AdapterLoadError(
@@ -190,7 +191,7 @@ def load_adapter_config(adapter: str | os.PathLike, subfolder: str | None = None
             "statistics and a value head over a context baseline): it was made by an older GWM and needs "
             "retraining (gwm train / dag_train.py)."
         )
-    _check_loop_config(peft_config, config_file if local else f"{location}/adapter_config.json")
+    _check_loop_config(peft_config, config_file if local else f"{location}/{ADAPTER_CONFIG_FILE}")
     return peft_config
 
 
@@ -211,14 +212,12 @@ def warn_if_other_base(config: LoopConfig, sample: list[float] | None, where: st
 def warn_if_changed(folder: str) -> None:
     """Warn when an adapter folder's weights are not those its metrics.json recorded (`adapter_sha256`, written by
     the trainer): damaged, or another adapter's file copied or linked in. Folders without the record are not checked."""
-    from .run_folder import CHECKSUM_KEY
-
-    path = os.path.join(folder, "metrics.json")
+    path = os.path.join(folder, METRICS_FILE)
     try:
         recorded = read_json(path, max_bytes=CONFIG_MAX_BYTES).get(CHECKSUM_KEY) if os.path.isfile(path) else None
-        if recorded is not None and recorded != file_sha256(os.path.join(folder, "adapter_model.safetensors")):
-            logger.warning("adapter weights %s are not the ones its metrics.json recorded (%s differs): damaged or "
-                           "replaced since training", os.path.join(folder, "adapter_model.safetensors"), CHECKSUM_KEY)
+        if recorded is not None and recorded != file_sha256(os.path.join(folder, ADAPTER_WEIGHTS_FILE)):
+            logger.warning("adapter weights %s are not the ones its %s recorded (%s differs): damaged or replaced "
+                           "since training", os.path.join(folder, ADAPTER_WEIGHTS_FILE), METRICS_FILE, CHECKSUM_KEY)
     except (OSError, ValueError):  # an unreadable metrics.json is no reason to refuse the adapter
         return
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .run_folder import ADAPTER_WEIGHTS_FILE
+
 # modules_to_save of the loop adapter -> the row they are reported under
 _SAVED_MODULE_ROWS = {"encoder_token": "encoder token", "proj_in": "proj_in", "proj_out": "proj_out",
                       "codec": "codec", "norm_out": "output norm"}
@@ -151,7 +153,7 @@ def _tensor_sizes(path: str | os.PathLike) -> dict[str, int]:
 def adapter_budget(adapter_dir: str | os.PathLike) -> list[dict]:
     """Trainable parameters of a saved adapter, grouped by component (read from the safetensors header only)."""
     counts: dict[str, int] = {}
-    for key, n in _tensor_sizes(Path(adapter_dir) / "adapter_model.safetensors").items():
+    for key, n in _tensor_sizes(Path(adapter_dir) / ADAPTER_WEIGHTS_FILE).items():
         group = next((label for frag, label in _BUDGET_GROUPS if frag in key), "Other")
         counts[group] = counts.get(group, 0) + n
     order = [label for _, label in _BUDGET_GROUPS] + ["Other"]

@@ -68,8 +68,9 @@ def _recorded_base(adapter: str | None) -> str | None:
     """The base a local adapter folder records (read as plain JSON: a bad config is reported later, by the load)."""
     from .adapter_files import CONFIG_MAX_BYTES
     from .io_utils import read_json
+    from .run_folder import ADAPTER_CONFIG_FILE
     try:
-        config = read_json(os.path.join(adapter, "adapter_config.json"), max_bytes=CONFIG_MAX_BYTES)
+        config = read_json(os.path.join(adapter, ADAPTER_CONFIG_FILE), max_bytes=CONFIG_MAX_BYTES)
         base = (config.get("gwm_config") or {}).get("base_model_name_or_path") or config.get("base_model_name_or_path")
     except (OSError, TypeError, ValueError, AttributeError):
         return None
@@ -105,7 +106,7 @@ def _check_outputs(args, *flags: str) -> None:
 @contextlib.contextmanager
 def _naming_adapter(args):
     """A non-finite forecast names the --adapter folder the user gave (the API names the adapter on the model)."""
-    from .forecasting import NonFiniteForecastError
+    from .pipeline import NonFiniteForecastError
 
     try:
         yield
@@ -132,7 +133,7 @@ def _write_atomic(flag: str, path: str, render) -> None:
 def _spec(adapter: str, subfolder: str | None):
     """The adapter's fields and window from its adapter_config.json alone (fast: no weights, no base)."""
     from .adapter_files import load_adapter_config
-    from .forecasting import AdapterSpec
+    from .pipeline import AdapterSpec
 
     return AdapterSpec.from_config(load_adapter_config(adapter, subfolder=subfolder), adapter_name=adapter)
 
@@ -214,7 +215,7 @@ def _naming_data(args):
 
 def _history(args, spec):
     """The --data table on the adapter's grid (`forecasting.read_history`): (history, its frequency)."""
-    from .forecasting import read_history
+    from .pipeline import read_history
 
     table = _table(args)
     with _naming_data(args):
@@ -223,8 +224,8 @@ def _history(args, spec):
 
 
 def cmd_forecast(args) -> int:
-    from .forecasting import check_forecast_request, forecast_quantiles
     from .modeling_gwm import GWMModel
+    from .pipeline import check_forecast_request, forecast_quantiles
     from .plots import plot_forecast
 
     device = _device(args)
@@ -293,8 +294,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_impute(args) -> int:
-    from .forecasting import impute, read_history
     from .modeling_gwm import GWMModel
+    from .pipeline import impute, read_history
 
     device = _device(args)
     _check_outputs(args, "out")

@@ -24,18 +24,17 @@ import numpy as np
 import pandas as pd
 from utilsforecast import losses
 
-from .forecasting import AdapterSpec, check_finite, check_steps, forecast_on_calendar, read_history
+from .canvas import season_period
+from .configuration_gwm import DEFAULT_QUANTILE_LEVELS
+from .pipeline import AdapterSpec, GWMPipeline, check_finite, check_steps, read_history
 from .tabular import DataError, own_periods, own_spacing
 
 logger = logging.getLogger(__name__)
 
-QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NAIVE_METHODS = ("naive", "seasonal_naive")
 STATS_METHODS = ("auto_ets", "auto_arima", "auto_theta")  # need statsforecast
 BASELINES = NAIVE_METHODS + STATS_METHODS
 MISSING_STATSFORECAST = 'auto_ets, auto_arima and auto_theta need statsforecast: pip install -e ".[eval]"'
-# Seasonal period of the seasonal-naive baseline when none is given, by the grid's frequency.
-_SEASONS = {"MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "Q": 4, "W": 52, "D": 7, "h": 24, "H": 24}
 # AutoARIMA's seasonal search is polynomial in the season (a weekly season of 52 takes many minutes on one series):
 # above this season it is fitted without seasonal terms
 ARIMA_MAX_SEASON = 24
@@ -91,7 +90,8 @@ def _interval_columns(name: str, levels: tuple[float, ...]) -> tuple[list[float]
 
 
 def statistical_forecasts(observed: np.ndarray, horizon: int, season: int, methods: tuple[str, ...],
-                          levels: tuple[float, ...] = QUANTILE_LEVELS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                          levels: tuple[float, ...] = DEFAULT_QUANTILE_LEVELS
+                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Fit statsforecast models to a gap-free series and forecast it, with quantiles.
 
     observed (N,) consecutive observations -> {method: (point (horizon,), quantiles (horizon, Q))}; a method that
@@ -188,14 +188,10 @@ def relative_scores(fields: dict[str, dict], metric: str) -> dict[str, float | N
 
 
 def default_season(freq: str | None) -> int | None:
-    """12 for monthly, 4 for quarterly, 52 weekly, 7 daily, 24 hourly grids; None otherwise."""
-    if not freq:
-        return None
-    base = pd.tseries.frequencies.to_offset(freq)
-    if getattr(base, "n", 1) != 1:
-        return None
-    name = (getattr(base, "rule_code", None) or base.name).split("-")[0]
-    return _SEASONS.get(name)
+    """The seasonal period of the seasonal-naive baseline when none is given: the one training uses
+    (`canvas.season_period`: 12 for monthly, 4 for quarterly, 52 weekly, 7 daily, 5 business-daily, 24 hourly grids);
+    None otherwise."""
+    return season_period(freq) or None
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -263,8 +259,8 @@ def evaluate(model, data, holdout: int, *, season: int | None = None, methods=No
     if not (season and season > 1):
         methods = tuple(m for m in methods if m != "seasonal_naive")
     steps = holdout if freq == grid else _steps_to(train, actual)
-    model_quantiles, schedule = forecast_on_calendar(model, spec, context, grid, steps,
-                                                     sorted({*quantile_levels, 0.5}), names)  # (steps, S x levels)
+    model_quantiles, schedule = GWMPipeline(model).predict_on_grid(  # (steps, S x levels), (steps, S)
+        [(context, grid)], steps, sorted({*quantile_levels, 0.5}), [names])[0]
     if len(model_quantiles) != len(actual) or not model_quantiles.index.equals(actual.index):  # own calendar
         due = pd.DataFrame(schedule, index=model_quantiles.index).reindex(actual.index, fill_value=False)
         units = model_quantiles.attrs["units"]
@@ -456,7 +452,7 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-__all__ = ["BASELINES", "QUANTILE_LEVELS", "check_evaluate_request", "check_methods", "default_season",
-           "error_metrics", "evaluate", "evaluation_json", "format_evaluation", "has_statsforecast", "naive_forecast",
-           "relative_scores", "seasonal_naive_forecast", "split_holdout", "statistical_forecasts", "training_overlap",
+__all__ = ["BASELINES", "check_evaluate_request", "check_methods", "default_season", "error_metrics", "evaluate",
+           "evaluation_json", "format_evaluation", "has_statsforecast", "naive_forecast", "relative_scores",
+           "seasonal_naive_forecast", "split_holdout", "statistical_forecasts", "training_overlap",
            "weighted_quantile_loss"]

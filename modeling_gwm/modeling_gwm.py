@@ -15,10 +15,10 @@ from transformers.utils import ModelOutput
 
 from .adapter_files import (
     AdapterLoadError,
-    _check_adapter_weights,
-    _expected_adapter_shapes,
-    _saved_model_file,
+    check_adapter_weights,
+    expected_adapter_shapes,
     load_adapter_config,
+    saved_model_file,
     warn_if_changed,
     warn_if_other_base,
 )
@@ -41,6 +41,7 @@ from .canvas import (
 )
 from .configuration_gwm import GWMConfig
 from .loop import LoopLayer, check_adapter_fits
+from .run_folder import ADAPTER_CONFIG_FILE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,10 +86,6 @@ class EncoderToken(nn.Module):
 
     def forward(self, batch_size: int) -> torch.Tensor:
         return self.weight.expand(batch_size, -1, -1)  # (B, 1, inner_dim)
-
-
-def _is_auto_dtype(config: GWMConfig) -> bool:
-    return config.frozen_dtype == "auto"
 
 
 class GWMModel(PreTrainedModel):
@@ -191,10 +188,10 @@ class GWMModel(PreTrainedModel):
         for key in _AUTO_PLUMBING:
             config_overrides.pop(key, None)
         hub_options = {key: config_overrides.pop(key) for key in _HUB_OPTIONS if key in config_overrides}
-        if adapter is None and base is not None and os.path.isfile(os.path.join(base, "adapter_config.json")):
+        if adapter is None and base is not None and os.path.isfile(os.path.join(base, ADAPTER_CONFIG_FILE)):
             base, adapter = None, base
         if adapter is None and base is not None:
-            saved_config = _saved_model_file(base, "config.json", subfolder, revision, token, hub_options)
+            saved_config = saved_model_file(base, "config.json", subfolder, revision, token, hub_options)
             if saved_config is not None:
                 return cls._from_saved(base, config or GWMConfig.from_json_file(saved_config), subfolder, revision,
                                        token, hub_options, device, config_overrides)
@@ -221,8 +218,8 @@ class GWMModel(PreTrainedModel):
         model = cls(GWMConfig(**gwm_kwargs), device=device)
         check_adapter_fits(loop_config, **model.adapter_architecture(), where=str(adapter))
         warn_if_other_base(loop_config, model.base_weights_sample(), str(adapter), model.base_source)
-        _check_adapter_weights(os.path.join(adapter, subfolder or ""), loop_config, model.adapter_architecture(),
-                               expected=_expected_adapter_shapes(model, loop_config, str(adapter)))
+        check_adapter_weights(os.path.join(adapter, subfolder or ""), loop_config, model.adapter_architecture(),
+                               expected=expected_adapter_shapes(model, loop_config, str(adapter)))
         warn_if_changed(os.path.join(adapter, subfolder or ""))
         try:
             return PeftModel.from_pretrained(  # the adapter's tensors are read straight onto the model's device
@@ -242,7 +239,7 @@ class GWMModel(PreTrainedModel):
         if overrides:  # e.g. frozen_dtype, or base_model_name_or_path when the base folder moved
             config = GWMConfig.from_dict({**config.to_dict(), **overrides})
         model = cls(config, device=device)
-        weights = _saved_model_file(location, "model.safetensors", subfolder, revision, token, hub_options)
+        weights = saved_model_file(location, "model.safetensors", subfolder, revision, token, hub_options)
         if weights is None:
             raise ModelLoadError(f"No model.safetensors next to the GWM config.json in {location}: the saved model "
                                  "has no weights.")
@@ -472,12 +469,12 @@ class GWMModel(PreTrainedModel):
         Returns:
             a DataFrame (prediction_length, fields) indexed by the future times; a table mixing fields of different
             own frequencies stays on the grid, NaN where a coarser field starts no period. Details:
-            `modeling_gwm.forecasting.forecast`.
+            `GWMPipeline.forecast` (`modeling_gwm.pipeline`).
         """
-        from .forecasting import forecast
+        from .pipeline import GWMPipeline
 
-        return forecast(self, history, prediction_length, time_column=time_column, freq=freq, field=field,
-                        horizon=horizon)
+        return GWMPipeline(self).forecast(history, prediction_length, time_column=time_column, freq=freq, field=field,
+                                          horizon=horizon)
 
     def forecast_quantiles(self, history, prediction_length: int | None = None, *,
                            quantile_levels: list[float] | None = None, time_column: str | None = None,
@@ -492,12 +489,12 @@ class GWMModel(PreTrainedModel):
         Returns:
             a DataFrame indexed by the future times with columns (field, level), e.g. `result["co2", 0.9]`. Past
             the adapter's horizon the band widens with the lead time (an approximation, see
-            `modeling_gwm.forecasting.forecast_quantiles`).
+            `GWMPipeline.forecast_quantiles`).
         """
-        from .forecasting import forecast_quantiles
+        from .pipeline import GWMPipeline
 
-        return forecast_quantiles(self, history, prediction_length, quantile_levels=quantile_levels,
-                                  time_column=time_column, freq=freq, field=field, horizon=horizon)
+        return GWMPipeline(self).forecast_quantiles(history, prediction_length, quantile_levels=quantile_levels,
+                                                    time_column=time_column, freq=freq, field=field, horizon=horizon)
 
     def impute(self, frame, *, time_column: str | None = None, freq: str | None = None, field: str | None = None
                ) -> pd.DataFrame:
@@ -509,11 +506,11 @@ class GWMModel(PreTrainedModel):
 
         Returns:
             the frame on its regular grid, observed values unchanged, each field filled at its own steps (a coarser
-            field: the grid steps holding its period starts). Details: `modeling_gwm.forecasting.impute`.
+            field: the grid steps holding its period starts). Details: `GWMPipeline.impute`.
         """
-        from .forecasting import impute
+        from .pipeline import GWMPipeline
 
-        return impute(self, frame, time_column=time_column, freq=freq, field=field)
+        return GWMPipeline(self).impute(frame, time_column=time_column, freq=freq, field=field)
 
     def predict_df(self, df: pd.DataFrame, *, id_column: str = "item_id", timestamp_column: str = "timestamp",
                    target: str | list[str] | dict[str, str] | None = None, prediction_length: int | None = None,
@@ -533,13 +530,13 @@ class GWMModel(PreTrainedModel):
 
         Returns:
             a long-format DataFrame: `id_column`, `timestamp_column`, `target_name`, `predictions` (the median) and
-            one column per level ("0.1", ...). Details: `modeling_gwm.predict_df.predict_df`.
+            one column per level ("0.1", ...). Details: `GWMPipeline.predict_df`.
         """
-        from .predict_df import predict_df
+        from .pipeline import GWMPipeline
 
-        return predict_df(self, df, id_column=id_column, timestamp_column=timestamp_column, target=target,
-                          prediction_length=prediction_length, quantile_levels=quantile_levels,
-                          batch_size=batch_size, freq=freq)
+        return GWMPipeline(self).predict_df(df, id_column=id_column, timestamp_column=timestamp_column, target=target,
+                                            prediction_length=prediction_length, quantile_levels=quantile_levels,
+                                            batch_size=batch_size, freq=freq)
 
 
 def _download_adapter(adapter, subfolder: str | None, revision: str | None, token) -> str:

@@ -18,8 +18,8 @@ from .checkpoint import NodeState
 from .curriculum import TrainingNode
 from .data import CanvasDataset, NodeData, collate_canvas
 from .faults import crash_point, inject_nan
-from .forecasting import coverage_error, fit_quantile_scales, mean_pinball, scale_quantiles
 from .masking import sample_target_mask
+from .pipeline import coverage_error, fit_quantile_scales, mean_pinball, scale_quantiles
 
 
 @dataclass

@@ -281,11 +281,6 @@ def denormalize(values: np.ndarray, stats: FieldStats) -> np.ndarray:
     return np.asarray(values, dtype=np.float64) * stats.std + stats.mean
 
 
-def to_data_units(values: np.ndarray, stats: FieldStats, last_raw: float | None = None) -> np.ndarray:
-    """Normalised predictions of consecutive observations -> the data's own units (see `invert_transform`)."""
-    return invert_transform(denormalize(values, stats), stats.transform, last_raw)
-
-
 def mean_std(values: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of finite float64 values, computed on values scaled by their largest magnitude:
     squares of values near 1e-300 underflow to 0 (near 1e300 overflow to inf), so a plain `np.std` would call such a

@@ -30,9 +30,9 @@ from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
 from modeling_gwm.configuration_gwm import GWMConfig
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.data import DataSource, build_node_data
-from modeling_gwm.forecasting import AdapterSpec, NonFiniteForecastError, forecast, read_history
 from modeling_gwm.loop import AdapterMismatchError
 from modeling_gwm.modeling_gwm import GWMModel
+from modeling_gwm.pipeline import AdapterSpec, NonFiniteForecastError, forecast, read_history
 from modeling_gwm.tabular import DataError
 from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
 
@@ -823,14 +823,14 @@ def test_expected_adapter_tensors_are_what_peft_saves(backbone):
     """The weights check derives its expectation from the built model: it must equal PEFT's own state dict."""
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from modeling_gwm.adapter_files import _expected_adapter_shapes
+    from modeling_gwm.adapter_files import expected_adapter_shapes
     from modeling_gwm.loop import LoopConfig
 
     kwargs = {"d_model": 16, "backbone": backbone, "scratch_num_layers": 2}
     config = LoopConfig(n_loops=2, fields=[{"name": "x", "mean": 0.0, "std": 1.0}])
     peft_model = get_peft_model(GWMModel.from_pretrained(TINY_BASE, **kwargs), config)
     saved = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
-    expected = _expected_adapter_shapes(GWMModel.from_pretrained(TINY_BASE, **kwargs), peft_model.peft_config[
+    expected = expected_adapter_shapes(GWMModel.from_pretrained(TINY_BASE, **kwargs), peft_model.peft_config[
         "default"], "adapter")
     assert saved == expected
 # ---------------------------------------------------------------------------------------------------- badcli: processes

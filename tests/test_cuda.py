@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from modeling_gwm import GWMModel, LoopConfig
 from modeling_gwm.curriculum import load_curriculum
 from modeling_gwm.evaluation import evaluate
-from modeling_gwm.forecasting import AdapterSpec
 from modeling_gwm.merging import MERGE_METHODS, MergeSpec, merge_adapters
+from modeling_gwm.pipeline import AdapterSpec
 from modeling_gwm.trainer import DAGCurriculumTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -18,9 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
 from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
 from modeling_gwm.commands import main  # noqa: E402
+from modeling_gwm.configuration_gwm import DEFAULT_QUANTILE_LEVELS as QUANTILE_LEVELS  # noqa: E402
 from modeling_gwm.evaluation import (  # noqa: E402
     NAIVE_METHODS,
-    QUANTILE_LEVELS,
     check_methods,
     error_metrics,
     evaluate,

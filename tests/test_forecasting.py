@@ -22,7 +22,7 @@ from modeling_gwm.evaluation import (  # noqa: E402
     naive_forecast,
     seasonal_naive_forecast,
 )
-from modeling_gwm.forecasting import (  # noqa: E402
+from modeling_gwm.pipeline import (  # noqa: E402
     AdapterSpec,
     forecast_quantiles,
     predict_windows,

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "modeling_gwm"
 # GWMModel's convenience methods (model.forecast, model.predict_df, the Hub download in from_pretrained) import the
 # modules that do the work when called: the one sanctioned upward import.
-UPWARD_ALLOWED = {("modeling_gwm", "forecasting"), ("modeling_gwm", "predict_df"), ("modeling_gwm", "hub")}
+UPWARD_ALLOWED = {("modeling_gwm", "pipeline"), ("modeling_gwm", "hub")}
 
 
 def _modules() -> dict[str, Path]:

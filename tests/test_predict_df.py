@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
 from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
-from modeling_gwm.forecasting import AdapterSpec  # noqa: E402
+from modeling_gwm.pipeline import AdapterSpec  # noqa: E402
 from modeling_gwm.tabular import DataError  # noqa: E402
 
 FIELDS = [

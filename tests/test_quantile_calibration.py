@@ -20,17 +20,17 @@ from modeling_gwm.adapter_files import AdapterLoadError
 from modeling_gwm.cards import render_node_card
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.data import collate_canvas
-from modeling_gwm.forecasting import (
+from modeling_gwm.pipeline import (
     QUANTILE_SCALE_BOUNDS,
     AdapterSpec,
     coverage_error,
     fit_quantile_scales,
     forecast_quantiles,
     mean_pinball,
+    predict_df,
     predict_windows,
     scale_quantiles,
 )
-from modeling_gwm.predict_df import predict_df
 from modeling_gwm.train_cli import main as train_main
 from modeling_gwm.trainer import DAGCurriculumTrainer
 
