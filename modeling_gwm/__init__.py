@@ -22,6 +22,7 @@ _LAZY = {
     "GWMModel": "modeling_gwm",
     "GWMOutput": "modeling_gwm",
     "GWMConfig": "configuration_gwm",
+    "GWMPipeline": "pipeline",
     "AdapterMismatchError": "loop",
     "LoopConfig": "loop",
     "LoopLayer": "loop",

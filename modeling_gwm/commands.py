@@ -214,7 +214,7 @@ def _naming_data(args):
 
 
 def _history(args, spec):
-    """The --data table on the adapter's grid (`forecasting.read_history`): (history, its frequency)."""
+    """The --data table on the adapter's grid (`pipeline.read_history`): (history, its frequency)."""
     from .pipeline import read_history
 
     table = _table(args)

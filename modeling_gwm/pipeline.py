@@ -667,7 +667,7 @@ class _Calendar:
 def _calendars(items: _Items, spec: AdapterSpec, fields: list[str], steps: int) -> list[_Calendar | None]:
     """Per target field, its own calendar when the adapter records a coarser own frequency for it, else None: the
     `steps` period starts after the item's last observation of the field (after the item's end when it has none in
-    its last context_len steps), as `forecasting.forecast_on_calendar` has them."""
+    its last context_len steps), as `_request` has them for one history."""
     starts, lengths = items.offsets[:-1], items.lengths
     ends = items.first + lengths - 1  # (N,) each item's last step on the global grid
     row = np.arange(items.offsets[-1]) - np.repeat(starts, lengths)  # (sum L_i,) row within its item
