@@ -1,20 +1,21 @@
 """Model cards of a GWM run: one per node (lineage, data, settings, results, parameter budget, usage) and the run's
-index card, rendered from the package templates in `modeling_gwm/templates/` with huggingface_hub's `ModelCard`.
+index card. This module reads a run folder into each card's context; `hub_cards` (the top-level package holding the
+templates) renders it with huggingface_hub's `ModelCard`.
 
 The trainer writes them next to the adapters (`write_node_card`); a Hub push re-renders them for the target repo.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
-import math
 import os
 import re
 from urllib.parse import quote
 
 from huggingface_hub import ModelCard, ModelCardData, constants
+
+from hub_cards import ADAPTER_CARD_TEMPLATE, CURRICULUM_CARD_TEMPLATE, format_value, render_card
 
 from .budget import budget_rows
 from .plots import plot_loss_curves, plot_node_loss
@@ -22,9 +23,6 @@ from .run_folder import FINAL_NODE, RunFolder
 from .tabular import is_coarser
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_CARD_TEMPLATE = "adapter_card.md"  # package data in modeling_gwm/templates/, shipped in the wheel
-CURRICULUM_CARD_TEMPLATE = "curriculum_card.md"
 
 CARD_TAGS = ["gwm", "world-model", "cogvideox", "peft", "time-series"]
 PIPELINE_TAG = "time-series-forecasting"
@@ -34,19 +32,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(_HUB_ID.match(str(name))) and not os.path.exists(str(name))
-
-
-def _fmt(value, digits: int = 4) -> str:
-    """Numbers for people: 4 significant digits, thousands separators for integers, '—' when missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
-        return f"{int(value):,}"
-    return f"{value:.{digits}g}"
 
 
 def _is_tiny_base(base: str) -> bool:
@@ -128,7 +113,7 @@ def lineage_mermaid(dag: dict, node: str | None = None) -> str:
         for parent, weight in _parent_weights(entry).items():
             if parent not in ids:
                 continue
-            label = "fork" if len(parents) == 1 else f"{method} {_fmt(weight, 3)}"
+            label = "fork" if len(parents) == 1 else f"{method} {format_value(weight, 3)}"
             lines.append(f'    {ids[parent]} -- "{label}" --> {ids[name]}')
     if node is not None:
         lines.append(f"    style {ids[node]} fill:#ffd54f,stroke:#f57f17,stroke-width:2px")
@@ -177,7 +162,7 @@ def _retention_rows(entry: dict) -> list[dict]:
         if before is None and after is None:  # nothing recorded: no row (and without rows, no heading)
             continue
         change = f"{100.0 * (after - before) / before:+.1f} %" if before and after is not None else "—"
-        rows.append({"parent": parent, "parent_val_loss": _fmt(before), "merged_val_loss": _fmt(after),
+        rows.append({"parent": parent, "parent_val_loss": format_value(before), "merged_val_loss": format_value(after),
                      "change": change})
     return rows
 
@@ -198,7 +183,7 @@ def _lineage_context(dag: dict, node: str, lineage_node: str, entry: dict) -> di
         "kind": "join" if len(parents) > 1 else "fork" if parents else "root",
         "parents": parents,
         "merge_method": merge.get("method") or ("linear" if len(parents) > 1 else None),
-        "merge_weights": {p: _fmt(w, 3) for p, w in _parent_weights(entry).items()},
+        "merge_weights": {p: format_value(w, 3) for p, w in _parent_weights(entry).items()},
         "merge_extra": {k: v for k, v in merge.items() if k not in ("method", "weights")},
         "lineage": lineage_mermaid(dag, lineage_node) if entry else lineage_mermaid(
             {"nodes": {node: {}}}, node),
@@ -242,7 +227,8 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
     grid = next((f["frequency"] for f in fields if f.get("frequency")), None)
     return {
         "fields": [{"slot": i, "name": f.get("name", "?"), "unit": f.get("unit") or "—",
-                    "transform": f.get("transform") or "none", "mean": _fmt(f.get("mean")), "std": _fmt(f.get("std")),
+                    "transform": f.get("transform") or "none", "mean": format_value(f.get("mean")),
+                    "std": format_value(f.get("std")),
                     "own_frequency": f.get("own_frequency") or f.get("frequency") or "—",
                     "inherited": f.get("name") not in trained}
                    for i, f in enumerate(fields)],
@@ -251,9 +237,9 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
         "field_names": [f.get("name", "?") for f in fields if f.get("name") in trained],
         "has_inherited": any(f.get("name") not in trained for f in fields),
         "example_field": next((f.get("name") for f in fields if f.get("name") in trained), "<field>"),
-        "settings": {k: _fmt(v) for k, v in settings.items() if v is not None and v != "None x None"},
-        "results": [{"metric": m, "start": _fmt(a), "end": _fmt(b)} for m, a, b in results if a is not None or
-                    b is not None],
+        "settings": {k: format_value(v) for k, v in settings.items() if v is not None and v != "None x None"},
+        "results": [{"metric": m, "start": format_value(a), "end": format_value(b)} for m, a, b in results
+                    if a is not None or b is not None],
         "date_range": _date_range(metrics),
         "has_plot": bool(metrics.get("history") or metrics.get("val_history")),
         "horizon": gwm_config.get("horizon"),
@@ -325,22 +311,11 @@ def node_card_context(output_dir: str | os.PathLike, node: str, repo_id: str | N
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
-def _template(name: str) -> str:
-    """A card template, read as package data (works from a wheel, a zip or a source checkout alike)."""
-    return importlib.resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
-
-
-def _tidy(card: ModelCard) -> ModelCard:
-    """Collapse the blank lines that optional template sections leave behind."""
-    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n")
-
-
 def render_node_card(output_dir: str | os.PathLike, node: str, repo_id: str | None = None,
                      subfolder: str | None = None, revision: str | None = None) -> ModelCard:
-    """The model card of one node, from the package template `templates/adapter_card.md` (see `node_card_context`)."""
+    """The model card of one node, from `hub_cards`' template `adapter_card.md` (see `node_card_context`)."""
     context = node_card_context(output_dir, node, repo_id=repo_id, subfolder=subfolder, revision=revision)
-    card_data = context.pop("card_data")
-    return _tidy(ModelCard.from_template(card_data, template_str=_template(ADAPTER_CARD_TEMPLATE), **context))
+    return render_card(ADAPTER_CARD_TEMPLATE, context.pop("card_data"), **context)
 
 
 def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, config: dict) -> dict:
@@ -350,9 +325,10 @@ def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, co
         "name": name,
         "status": entry.get("status") or ("done" if config else "pending"),
         "published": bool(config) and folder.has_adapter(name),
-        "parents": ", ".join(f"{p} ({_fmt(w, 3)})" if len(weights) > 1 else p for p, w in weights.items()) or "—",
-        "steps": _fmt(metrics.get("steps")),
-        "val_loss": _fmt(metrics.get("val_loss_best", metrics.get("val_loss_end"))),  # the adapter written
+        "parents": ", ".join(f"{p} ({format_value(w, 3)})" if len(weights) > 1 else p
+                             for p, w in weights.items()) or "—",
+        "steps": format_value(metrics.get("steps")),
+        "val_loss": format_value(metrics.get("val_loss_best", metrics.get("val_loss_end"))),  # the adapter written
         "n_fields": len(config.get("fields") or metrics.get("fields") or []),
         "grid": next((f["frequency"] for f in config.get("fields") or [] if isinstance(f, dict) and f.get("frequency")),
                      "—"),
@@ -380,13 +356,13 @@ def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = 
                               model_name="GWM curriculum")
     published = [r for r in rows if r["published"]]
     example = FINAL_NODE if has_final else (published[-1]["name"] if published else "<node>")
-    return _tidy(ModelCard.from_template(
-        card_data, template_str=_template(CURRICULUM_CARD_TEMPLATE), repo_id=repo_id, nodes=rows,
+    return render_card(
+        CURRICULUM_CARD_TEMPLATE, card_data, repo_id=repo_id, nodes=rows,
         lineage=lineage_mermaid(dag), has_final=has_final, example_node=example, base_expr=base_expr,
         base_is_tiny=base_expr == "base", seed=dag.get("seed"),
         has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url("loss_curves.png", repo_id, revision, None),
         revision=revision if revision and revision != "main" else None,
-    ))
+    )
 
 
 def write_node_card(output_dir: str, node_name: str) -> None:
