@@ -19,7 +19,15 @@ from hub_cards import ADAPTER_CARD_TEMPLATE, CURRICULUM_CARD_TEMPLATE, format_va
 
 from .budget import budget_rows
 from .plots import plot_loss_curves, plot_node_loss
-from .run_folder import FINAL_NODE, RunFolder
+from .run_folder import (
+    ADAPTER_CONFIG_FILE,
+    CARD_FILE,
+    FINAL_NODE,
+    LOSS_CURVE_FILE,
+    LOSS_CURVES_FILE,
+    METRICS_FILE,
+    RunFolder,
+)
 from .tabular import is_coarser
 
 logger = logging.getLogger(__name__)
@@ -262,7 +270,7 @@ def _usage_context(base: str | None, repo_id: str | None, subfolder: str | None,
         "repo_id": repo_id,
         "subfolder": subfolder,
         "revision": revision if revision and revision != "main" else None,
-        "plot_url": _file_url("loss_curve.png", repo_id, revision, subfolder),
+        "plot_url": _file_url(LOSS_CURVE_FILE, repo_id, revision, subfolder),
         "base": base or "THUDM/CogVideoX-2b",
         "base_model": base_model,
         "base_expr": base_expr,
@@ -280,11 +288,11 @@ def node_card_context(output_dir: str | os.PathLike, node: str, repo_id: str | N
     """
     folder = RunFolder(output_dir)
     dag = folder.read_dag()
-    adapter_config = folder.read_node_json_if_any(node, "adapter_config.json")
+    adapter_config = folder.read_node_json_if_any(node, ADAPTER_CONFIG_FILE)
     if not adapter_config:
         raise FileNotFoundError(
-            f"No adapter_config.json in {folder.node_dir(node)}: node {node!r} has no saved adapter yet.")
-    metrics = folder.read_node_json_if_any(node, "metrics.json")
+            f"No {ADAPTER_CONFIG_FILE} in {folder.node_dir(node)}: node {node!r} has no saved adapter yet.")
+    metrics = folder.read_node_json_if_any(node, METRICS_FILE)
     lineage_node = node if node in (dag.get("nodes") or {}) else metrics.get("node", node)
     entry = (dag.get("nodes") or {}).get(lineage_node) or {}
     gwm_config = adapter_config.get("gwm_config") or {}
@@ -344,12 +352,12 @@ def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = 
     rows, datasets = [], []
     base = dag.get("base")
     for name in RunFolder.node_names(dag):
-        metrics = folder.read_node_json_if_any(name, "metrics.json")
-        config = folder.read_node_json_if_any(name, "adapter_config.json")
+        metrics = folder.read_node_json_if_any(name, METRICS_FILE)
+        config = folder.read_node_json_if_any(name, ADAPTER_CONFIG_FILE)
         base = base or (config.get("gwm_config") or {}).get("base_model_name_or_path")
         datasets += _sources(metrics)[1]
         rows.append(_curriculum_row(folder, name, nodes.get(name) or {}, metrics, config))
-    has_final = (folder.node_dir(FINAL_NODE) / "adapter_config.json").is_file()
+    has_final = (folder.node_dir(FINAL_NODE) / ADAPTER_CONFIG_FILE).is_file()
     _, base_expr = _base_names(base)
     card_data = ModelCardData(base_model=_hub_base_model(base), library_name="peft", pipeline_tag=PIPELINE_TAG,
                               tags=list(CARD_TAGS), datasets=sorted(set(datasets)) or None, license=DEFAULT_LICENSE,
@@ -360,7 +368,7 @@ def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = 
         CURRICULUM_CARD_TEMPLATE, card_data, repo_id=repo_id, nodes=rows,
         lineage=lineage_mermaid(dag), has_final=has_final, example_node=example, base_expr=base_expr,
         base_is_tiny=base_expr == "base", seed=dag.get("seed"),
-        has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url("loss_curves.png", repo_id, revision, None),
+        has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url(LOSS_CURVES_FILE, repo_id, revision, None),
         revision=revision if revision and revision != "main" else None,
     )
 
@@ -373,12 +381,12 @@ def write_node_card(output_dir: str, node_name: str) -> None:
     folder = RunFolder(output_dir)
     dag = folder.read_dag()
     node_dir = folder.node_dir(node_name)
-    render_node_card(folder.path, node_name).save(node_dir / "README.md")
-    plot_node_loss(folder.read_node_json_if_any(node_name, "metrics.json"), node_dir / "loss_curve.png",
+    render_node_card(folder.path, node_name).save(node_dir / CARD_FILE)
+    plot_node_loss(folder.read_node_json_if_any(node_name, METRICS_FILE), node_dir / LOSS_CURVE_FILE,
                    title=node_name)
     if dag:
-        render_curriculum_card(folder.path).save(folder.path / "README.md")
-        plot_loss_curves(folder.path, folder.path / "loss_curves.png")
+        render_curriculum_card(folder.path).save(folder.path / CARD_FILE)
+        plot_loss_curves(folder.path, folder.path / LOSS_CURVES_FILE)
     logger.info("Wrote the model card and loss plot of node %r to %s", node_name, node_dir)
 
 
