@@ -34,6 +34,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 
+from .base import hub_offline
 from .cards import render_curriculum_card, render_node_card
 from .plots import plot_loss_curves
 from .run_folder import ADAPTER_CONFIG_FILE, ADAPTER_FILES, CARD_FILE, DAG_FILE, LOSS_CURVES_FILE, NODE_FILES, RunFolder
@@ -116,7 +117,7 @@ def download_adapter(repo_id: str, subfolder: str | None = None, revision: str |
         try:
             paths.append(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision, token=token))
         except LocalEntryNotFoundError:
-            reason = "HF_HUB_OFFLINE is set" if _is_offline() else "the Hub cannot be reached"
+            reason = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
             raise HubOfflineError(
                 f"The adapter {where} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}: "
                 "load it once with network access, or pass a local adapter folder."
@@ -151,11 +152,6 @@ def _offline_message(reason: str, local_dir: str | os.PathLike | None, repo_id: 
             f"untouched; push later with `gwm push {local_dir} --hub_model_id {repo_id}`.")
 
 
-def _is_offline() -> bool:
-    """huggingface_hub reads HF_HUB_OFFLINE at import; honour it when it was set later too."""
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the Hub cannot be reached', whichever HTTP client this huggingface_hub uses."""
     import importlib
@@ -177,7 +173,7 @@ def _commit(operations: list[CommitOperationAdd], repo_id: str, *, local_dir: st
         for operation in operations:
             if token.encode("utf-8") in _operation_bytes(operation):
                 raise ValueError(f"Refusing to upload {operation.path_in_repo}: it contains the Hub token.")
-    if _is_offline():
+    if hub_offline():
         raise HubOfflineError(_offline_message("HF_HUB_OFFLINE is set", local_dir, repo_id))
     api = HfApi(token=token)
     try:
