@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData, constants
 from hub_cards import ADAPTER_CARD_TEMPLATE, CURRICULUM_CARD_TEMPLATE, format_value, render_card
 
 from .budget import budget_rows
+from .curriculum import lineage_mermaid, parent_weights
 from .plots import plot_loss_curves, plot_node_loss
 from .run_folder import (
     ADAPTER_CONFIG_FILE,
@@ -70,66 +71,6 @@ def _base_names(base: str | None) -> tuple[str, str]:
     if _is_hub_id(base):
         return base, json.dumps(base)
     return os.path.basename(os.path.normpath(base)), json.dumps(base)
-
-
-# ---------------------------------------------------------------------------------------------------- lineage
-def _ancestors(nodes: dict, node: str) -> list[str]:
-    """`node` and every ancestor, parents before children (the order they were trained in)."""
-    seen: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        for parent in (nodes.get(name) or {}).get("parents") or []:
-            visit(parent)
-        seen.append(name)
-
-    visit(node)
-    return seen
-
-
-def _parent_weights(entry: dict) -> dict[str, float | None]:
-    """Each parent's merge weight, from `merge.weights` given as a list (parents' order) or a {parent: w} dict."""
-    parents = entry.get("parents") or []
-    weights = (entry.get("merge") or {}).get("weights")
-    if isinstance(weights, dict):
-        return {p: weights.get(p) for p in parents}
-    if isinstance(weights, (list, tuple)) and len(weights) == len(parents):
-        return dict(zip(parents, weights))
-    if len(parents) > 1:  # a join without recorded weights averages its parents
-        return {p: 1.0 / len(parents) for p in parents}
-    return {p: None for p in parents}
-
-
-def lineage_mermaid(dag: dict, node: str | None = None) -> str:
-    """A mermaid `graph TD` of `node` and its ancestors (the whole DAG when `node` is None).
-
-    Fork edges say `fork`; join edges carry the merge method and that parent's weight, e.g. `"linear 0.5"`.
-    """
-    nodes = dag.get("nodes") or {}
-    names = RunFolder.node_names(dag) if node is None else _ancestors(nodes, node)
-    ids = {name: f"n{i}" for i, name in enumerate(names)}
-    lines = ["graph TD"]
-    for name in names:
-        entry = nodes.get(name) or {}
-        kind = "join" if len(entry.get("parents") or []) > 1 else "fork" if entry.get("parents") else "root"
-        lines.append(f'    {ids[name]}["{name}<br/><small>{kind}</small>"]')
-    for name in names:
-        entry = nodes.get(name) or {}
-        parents = entry.get("parents") or []
-        method = (entry.get("merge") or {}).get("method") or "linear"
-        for parent, weight in _parent_weights(entry).items():
-            if parent not in ids:
-                continue
-            label = "fork" if len(parents) == 1 else f"{method} {format_value(weight, 3)}"
-            lines.append(f'    {ids[parent]} -- "{label}" --> {ids[name]}')
-    if node is not None:
-        lines.append(f"    style {ids[node]} fill:#ffd54f,stroke:#f57f17,stroke-width:2px")
-    for name in names:
-        status = (nodes.get(name) or {}).get("status")
-        if status and status != "done" and name != node:
-            lines.append(f"    style {ids[name]} stroke-dasharray: 4 3")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- node card
@@ -191,7 +132,7 @@ def _lineage_context(dag: dict, node: str, lineage_node: str, entry: dict) -> di
         "kind": "join" if len(parents) > 1 else "fork" if parents else "root",
         "parents": parents,
         "merge_method": merge.get("method") or ("linear" if len(parents) > 1 else None),
-        "merge_weights": {p: format_value(w, 3) for p, w in _parent_weights(entry).items()},
+        "merge_weights": {p: format_value(w, 3) for p, w in parent_weights(entry).items()},
         "merge_extra": {k: v for k, v in merge.items() if k not in ("method", "weights")},
         "lineage": lineage_mermaid(dag, lineage_node) if entry else lineage_mermaid(
             {"nodes": {node: {}}}, node),
@@ -328,7 +269,7 @@ def render_node_card(output_dir: str | os.PathLike, node: str, repo_id: str | No
 
 def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, config: dict) -> dict:
     """One node's line in the index card: status, whether its adapter is published, parents, steps, loss."""
-    weights = _parent_weights(entry)
+    weights = parent_weights(entry)
     return {
         "name": name,
         "status": entry.get("status") or ("done" if config else "pending"),
@@ -390,4 +331,4 @@ def write_node_card(output_dir: str, node_name: str) -> None:
     logger.info("Wrote the model card and loss plot of node %r to %s", node_name, node_dir)
 
 
-__all__ = ["lineage_mermaid", "node_card_context", "render_curriculum_card", "render_node_card", "write_node_card"]
+__all__ = ["node_card_context", "render_curriculum_card", "render_node_card", "write_node_card"]

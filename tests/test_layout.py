@@ -74,8 +74,8 @@ def test_modules_import_only_from_modules_above_them_in_the_map():
 
 
 def test_hub_cards_is_a_leaf_that_imports_nothing_of_modeling_gwm():
-    """hub_cards/ (the card templates and their rendering) sits beside modeling_gwm/: modeling_gwm's cards import it,
-    never the other way round."""
+    """hub_cards/ (the card templates and their rendering) sits beside modeling_gwm/: modeling_gwm imports it, never
+    the other way round."""
     files = sorted((REPO / "hub_cards").rglob("*.py"))
     assert files and (REPO / "hub_cards" / "templates" / "adapter_card.md").is_file()
     upward = []
