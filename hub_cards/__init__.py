@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.resources
 import math
 import re
+from typing import TYPE_CHECKING
 
-from huggingface_hub import ModelCard, ModelCardData
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard, ModelCardData
 
 ADAPTER_CARD_TEMPLATE = "adapter_card.md"
 CURRICULUM_CARD_TEMPLATE = "curriculum_card.md"
@@ -38,6 +40,8 @@ def card_template(name: str) -> str:
 def render_card(template_name: str, card_data: ModelCardData, **context) -> ModelCard:
     """The card of `templates/<template_name>` filled with `card_data` (its YAML header) and `context`, with the blank
     lines that optional template sections leave behind collapsed."""
+    from huggingface_hub import ModelCard  # here: format_value's users (the curriculum's lineage) need no Hub library
+
     card = ModelCard.from_template(card_data, template_str=card_template(template_name), **context)
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n")
 

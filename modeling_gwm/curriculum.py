@@ -84,13 +84,6 @@ class TrainingNode:
 
 _NODE_KEYS = {f.name for f in fields(TrainingNode)}
 _DEFAULT_KEYS = _NODE_KEYS - {"name", "parents", "sources", "fields", "description", "merge"}
-_MODEL_KEYS = {"base", "backbone", "d_model", "seed", "frozen_dtype", "max_fields", "block_timestep",
-               "gradient_checkpointing", "scratch_num_layers", "scratch_num_attention_heads",
-               "scratch_attention_head_dim", "scratch_time_embed_dim", "gradient_checkpointing_granularity",
-               "quantile_levels", "window_scaling", "window_stats_input", "seasonal_lag_input", "compile_blocks",
-               "residual_baseline", "residual_penalty"}
-# how the model runs, not what it learns: left out of a node's settings record, so changing them never blocks --resume
-RUNTIME_MODEL_KEYS = ("gradient_checkpointing", "compile_blocks")
 
 
 @dataclass
@@ -533,12 +526,12 @@ def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> C
         bad = sorted(set(defaults) - _DEFAULT_KEYS) if isinstance(defaults, dict) else defaults
         raise CurriculumError(f"{path}: bad 'defaults' {bad}; valid keys: {sorted(_DEFAULT_KEYS)}")
     model = dict(raw.get("model") or {})
-    if set(model) - _MODEL_KEYS:
-        raise CurriculumError(f"{path}: unknown model key(s) {sorted(set(model) - _MODEL_KEYS)}; "
-                              f"valid: {sorted(_MODEL_KEYS)}")
-    if "quantile_levels" in model:
-        from .configuration_gwm import check_quantile_levels
+    from .configuration_gwm import CURRICULUM_MODEL_KEYS, check_quantile_levels  # here: transformers is slow to import
 
+    if set(model) - CURRICULUM_MODEL_KEYS:
+        raise CurriculumError(f"{path}: unknown model key(s) {sorted(set(model) - CURRICULUM_MODEL_KEYS)}; "
+                              f"valid: {sorted(CURRICULUM_MODEL_KEYS)}")
+    if "quantile_levels" in model:
         try:
             model["quantile_levels"] = check_quantile_levels(model["quantile_levels"], f"{path}: model.quantile_levels")
         except ValueError as err:
