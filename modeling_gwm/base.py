@@ -48,6 +48,14 @@ def tiny_base_hint() -> str:
             "`gwm make-tiny-base DIR` (modeling_gwm.base.make_tiny_cogvideox), then passed as --base DIR")
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off: huggingface_hub's offline mode, or HF_HUB_OFFLINE set after the
+    library was imported (it reads the variable once, at import). The base's load errors and the Hub pushes ask it."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 class BaseLoadError(OSError):
     """The frozen base could not be loaded (offline, wrong id, not a CogVideoX checkpoint)."""
 
@@ -239,8 +247,7 @@ def load_cogvideox_base(
                 use_safetensors=True,
             )
         except (OSError, ValueError) as err:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-            hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+            hint = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
             raise BaseLoadError(
                 f"Could not load the CogVideoX base {name_or_path!r}{hint}: {str(err).splitlines()[0]} "
                 f"-- pass a local folder holding a diffusers checkpoint with a '{subfolder}/' subfolder "

@@ -1,30 +1,37 @@
 """Model cards of a GWM run: one per node (lineage, data, settings, results, parameter budget, usage) and the run's
-index card, rendered from the package templates in `modeling_gwm/templates/` with huggingface_hub's `ModelCard`.
+index card. This module reads a run folder into each card's context; `hub_cards` (the top-level package holding the
+templates) renders it with huggingface_hub's `ModelCard`.
 
 The trainer writes them next to the adapters (`write_node_card`); a Hub push re-renders them for the target repo.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
-import math
 import os
 import re
 from urllib.parse import quote
 
 from huggingface_hub import ModelCard, ModelCardData, constants
 
+from hub_cards import ADAPTER_CARD_TEMPLATE, CURRICULUM_CARD_TEMPLATE, format_value, render_card
+
 from .budget import budget_rows
+from .curriculum import lineage_mermaid, parent_weights
 from .plots import plot_loss_curves, plot_node_loss
-from .run_folder import FINAL_NODE, RunFolder
+from .run_folder import (
+    ADAPTER_CONFIG_FILE,
+    CARD_FILE,
+    FINAL_NODE,
+    LOSS_CURVE_FILE,
+    LOSS_CURVES_FILE,
+    METRICS_FILE,
+    RunFolder,
+)
 from .tabular import is_coarser
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_CARD_TEMPLATE = "adapter_card.md"  # package data in modeling_gwm/templates/, shipped in the wheel
-CURRICULUM_CARD_TEMPLATE = "curriculum_card.md"
 
 CARD_TAGS = ["gwm", "world-model", "cogvideox", "peft", "time-series"]
 PIPELINE_TAG = "time-series-forecasting"
@@ -34,19 +41,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(_HUB_ID.match(str(name))) and not os.path.exists(str(name))
-
-
-def _fmt(value, digits: int = 4) -> str:
-    """Numbers for people: 4 significant digits, thousands separators for integers, '—' when missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
-        return f"{int(value):,}"
-    return f"{value:.{digits}g}"
 
 
 def _is_tiny_base(base: str) -> bool:
@@ -77,66 +71,6 @@ def _base_names(base: str | None) -> tuple[str, str]:
     if _is_hub_id(base):
         return base, json.dumps(base)
     return os.path.basename(os.path.normpath(base)), json.dumps(base)
-
-
-# ---------------------------------------------------------------------------------------------------- lineage
-def _ancestors(nodes: dict, node: str) -> list[str]:
-    """`node` and every ancestor, parents before children (the order they were trained in)."""
-    seen: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        for parent in (nodes.get(name) or {}).get("parents") or []:
-            visit(parent)
-        seen.append(name)
-
-    visit(node)
-    return seen
-
-
-def _parent_weights(entry: dict) -> dict[str, float | None]:
-    """Each parent's merge weight, from `merge.weights` given as a list (parents' order) or a {parent: w} dict."""
-    parents = entry.get("parents") or []
-    weights = (entry.get("merge") or {}).get("weights")
-    if isinstance(weights, dict):
-        return {p: weights.get(p) for p in parents}
-    if isinstance(weights, (list, tuple)) and len(weights) == len(parents):
-        return dict(zip(parents, weights))
-    if len(parents) > 1:  # a join without recorded weights averages its parents
-        return {p: 1.0 / len(parents) for p in parents}
-    return {p: None for p in parents}
-
-
-def lineage_mermaid(dag: dict, node: str | None = None) -> str:
-    """A mermaid `graph TD` of `node` and its ancestors (the whole DAG when `node` is None).
-
-    Fork edges say `fork`; join edges carry the merge method and that parent's weight, e.g. `"linear 0.5"`.
-    """
-    nodes = dag.get("nodes") or {}
-    names = RunFolder.node_names(dag) if node is None else _ancestors(nodes, node)
-    ids = {name: f"n{i}" for i, name in enumerate(names)}
-    lines = ["graph TD"]
-    for name in names:
-        entry = nodes.get(name) or {}
-        kind = "join" if len(entry.get("parents") or []) > 1 else "fork" if entry.get("parents") else "root"
-        lines.append(f'    {ids[name]}["{name}<br/><small>{kind}</small>"]')
-    for name in names:
-        entry = nodes.get(name) or {}
-        parents = entry.get("parents") or []
-        method = (entry.get("merge") or {}).get("method") or "linear"
-        for parent, weight in _parent_weights(entry).items():
-            if parent not in ids:
-                continue
-            label = "fork" if len(parents) == 1 else f"{method} {_fmt(weight, 3)}"
-            lines.append(f'    {ids[parent]} -- "{label}" --> {ids[name]}')
-    if node is not None:
-        lines.append(f"    style {ids[node]} fill:#ffd54f,stroke:#f57f17,stroke-width:2px")
-    for name in names:
-        status = (nodes.get(name) or {}).get("status")
-        if status and status != "done" and name != node:
-            lines.append(f"    style {ids[name]} stroke-dasharray: 4 3")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- node card
@@ -177,7 +111,7 @@ def _retention_rows(entry: dict) -> list[dict]:
         if before is None and after is None:  # nothing recorded: no row (and without rows, no heading)
             continue
         change = f"{100.0 * (after - before) / before:+.1f} %" if before and after is not None else "—"
-        rows.append({"parent": parent, "parent_val_loss": _fmt(before), "merged_val_loss": _fmt(after),
+        rows.append({"parent": parent, "parent_val_loss": format_value(before), "merged_val_loss": format_value(after),
                      "change": change})
     return rows
 
@@ -198,7 +132,7 @@ def _lineage_context(dag: dict, node: str, lineage_node: str, entry: dict) -> di
         "kind": "join" if len(parents) > 1 else "fork" if parents else "root",
         "parents": parents,
         "merge_method": merge.get("method") or ("linear" if len(parents) > 1 else None),
-        "merge_weights": {p: _fmt(w, 3) for p, w in _parent_weights(entry).items()},
+        "merge_weights": {p: format_value(w, 3) for p, w in parent_weights(entry).items()},
         "merge_extra": {k: v for k, v in merge.items() if k not in ("method", "weights")},
         "lineage": lineage_mermaid(dag, lineage_node) if entry else lineage_mermaid(
             {"nodes": {node: {}}}, node),
@@ -242,7 +176,8 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
     grid = next((f["frequency"] for f in fields if f.get("frequency")), None)
     return {
         "fields": [{"slot": i, "name": f.get("name", "?"), "unit": f.get("unit") or "—",
-                    "transform": f.get("transform") or "none", "mean": _fmt(f.get("mean")), "std": _fmt(f.get("std")),
+                    "transform": f.get("transform") or "none", "mean": format_value(f.get("mean")),
+                    "std": format_value(f.get("std")),
                     "own_frequency": f.get("own_frequency") or f.get("frequency") or "—",
                     "inherited": f.get("name") not in trained}
                    for i, f in enumerate(fields)],
@@ -251,9 +186,9 @@ def _training_context(adapter_config: dict, gwm_config: dict, metrics: dict, dag
         "field_names": [f.get("name", "?") for f in fields if f.get("name") in trained],
         "has_inherited": any(f.get("name") not in trained for f in fields),
         "example_field": next((f.get("name") for f in fields if f.get("name") in trained), "<field>"),
-        "settings": {k: _fmt(v) for k, v in settings.items() if v is not None and v != "None x None"},
-        "results": [{"metric": m, "start": _fmt(a), "end": _fmt(b)} for m, a, b in results if a is not None or
-                    b is not None],
+        "settings": {k: format_value(v) for k, v in settings.items() if v is not None and v != "None x None"},
+        "results": [{"metric": m, "start": format_value(a), "end": format_value(b)} for m, a, b in results
+                    if a is not None or b is not None],
         "date_range": _date_range(metrics),
         "has_plot": bool(metrics.get("history") or metrics.get("val_history")),
         "horizon": gwm_config.get("horizon"),
@@ -276,7 +211,7 @@ def _usage_context(base: str | None, repo_id: str | None, subfolder: str | None,
         "repo_id": repo_id,
         "subfolder": subfolder,
         "revision": revision if revision and revision != "main" else None,
-        "plot_url": _file_url("loss_curve.png", repo_id, revision, subfolder),
+        "plot_url": _file_url(LOSS_CURVE_FILE, repo_id, revision, subfolder),
         "base": base or "THUDM/CogVideoX-2b",
         "base_model": base_model,
         "base_expr": base_expr,
@@ -294,11 +229,11 @@ def node_card_context(output_dir: str | os.PathLike, node: str, repo_id: str | N
     """
     folder = RunFolder(output_dir)
     dag = folder.read_dag()
-    adapter_config = folder.read_node_json_if_any(node, "adapter_config.json")
+    adapter_config = folder.read_node_json_if_any(node, ADAPTER_CONFIG_FILE)
     if not adapter_config:
         raise FileNotFoundError(
-            f"No adapter_config.json in {folder.node_dir(node)}: node {node!r} has no saved adapter yet.")
-    metrics = folder.read_node_json_if_any(node, "metrics.json")
+            f"No {ADAPTER_CONFIG_FILE} in {folder.node_dir(node)}: node {node!r} has no saved adapter yet.")
+    metrics = folder.read_node_json_if_any(node, METRICS_FILE)
     lineage_node = node if node in (dag.get("nodes") or {}) else metrics.get("node", node)
     entry = (dag.get("nodes") or {}).get(lineage_node) or {}
     gwm_config = adapter_config.get("gwm_config") or {}
@@ -325,34 +260,24 @@ def node_card_context(output_dir: str | os.PathLike, node: str, repo_id: str | N
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
-def _template(name: str) -> str:
-    """A card template, read as package data (works from a wheel, a zip or a source checkout alike)."""
-    return importlib.resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
-
-
-def _tidy(card: ModelCard) -> ModelCard:
-    """Collapse the blank lines that optional template sections leave behind."""
-    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)).rstrip() + "\n")
-
-
 def render_node_card(output_dir: str | os.PathLike, node: str, repo_id: str | None = None,
                      subfolder: str | None = None, revision: str | None = None) -> ModelCard:
-    """The model card of one node, from the package template `templates/adapter_card.md` (see `node_card_context`)."""
+    """The model card of one node, from `hub_cards`' template `adapter_card.md` (see `node_card_context`)."""
     context = node_card_context(output_dir, node, repo_id=repo_id, subfolder=subfolder, revision=revision)
-    card_data = context.pop("card_data")
-    return _tidy(ModelCard.from_template(card_data, template_str=_template(ADAPTER_CARD_TEMPLATE), **context))
+    return render_card(ADAPTER_CARD_TEMPLATE, context.pop("card_data"), **context)
 
 
 def _curriculum_row(folder: RunFolder, name: str, entry: dict, metrics: dict, config: dict) -> dict:
     """One node's line in the index card: status, whether its adapter is published, parents, steps, loss."""
-    weights = _parent_weights(entry)
+    weights = parent_weights(entry)
     return {
         "name": name,
         "status": entry.get("status") or ("done" if config else "pending"),
         "published": bool(config) and folder.has_adapter(name),
-        "parents": ", ".join(f"{p} ({_fmt(w, 3)})" if len(weights) > 1 else p for p, w in weights.items()) or "—",
-        "steps": _fmt(metrics.get("steps")),
-        "val_loss": _fmt(metrics.get("val_loss_best", metrics.get("val_loss_end"))),  # the adapter written
+        "parents": ", ".join(f"{p} ({format_value(w, 3)})" if len(weights) > 1 else p
+                             for p, w in weights.items()) or "—",
+        "steps": format_value(metrics.get("steps")),
+        "val_loss": format_value(metrics.get("val_loss_best", metrics.get("val_loss_end"))),  # the adapter written
         "n_fields": len(config.get("fields") or metrics.get("fields") or []),
         "grid": next((f["frequency"] for f in config.get("fields") or [] if isinstance(f, dict) and f.get("frequency")),
                      "—"),
@@ -368,25 +293,25 @@ def render_curriculum_card(output_dir: str | os.PathLike, repo_id: str | None = 
     rows, datasets = [], []
     base = dag.get("base")
     for name in RunFolder.node_names(dag):
-        metrics = folder.read_node_json_if_any(name, "metrics.json")
-        config = folder.read_node_json_if_any(name, "adapter_config.json")
+        metrics = folder.read_node_json_if_any(name, METRICS_FILE)
+        config = folder.read_node_json_if_any(name, ADAPTER_CONFIG_FILE)
         base = base or (config.get("gwm_config") or {}).get("base_model_name_or_path")
         datasets += _sources(metrics)[1]
         rows.append(_curriculum_row(folder, name, nodes.get(name) or {}, metrics, config))
-    has_final = (folder.node_dir(FINAL_NODE) / "adapter_config.json").is_file()
+    has_final = (folder.node_dir(FINAL_NODE) / ADAPTER_CONFIG_FILE).is_file()
     _, base_expr = _base_names(base)
     card_data = ModelCardData(base_model=_hub_base_model(base), library_name="peft", pipeline_tag=PIPELINE_TAG,
                               tags=list(CARD_TAGS), datasets=sorted(set(datasets)) or None, license=DEFAULT_LICENSE,
                               model_name="GWM curriculum")
     published = [r for r in rows if r["published"]]
     example = FINAL_NODE if has_final else (published[-1]["name"] if published else "<node>")
-    return _tidy(ModelCard.from_template(
-        card_data, template_str=_template(CURRICULUM_CARD_TEMPLATE), repo_id=repo_id, nodes=rows,
+    return render_card(
+        CURRICULUM_CARD_TEMPLATE, card_data, repo_id=repo_id, nodes=rows,
         lineage=lineage_mermaid(dag), has_final=has_final, example_node=example, base_expr=base_expr,
         base_is_tiny=base_expr == "base", seed=dag.get("seed"),
-        has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url("loss_curves.png", repo_id, revision, None),
+        has_plot=any(r["steps"] != "—" for r in rows), plot_url=_file_url(LOSS_CURVES_FILE, repo_id, revision, None),
         revision=revision if revision and revision != "main" else None,
-    ))
+    )
 
 
 def write_node_card(output_dir: str, node_name: str) -> None:
@@ -397,13 +322,13 @@ def write_node_card(output_dir: str, node_name: str) -> None:
     folder = RunFolder(output_dir)
     dag = folder.read_dag()
     node_dir = folder.node_dir(node_name)
-    render_node_card(folder.path, node_name).save(node_dir / "README.md")
-    plot_node_loss(folder.read_node_json_if_any(node_name, "metrics.json"), node_dir / "loss_curve.png",
+    render_node_card(folder.path, node_name).save(node_dir / CARD_FILE)
+    plot_node_loss(folder.read_node_json_if_any(node_name, METRICS_FILE), node_dir / LOSS_CURVE_FILE,
                    title=node_name)
     if dag:
-        render_curriculum_card(folder.path).save(folder.path / "README.md")
-        plot_loss_curves(folder.path, folder.path / "loss_curves.png")
+        render_curriculum_card(folder.path).save(folder.path / CARD_FILE)
+        plot_loss_curves(folder.path, folder.path / LOSS_CURVES_FILE)
     logger.info("Wrote the model card and loss plot of node %r to %s", node_name, node_dir)
 
 
-__all__ = ["lineage_mermaid", "node_card_context", "render_curriculum_card", "render_node_card", "write_node_card"]
+__all__ = ["node_card_context", "render_curriculum_card", "render_node_card", "write_node_card"]

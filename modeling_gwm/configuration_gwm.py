@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 from transformers import AutoConfig, PretrainedConfig
@@ -233,6 +234,22 @@ class GWMConfig(PretrainedConfig):
         self.scratch_time_embed_dim = scratch_time_embed_dim
         self.seed = seed
         super().__init__(**kwargs)
+
+
+# Every model setting, declared once: GWMConfig's signature. The key sets below are derived from it.
+MODEL_SETTINGS = tuple(name for name in inspect.signature(GWMConfig.__init__).parameters
+                       if name not in ("self", "kwargs"))
+# A node's own (curriculum node keys: n_loops, context_len, horizon), set by the trainer from the node's grid
+# (season_period), or left at its default (max_time_steps): not in a curriculum's `model:` block
+NODE_SETTINGS = ("n_loops", "context_len", "horizon", "season_period", "max_time_steps")
+# The keys of a curriculum's `model:` block: every other setting, the base given as `base`
+CURRICULUM_MODEL_KEYS = frozenset({"base", *MODEL_SETTINGS} - {"base_model_name_or_path", *NODE_SETTINGS})
+# How the model runs, not what it learns: left out of a node's settings record, so changing them never blocks --resume
+RUNTIME_MODEL_KEYS = ("gradient_checkpointing", "compile_blocks")
+# What forecasting reads from an adapter's gwm_config without building the model: recorded even at their defaults
+# (PretrainedConfig.to_diff_dict leaves defaults out)
+FORECAST_SETTINGS = ("quantile_levels", "window_scaling", "window_stats_input", "residual_baseline", "residual_penalty",
+                     "season_period")
 
 
 def local_or_hub_id(name_or_path: str | os.PathLike) -> str:

@@ -16,10 +16,10 @@ model inside a repo, and a branch per node would hide the DAG. Load one node wit
 
     GWMModel.from_pretrained("THUDM/CogVideoX-2b", "user/repo", subfolder="world")
 
-Only adapter files, cards, plots and metrics go up, chosen by an allow-list (`run_folder.NODE_FILES`, `RUN_FILES`):
-never checkpoints, never frozen weights. Cards are re-rendered (`cards.py`) so their usage snippet names the repo. A
-token is only ever handed to `huggingface_hub.HfApi`; it is never logged or written, and a push refuses to upload a
-file that contains it.
+Only adapter files, cards, plots and metrics go up, chosen by an allow-list (`run_folder.NODE_FILES` in each node, the
+run's CARD_FILE, DAG_FILE and LOSS_CURVES_FILE at the root): never checkpoints, never frozen weights. Cards are
+re-rendered (`cards.py`) so their usage snippet names the repo. A token is only ever handed to `huggingface_hub.HfApi`;
+it is never logged or written, and a push refuses to upload a file that contains it.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 
+from .base import hub_offline
 from .cards import render_curriculum_card, render_node_card
 from .plots import plot_loss_curves
-from .run_folder import ADAPTER_FILES, NODE_FILES, RunFolder
+from .run_folder import ADAPTER_CONFIG_FILE, ADAPTER_FILES, CARD_FILE, DAG_FILE, LOSS_CURVES_FILE, NODE_FILES, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ def plan_node_upload(output_dir: str | os.PathLike, node: str, folder: str | os.
     prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
     operations = []
     for name in NODE_FILES:
-        if name == "README.md" and (folder / "adapter_config.json").is_file():
+        if name == CARD_FILE and (folder / ADAPTER_CONFIG_FILE).is_file():
             card = render_node_card(output_dir, node, repo_id=repo_id, subfolder=path_in_repo, revision=revision)
-            operations.append(CommitOperationAdd(f"{prefix}README.md", str(card).encode("utf-8")))
+            operations.append(CommitOperationAdd(f"{prefix}{CARD_FILE}", str(card).encode("utf-8")))
         elif (folder / name).is_file():
             operations.append(CommitOperationAdd(f"{prefix}{name}", str(folder / name)))
     return operations
@@ -72,7 +73,7 @@ def plan_curriculum_upload(output_dir: str | os.PathLike, repo_id: str | None = 
     run = RunFolder(output_dir)
     dag = run.read_dag()
     if not dag:
-        raise FileNotFoundError(f"No dag.json in {Path(output_dir)}: not the output folder of a GWM curriculum run.")
+        raise FileNotFoundError(f"No {DAG_FILE} in {Path(output_dir)}: not the output folder of a GWM curriculum run.")
     nodes = run.published_nodes(dag)
     for name in RunFolder.node_names(dag):
         if name not in nodes:
@@ -80,12 +81,12 @@ def plan_curriculum_upload(output_dir: str | os.PathLike, repo_id: str | None = 
     if not nodes:
         raise FileNotFoundError(f"No node of the run in {Path(output_dir)} has saved adapter files: nothing to push.")
     operations = [
-        CommitOperationAdd("README.md", str(render_curriculum_card(run.path, repo_id, revision)).encode("utf-8")),
-        CommitOperationAdd("dag.json", str(run.dag_path)),
+        CommitOperationAdd(CARD_FILE, str(render_curriculum_card(run.path, repo_id, revision)).encode("utf-8")),
+        CommitOperationAdd(DAG_FILE, str(run.dag_path)),
     ]
     plot = io.BytesIO()
     plot_loss_curves(run.path, plot)
-    operations.append(CommitOperationAdd("loss_curves.png", plot.getvalue()))
+    operations.append(CommitOperationAdd(LOSS_CURVES_FILE, plot.getvalue()))
     for name in nodes:
         operations += plan_node_upload(run.path, name, path_in_repo=name, repo_id=repo_id, revision=revision)
     return operations
@@ -116,7 +117,7 @@ def download_adapter(repo_id: str, subfolder: str | None = None, revision: str |
         try:
             paths.append(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision, token=token))
         except LocalEntryNotFoundError:
-            reason = "HF_HUB_OFFLINE is set" if _is_offline() else "the Hub cannot be reached"
+            reason = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
             raise HubOfflineError(
                 f"The adapter {where} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}: "
                 "load it once with network access, or pass a local adapter folder."
@@ -151,11 +152,6 @@ def _offline_message(reason: str, local_dir: str | os.PathLike | None, repo_id: 
             f"untouched; push later with `gwm push {local_dir} --hub_model_id {repo_id}`.")
 
 
-def _is_offline() -> bool:
-    """huggingface_hub reads HF_HUB_OFFLINE at import; honour it when it was set later too."""
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the Hub cannot be reached', whichever HTTP client this huggingface_hub uses."""
     import importlib
@@ -177,7 +173,7 @@ def _commit(operations: list[CommitOperationAdd], repo_id: str, *, local_dir: st
         for operation in operations:
             if token.encode("utf-8") in _operation_bytes(operation):
                 raise ValueError(f"Refusing to upload {operation.path_in_repo}: it contains the Hub token.")
-    if _is_offline():
+    if hub_offline():
         raise HubOfflineError(_offline_message("HF_HUB_OFFLINE is set", local_dir, repo_id))
     api = HfApi(token=token)
     try:
@@ -229,7 +225,7 @@ def push_adapter(model_or_folder, repo_id: str, *, adapter_name: str | None = No
             run_dir = Path(staging, "run")
             (run_dir / node).mkdir(parents=True)
             for name in NODE_FILES:
-                if name != "README.md" and (source / name).is_file():
+                if name != CARD_FILE and (source / name).is_file():
                     shutil.copy2(source / name, run_dir / node / name)
         operations = plan_node_upload(run_dir, node, path_in_repo=subfolder, repo_id=repo_id, revision=revision)
         return _commit(operations, repo_id, local_dir=local_dir, token=token, private=private, revision=revision,

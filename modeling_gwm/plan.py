@@ -14,8 +14,8 @@ from accelerate.utils import broadcast_object_list, is_tensorboard_available, is
 
 from . import checkpoint
 from .base import resolve_device
-from .configuration_gwm import DEFAULT_BASE, SEED_MAX
-from .curriculum import RUNTIME_MODEL_KEYS, Curriculum, CurriculumError
+from .configuration_gwm import DEFAULT_BASE, RUNTIME_MODEL_KEYS, SEED_MAX
+from .curriculum import Curriculum, CurriculumError
 from .data import NodeData, build_node_data
 from .merging import MergeSpec
 from .output_paths import check_run_contents

@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from .run_folder import RunFolder
+from .run_folder import METRICS_FILE, RunFolder
 
 
 def _history(metrics: dict, where: str) -> tuple[list, list, list, list]:
@@ -99,8 +99,8 @@ def loss_curves_figure(output_dir: str | os.PathLike):
     ax = fig.subplots()
     offset, all_values, colors = 0, [], colormaps["tab10"]
     for i, name in enumerate(names):
-        steps, train, vsteps, val = _history(folder.read_node_json_if_any(name, "metrics.json"),
-                                             str(folder.node_dir(name) / "metrics.json"))
+        steps, train, vsteps, val = _history(folder.read_node_json_if_any(name, METRICS_FILE),
+                                             str(folder.node_dir(name) / METRICS_FILE))
         if not train and not val:
             continue
         color = colors(i % 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -125,7 +126,8 @@ def test_dry_run_prints_order_parents_weights_fields_and_steps(tmp_path):
     assert plan.index("1. macro") < plan.index("3. world") < plan.index("4. ocean")
     assert "linear merge of macro×0.6, climate×0.4" in plan
     assert "copy of world" in plan and "8 steps" in plan and "climate.co2.mauna_loa" in plan
-    assert 'macro -->|"linear 0.6"| world' in plan
+    ids = {name: node_id for node_id, name in re.findall(r'(n\d+)\["([\w.-]+)<br/>', plan)}  # the cards' lineage graph
+    assert f'{ids["macro"]} -- "linear 0.6" --> {ids["world"]}' in plan
     assert not (tmp_path / "outputs").exists()
 
 

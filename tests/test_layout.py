@@ -71,3 +71,18 @@ def test_modules_import_only_from_modules_above_them_in_the_map():
                         name, target) not in UPWARD_ALLOWED:
                     upward.append(f"{file.relative_to(REPO)}:{line} imports {target}, listed below {name}")
     assert not upward, upward
+
+
+def test_hub_cards_is_a_leaf_that_imports_nothing_of_modeling_gwm():
+    """hub_cards/ (the card templates and their rendering) sits beside modeling_gwm/: modeling_gwm imports it, never
+    the other way round."""
+    files = sorted((REPO / "hub_cards").rglob("*.py"))
+    assert files and (REPO / "hub_cards" / "templates" / "adapter_card.md").is_file()
+    upward = []
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            upward += [f"{file.relative_to(REPO)}:{node.lineno} imports {name}" for name in names
+                       if name.split(".")[0] == "modeling_gwm"]
+    assert not upward, upward

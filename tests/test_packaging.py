@@ -2,7 +2,7 @@
 
 The wheel test builds `modeling_gwm` with `pip wheel`, installs it in a fresh virtualenv that sees this environment's
 dependencies (torch & co. through a `.pth` line, never this checkout or its editable install) and writes a model card
-from there: the card templates must travel as package data.
+from there: `hub_cards` (the card templates and their rendering) must travel in the wheel as a package of its own.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def installed_wheel(tmp_path_factory) -> tuple[Path, Path, Path]:
     tmp_path = tmp_path_factory.mktemp("wheel")
     # Build from a copy of the sources, so setuptools' build/ and egg-info never land in the checkout.
     src = tmp_path / "src"
-    shutil.copytree(REPO / "modeling_gwm", src / "modeling_gwm", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("modeling_gwm", "hub_cards"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "configuration", src / "configuration")  # mapped to modeling_gwm/configuration/
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
@@ -94,16 +95,18 @@ def test_installed_wheel_writes_a_card(tmp_path, run_dir, installed_wheel):
     env_dir, site, wheel = installed_wheel
     python = env_dir / "bin" / "python"
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"modeling_gwm/templates/adapter_card.md", "modeling_gwm/templates/curriculum_card.md"} <= set(names)
+    assert {"hub_cards/__init__.py", "hub_cards/templates/adapter_card.md",
+            "hub_cards/templates/curriculum_card.md"} <= set(names)
     assert {"modeling_gwm/configuration/curricula/demo.yaml", "modeling_gwm/configuration/accelerate/cpu_2proc.yaml",
             "modeling_gwm/configuration/data/elnino_nino12_monthly.csv"} <= set(names)
-    assert not [n for n in names if n.startswith(("configuration/", "tests/", "hub_cards/", "training/"))]
+    assert not [n for n in names if n.startswith(("configuration/", "tests/", "training/", "modeling_gwm/templates/"))]
     assert not [n for n in names if n.endswith(".safetensors")]  # the tiny base is written, not shipped
 
     script = f"""
-import modeling_gwm, modeling_gwm.base as base
+import hub_cards, modeling_gwm, modeling_gwm.base as base
 from modeling_gwm.cards import write_node_card
 print(modeling_gwm.__file__)
+print(hub_cards.__file__)
 write_node_card({str(run_dir)!r}, "climate")
 try:
     base.load_cogvideox_base(base.TINY_BASE_PATH)
@@ -112,6 +115,7 @@ except base.BaseLoadError as err:
 """
     out = _run([str(python), "-I", "-c", script], cwd=tmp_path).splitlines()
     assert Path(out[0]).is_relative_to(site), f"modeling_gwm imported from {out[0]}, not from the installed wheel"
+    assert Path(out[1]).is_relative_to(site), f"hub_cards imported from {out[1]}, not from the installed wheel"
     card = (run_dir / "climate" / "README.md").read_text()
     assert "# GWM adapter `climate`" in card and "climate.enso.nino12_sst" in card
     assert "make_tiny_cogvideox" in out[-1]  # no tiny base next to an installed package: one sentence says where

@@ -9,6 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..configuration_gwm import FORECAST_SETTINGS
 from ..merging import MERGE_METHODS, MergeSpec, merge_adapters
 from ..tabular import finest_frequency, is_coarser, parse_frequency
 from .config import ADAPTER_FORMAT_VERSION, DEFAULT_TARGET_MODULES, LoopConfig, without_calibration
@@ -63,8 +64,7 @@ class LoopModel(BaseTuner):
                 config.gwm_config.pop(key, None)
             config.gwm_config["n_loops"] = config.n_loops  # the adapter's own loop count, not the model default
             # what forecasting reads without building the model (to_diff_dict leaves defaults out)
-            for key in ("quantile_levels", "window_scaling", "window_stats_input", "residual_baseline",
-                        "residual_penalty", "season_period"):
+            for key in FORECAST_SETTINGS:
                 config.gwm_config[key] = getattr(self.model.config, key)
             config.format_version = ADAPTER_FORMAT_VERSION
         # The base is written from gwm_config when the config is saved (LoopConfig.to_dict). Kept empty in memory:
