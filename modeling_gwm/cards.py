@@ -15,10 +15,16 @@ from urllib.parse import quote
 
 from huggingface_hub import ModelCard, ModelCardData, constants
 
-from hub_cards import ADAPTER_CARD_TEMPLATE, CURRICULUM_CARD_TEMPLATE, format_value, render_card
+from hub_cards import (
+    ADAPTER_CARD_TEMPLATE,
+    CURRICULUM_CARD_TEMPLATE,
+    format_value,
+    lineage_mermaid,
+    parent_weights,
+    render_card,
+)
 
 from .budget import budget_rows
-from .curriculum import lineage_mermaid, parent_weights
 from .plots import plot_loss_curves, plot_node_loss
 from .run_folder import (
     ADAPTER_CONFIG_FILE,

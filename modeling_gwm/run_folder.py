@@ -138,8 +138,7 @@ class RunFolder:
 
     def published_nodes(self, dag: dict) -> list[str]:
         """Every node of `dag` whose adapter files are on disk, in run order, then `final` when it exists."""
-        names = list(dict.fromkeys([*(dag.get("order") or []), *(dag.get("nodes") or {})]))
-        return [n for n in [*names, FINAL_NODE] if self.has_adapter(n)]
+        return [n for n in [*self.node_names(dag), FINAL_NODE] if self.has_adapter(n)]
 
     # ------------------------------------------------------------------ locks
     def lock(self) -> FileLock:
