@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .curriculum import CurriculumError
-from .faults import crash_point
 from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json, writing
+from .run_folder import CHECKPOINT_STAGING
 
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best_adapter.safetensors"
@@ -60,32 +61,41 @@ def read_state(folder: str | os.PathLike) -> dict | None:
 
 
 def save(folder: str | os.PathLike, name: str, state: NodeState, adapter: dict[str, torch.Tensor],
-         optimizer: torch.optim.Optimizer, config: dict, scheduler=None) -> None:
+         optimizer: torch.optim.Optimizer, config: dict, scheduler=None,
+         on_file: Callable[[Path], None] | None = None) -> None:
     """Write `<node>/checkpoint/` for node `name` (`folder` is that checkpoint folder); the old one stays until the
-    new one is complete."""
+    new one is complete. `on_file(path)` is called after each file is written into the staging folder (the
+    trainer's `on_save` callbacks)."""
     folder = Path(folder)
-    staging = str(folder.parent / ".checkpoint.tmp")
+    staging = str(folder.parent / CHECKPOINT_STAGING)
+
+    def written(filename: str) -> None:
+        if on_file is not None:
+            on_file(Path(staging) / filename)
+
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
         with writing(f"the step-{state.step} checkpoint of node {name!r} to {staging}"):
             atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
-            crash_point("checkpoint_mid", name, state.step)
+            written("adapter.safetensors")
             tensors, meta = _optimizer_tensors(optimizer)
             atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
+            written("optimizer.safetensors")
             if state.best_adapter is not None:
                 atomic_save_safetensors(os.path.join(staging, BEST_FILE), state.best_adapter)
+                written(BEST_FILE)
         atomic_write_json(os.path.join(staging, STATE_FILE),
                           {"step": state.step, "history": state.history, "val_history": state.val_history,
                            "skipped_nonfinite": state.skipped_nonfinite, "best_step": state.best_step,
                            "best_val_loss": state.best_val_loss,
                            "scheduler": scheduler.state_dict() if scheduler is not None else {},
                            "optimizer": meta, "config": config})
+        written(STATE_FILE)
         atomic_replace_dir(staging, str(folder))
     except BaseException:  # a full disk, an interrupt: no half-written staging folder stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    crash_point("checkpoint_written", name, state.step)
 
 
 def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
