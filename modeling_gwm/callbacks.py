@@ -28,6 +28,7 @@ import os
 import signal
 from pathlib import Path
 
+from .checkpoint import ADAPTER_FILE
 from .run_folder import ADAPTER_WEIGHTS_FILE, CHECKPOINT_DIR, CHECKPOINT_STAGING
 
 
@@ -65,12 +66,10 @@ CRASH_MOMENTS = {
 
 def _saved_moment(path: Path, node: str) -> str | None:
     """Which crash moment an `on_save` of `path` is (None: a later file of a checkpoint being written)."""
-    if path.parent.name == CHECKPOINT_STAGING:
-        return "checkpoint_mid" if path.name == "adapter.safetensors" else None
-    if path.name == CHECKPOINT_DIR:
-        return "checkpoint_written"
-    if path.name == ADAPTER_WEIGHTS_FILE:
-        return "adapter_written"
+    if path.parent.name == CHECKPOINT_STAGING and path.parent.parent.name == node:
+        return "checkpoint_mid" if path.name == ADAPTER_FILE else None  # the checkpoint's first file
+    if path.parent.name == node and path.name in (CHECKPOINT_DIR, ADAPTER_WEIGHTS_FILE):
+        return "checkpoint_written" if path.name == CHECKPOINT_DIR else "adapter_written"
     return "before_complete" if path.name == node else None
 
 

@@ -24,6 +24,8 @@ from .curriculum import CurriculumError
 from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json, writing
 from .run_folder import CHECKPOINT_STAGING
 
+ADAPTER_FILE = "adapter.safetensors"  # written first
+OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best_adapter.safetensors"
 
@@ -77,11 +79,11 @@ def save(folder: str | os.PathLike, name: str, state: NodeState, adapter: dict[s
     os.makedirs(staging)
     try:
         with writing(f"the step-{state.step} checkpoint of node {name!r} to {staging}"):
-            atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
-            written("adapter.safetensors")
+            atomic_save_safetensors(os.path.join(staging, ADAPTER_FILE), adapter)
+            written(ADAPTER_FILE)
             tensors, meta = _optimizer_tensors(optimizer)
-            atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
-            written("optimizer.safetensors")
+            atomic_save_safetensors(os.path.join(staging, OPTIMIZER_FILE), tensors)
+            written(OPTIMIZER_FILE)
             if state.best_adapter is not None:
                 atomic_save_safetensors(os.path.join(staging, BEST_FILE), state.best_adapter)
                 written(BEST_FILE)
@@ -113,7 +115,7 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
     try:
         # read on the CPU; PEFT copies the adapter onto its parameters' device, torch moves the optimizer state to
         # each parameter's device (and keeps this optimizer's implementation: fused on CUDA, the default on the CPU)
-        files = ["adapter.safetensors", "optimizer.safetensors"]
+        files = [ADAPTER_FILE, OPTIMIZER_FILE]
         files += [BEST_FILE] if os.path.isfile(os.path.join(folder, BEST_FILE)) else []
         tensors = {f: load_file(os.path.join(folder, f), device="cpu") for f in files}
     except (SafetensorError, OSError) as err:
@@ -122,8 +124,8 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
                               "restore it") from None
     best_adapter = tensors.get(BEST_FILE)  # set into the model when it is written
     try:
-        set_peft_model_state_dict(model, tensors["adapter.safetensors"], adapter_name=name)
-        optimizer.load_state_dict(_optimizer_state(tensors["optimizer.safetensors"], saved["optimizer"], optimizer))
+        set_peft_model_state_dict(model, tensors[ADAPTER_FILE], adapter_name=name)
+        optimizer.load_state_dict(_optimizer_state(tensors[OPTIMIZER_FILE], saved["optimizer"], optimizer))
         if scheduler is not None and saved.get("scheduler"):
             scheduler.load_state_dict(saved["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
