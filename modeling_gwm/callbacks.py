@@ -4,14 +4,15 @@
 
 Each hook gets the run's `TrainingArguments`, the node's `NodeState` (step, histories, best step) and keywords, always
 `node` (the node's name). A hook returns nothing, except `on_micro_batch`, which returns the loss to backpropagate.
+Hooks run on every process, except `on_save` of a checkpoint and of the adapter: on the main process, which writes them.
 
     on_node_begin(args, state, node)          the node's start state is in its adapter (a join: its merge), before its
                                                checkpoint is resumed and before its first step
     on_micro_batch(args, state, node, step, loss) -> loss
                                                each micro-batch's summed loss, before backward (`step`: the step it
                                                belongs to, `state.step + 1`)
-    on_step_end(args, state, node)            after each optimizer step (`state.step` counts it; its history entry is
-                                               written), before its evaluation and checkpoint
+    on_step_end(args, state, node)            after each step, a skipped one too (`state.step` counts it; its history
+                                               entry is written), before its evaluation and checkpoint
     on_save(args, state, node, path)          after each file of a step checkpoint is written into its staging folder
                                                (`path`: the file), after the checkpoint is in place (`path`:
                                                `<node>/checkpoint`), after the node's adapter is written (`path`:
