@@ -2,8 +2,8 @@
 
 A CogVideoX-2b-architecture base (30 blocks, width 1920; `--model 5b` for 42 blocks of width 3072) with random
 weights, built from the published settings on the GPU (no download), frozen blocks in bf16, adapter in fp32, the
-trainer's own step (`node_loop.training_step`: its batch, pinball loss, non-finite guard, fused AdamW on CUDA) under
-accelerate's bf16 mixed precision. For each canvas size
+trainer's own step (as `trainer.train_node` takes it: its batch, pinball loss, non-finite guard, fused AdamW on
+CUDA) under accelerate's bf16 mixed precision. For each canvas size
 (`--positions`, per sample; `--batch_size` canvases packed into one step) and each checkpointing mode (`none`, and
 the two granularities `loop` and `application`), it prints:
 

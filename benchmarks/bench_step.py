@@ -26,11 +26,12 @@ import torch
 from _common import BENCH_ARCHITECTURE, machine, make_bench_base, print_machine, print_table, summary, timed, write_json
 
 from modeling_gwm import GWMModel
+from modeling_gwm.checkpoint import NodeState
 from modeling_gwm.curriculum import TrainingNode
 from modeling_gwm.data import DataSource, build_node_data, collate_canvas
 from modeling_gwm.loop import LoopConfig, LoopLayer
 from modeling_gwm.masking import sample_target_mask
-from modeling_gwm.node_loop import NodeRun, adamw, micro_batches, training_step
+from modeling_gwm.trainer import adamw, guarded_step, micro_batches, step_batch
 
 
 def synthetic_source(folder: Path, n_fields: int, n_rows: int, seed: int = 0) -> DataSource:
@@ -101,12 +102,10 @@ class StepBench:
         self.floor_encoder = torch.randn(batch, 1, inner, generator=generator).to(self.device, dtype)
         self.floor_hidden.requires_grad_(True)
         self.floor_encoder.requires_grad_(True)
-        # the trainer's own inner loop (node_loop.training_step), for `trainer_step`
-        node = TrainingNode(name="bench", batch_size=args.batch_size, context_len=args.context_len,
-                            horizon=args.horizon, n_loops=args.n_loops)
-        self.run = NodeRun(name="bench", node=node, index=0, data=self.data, child_fields=self.data.field_names,
-                           field_ids=self.field_ids, started=time.time(), params=params, optimizer=self.optimizer,
-                           model=self.ddp_model, steps=10**9)  # steps: the next batch is drawn ahead, as in training
+        # the trainer's own step (`trainer_step`): its node settings, parameters and loop state
+        self.node = TrainingNode(name="bench", batch_size=args.batch_size, context_len=args.context_len,
+                                 horizon=args.horizon, n_loops=args.n_loops)
+        self.params, self.state, self.ahead = params, NodeState(), None
 
     def batch(self) -> dict[str, torch.Tensor]:
         """The trainer's batch assembly: random windows, collate, target mask (seeded per step)."""
@@ -134,14 +133,30 @@ class StepBench:
         self.step_index += 1
 
     def trainer_batch(self) -> list[dict]:
-        """The trainer's batch of the next step (`node_loop.micro_batches`), on the device."""
-        return micro_batches(self.accelerator, self.data, self.run.node, 0, 0, self.run.state.step)
+        """The trainer's batch of the next step (`trainer.step_batch`, `trainer.micro_batches`), on the device."""
+        batch = step_batch(self.data, self.node, 0, 0, self.state.step)
+        return micro_batches(self.accelerator, batch, self.node.batch_size)
 
     def trainer_step(self) -> None:
-        """One step of `node_loop.training_step`, the trainer's: its batch, pinball loss, non-finite guard (one host
-        sync), the optimizer, and the loss read back."""
-        training_step(self.accelerator, self.run, seed=0)
-        self.run.state.step += 1
+        """One step as `DAGCurriculumTrainer.train_node` takes it, with the trainer's functions: its batch (the next
+        one drawn while the device computes), pinball loss, backward, the guarded optimizer step (one host sync) and
+        the loss read back."""
+        acc, node, step = self.accelerator, self.node, self.state.step + 1
+        batch = self.ahead or step_batch(self.data, node, 0, 0, self.state.step)
+        self.ahead, sse_step = None, torch.zeros((), device=acc.device)
+        for micro in micro_batches(acc, batch, node.batch_size):
+            with acc.accumulate(self.ddp_model):
+                with acc.autocast():
+                    position_loss = self.ddp_model(micro["values"], micro["presence"], field_ids=self.field_ids,
+                                                   target_mask=micro["target_mask"]).position_loss
+                sse = (position_loss.float() * (micro["target_mask"] & micro["presence"])).sum()
+                acc.backward(sse * (acc.num_processes * acc.gradient_accumulation_steps / batch["scored_total"]))
+                if acc.sync_gradients:
+                    self.ahead = step_batch(self.data, node, 0, 0, step)
+                    guarded_step(acc, self.optimizer, self.params, sse_step + sse.detach(), batch["scored_total"])
+                self.optimizer.zero_grad()
+            sse_step += sse.detach()
+        self.state.step = step
 
     def floor_forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The floor's forward half: blocks x n_loops applications (what a checkpointing recompute repeats)."""

@@ -9,8 +9,8 @@ so a kill is a real SIGKILL of a real training process. After each kill the outp
 with a COMPLETE marker has an adapter that loads and metrics that parse, dag.json parses, a step checkpoint (if any)
 loads. After the chain of kills and `--resume` runs finishes, every node's adapter is compared with the uninterrupted
 reference run (same seed): the report gives the largest absolute difference of any adapter tensor.
-`--crash_at` uses the trainer's `GWM_CRASH_AT=<phase>:<node>[:<step>]` hook (deterministic moments); `--kills` kills
-at random times instead.
+`--crash_at` uses the training command's `GWM_CRASH_AT=<moment>:<node>[:<step>]` hook (a `FaultInjectionCallback`:
+deterministic moments); `--kills` kills at random times instead.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .curriculum import CurriculumError
-from .faults import crash_point
 from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json, writing
+from .run_folder import CHECKPOINT_STAGING
 
+ADAPTER_FILE = "adapter.safetensors"  # written first
+OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best_adapter.safetensors"
 
@@ -60,32 +63,41 @@ def read_state(folder: str | os.PathLike) -> dict | None:
 
 
 def save(folder: str | os.PathLike, name: str, state: NodeState, adapter: dict[str, torch.Tensor],
-         optimizer: torch.optim.Optimizer, config: dict, scheduler=None) -> None:
+         optimizer: torch.optim.Optimizer, config: dict, scheduler=None,
+         on_file: Callable[[Path], None] | None = None) -> None:
     """Write `<node>/checkpoint/` for node `name` (`folder` is that checkpoint folder); the old one stays until the
-    new one is complete."""
+    new one is complete. `on_file(path)` is called after each file is written into the staging folder (the
+    trainer's `on_save` callbacks)."""
     folder = Path(folder)
-    staging = str(folder.parent / ".checkpoint.tmp")
+    staging = str(folder.parent / CHECKPOINT_STAGING)
+
+    def written(filename: str) -> None:
+        if on_file is not None:
+            on_file(Path(staging) / filename)
+
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
         with writing(f"the step-{state.step} checkpoint of node {name!r} to {staging}"):
-            atomic_save_safetensors(os.path.join(staging, "adapter.safetensors"), adapter)
-            crash_point("checkpoint_mid", name, state.step)
+            atomic_save_safetensors(os.path.join(staging, ADAPTER_FILE), adapter)
+            written(ADAPTER_FILE)
             tensors, meta = _optimizer_tensors(optimizer)
-            atomic_save_safetensors(os.path.join(staging, "optimizer.safetensors"), tensors)
+            atomic_save_safetensors(os.path.join(staging, OPTIMIZER_FILE), tensors)
+            written(OPTIMIZER_FILE)
             if state.best_adapter is not None:
                 atomic_save_safetensors(os.path.join(staging, BEST_FILE), state.best_adapter)
+                written(BEST_FILE)
         atomic_write_json(os.path.join(staging, STATE_FILE),
                           {"step": state.step, "history": state.history, "val_history": state.val_history,
                            "skipped_nonfinite": state.skipped_nonfinite, "best_step": state.best_step,
                            "best_val_loss": state.best_val_loss,
                            "scheduler": scheduler.state_dict() if scheduler is not None else {},
                            "optimizer": meta, "config": config})
+        written(STATE_FILE)
         atomic_replace_dir(staging, str(folder))
     except BaseException:  # a full disk, an interrupt: no half-written staging folder stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    crash_point("checkpoint_written", name, state.step)
 
 
 def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -103,7 +115,7 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
     try:
         # read on the CPU; PEFT copies the adapter onto its parameters' device, torch moves the optimizer state to
         # each parameter's device (and keeps this optimizer's implementation: fused on CUDA, the default on the CPU)
-        files = ["adapter.safetensors", "optimizer.safetensors"]
+        files = [ADAPTER_FILE, OPTIMIZER_FILE]
         files += [BEST_FILE] if os.path.isfile(os.path.join(folder, BEST_FILE)) else []
         tensors = {f: load_file(os.path.join(folder, f), device="cpu") for f in files}
     except (SafetensorError, OSError) as err:
@@ -112,8 +124,8 @@ def load(folder: str | os.PathLike, name: str, model: torch.nn.Module, optimizer
                               "restore it") from None
     best_adapter = tensors.get(BEST_FILE)  # set into the model when it is written
     try:
-        set_peft_model_state_dict(model, tensors["adapter.safetensors"], adapter_name=name)
-        optimizer.load_state_dict(_optimizer_state(tensors["optimizer.safetensors"], saved["optimizer"], optimizer))
+        set_peft_model_state_dict(model, tensors[ADAPTER_FILE], adapter_name=name)
+        optimizer.load_state_dict(_optimizer_state(tensors[OPTIMIZER_FILE], saved["optimizer"], optimizer))
         if scheduler is not None and saved.get("scheduler"):
             scheduler.load_state_dict(saved["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:

@@ -58,7 +58,7 @@ class TrainingNode:
     warmup_ratio: float = 0.05
     eval_every: int = 25  # validation every so many steps (and at step 0 and the last); the best step is written
     early_stopping_patience: int | None = None  # stop after so many evaluations without a new best (None: never)
-    # fit the written state's band on the node's validation windows (`forecasting.fit_quantile_scales`)
+    # fit the written state's band on the node's validation windows (`pipeline.fit_quantile_scales`)
     calibrate_quantiles: bool = False
     merge: MergeSpec | None = None
 

@@ -19,7 +19,7 @@ from .curriculum import Curriculum, CurriculumError
 from .data import NodeData, build_node_data
 from .merging import MergeSpec
 from .output_paths import check_run_contents
-from .run_folder import NodeBusyError, RunFolder, node_lock
+from .run_folder import ADAPTER_CONFIG_FILE, NodeBusyError, RunFolder, node_lock
 from .tabular import DataError
 from .training_args import TrainingArguments
 
@@ -29,7 +29,7 @@ _TRACKERS = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_avai
 class RunPlan:
     """A curriculum, its `TrainingArguments` and the run folder they write to, under one `Accelerator`.
 
-    `DAGCurriculumTrainer` extends it with the model and the node phases; nothing here loads a model.
+    `DAGCurriculumTrainer` holds one as `trainer.plan` and adds the model and the training; nothing here loads a model.
     """
 
     def __init__(self, curriculum: Curriculum, args: TrainingArguments, model_config: dict | None, device: str | None):
@@ -89,13 +89,13 @@ class RunPlan:
     def is_complete(self, name: str) -> bool:
         return self.run_folder.is_complete(name)
 
-    def _node_data(self, name: str) -> NodeData:
+    def node_data(self, name: str) -> NodeData:
         node = self.curriculum.node(name)
         return build_node_data([self.curriculum.sources[s] for s in node.sources], self.curriculum.node_fields(name),
                                node.context_len, val_fraction=node.val_fraction)
 
     # ------------------------------------------------------------------ checks before any training
-    def _start_run(self, selected: list[str]) -> dict:
+    def start_run(self, selected: list[str]) -> dict:
         """Every check that needs no training, then dag.json brought up to date; returns it."""
         requested = set(self.args.only_nodes or selected)
         if not self.args.resume:
@@ -109,9 +109,9 @@ class RunPlan:
             self.check_unchanged(selected)
         os.makedirs(self.output_dir, exist_ok=True)
         if not self.accelerator.is_main_process:
-            return self._load_dag()
+            return self.load_dag()
         with self.run_folder.lock():
-            dag = self._load_dag()
+            dag = self.load_dag()
             self.run_folder.write_dag(dag)
         return dag
 
@@ -129,7 +129,7 @@ class RunPlan:
                                       f"divisible by {acc.num_processes} processes × {acc.gradient_accumulation_steps} "
                                       "accumulation steps")
             try:
-                self._node_data(name)  # built again when the node trains: memory stays one node's data
+                self.node_data(name)  # built again when the node trains: memory stays one node's data
             except DataError as err:
                 raise DataError(f"{self.curriculum.where}: node {name!r}: {err}") from None
             for parent in node.parents:
@@ -138,7 +138,7 @@ class RunPlan:
 
     def _check_same_origin(self, name: str, parent: str) -> None:
         """Forks and joins need parents grown from this job's seeded init (a join averages their task vectors)."""
-        recorded = self.run_folder.read_node_json(parent, "adapter_config.json").get("gwm_config") or {}
+        recorded = self.run_folder.read_node_json(parent, ADAPTER_CONFIG_FILE).get("gwm_config") or {}
         ours = {"seed": self.init_seed,
                 "backbone": self.model_config.get("backbone", "cogvideox")}
         for key, value in ours.items():
@@ -197,8 +197,14 @@ class RunPlan:
                                   "--allow_changed_config to continue with the new settings, or use a new "
                                   "--output_dir")
 
+    def write_final(self) -> None:
+        """final/: a copy of the sink node's folder, once the sink is complete (the main process writes it)."""
+        sink = self.curriculum.sink()
+        if self.accelerator.is_main_process and self.is_complete(sink):
+            self.run_folder.write_final(sink)
+
     # ------------------------------------------------------------------ dag.json and claims
-    def _load_dag(self) -> dict:
+    def load_dag(self) -> dict:
         """dag.json as on disk, brought up to date with the curriculum (order, kinds, parents, merges, done nodes)."""
         dag = self.run_folder.read_dag()
         dag.setdefault("nodes", {})
@@ -215,16 +221,16 @@ class RunPlan:
                 entry["status"] = "done"
         return dag
 
-    def _update_dag(self, dag: dict, name: str, **values) -> None:
+    def update_dag(self, dag: dict, name: str, **values) -> None:
         dag["nodes"][name].update(values)
         if self.accelerator.is_main_process:
             with self.run_folder.lock():  # another job may be updating other nodes right now
-                current = self._load_dag()
+                current = self.load_dag()
                 current["nodes"][name].update(dag["nodes"][name])
                 self.run_folder.write_dag(current)
 
     @contextlib.contextmanager
-    def _claim_node(self, name: str):
+    def claim_node(self, name: str):
         """Hold the node's lock (main process) for the `with` block; every process raises if another job holds it."""
         acc = self.accelerator
         with contextlib.ExitStack() as stack:

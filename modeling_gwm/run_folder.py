@@ -38,6 +38,7 @@ CHECKSUM_KEY = "adapter_sha256"  # metrics.json: the SHA-256 of the node's adapt
 DAG_FILE = "dag.json"
 FINAL_NODE = "final"
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_STAGING = ".checkpoint.tmp"  # a checkpoint being written, swapped in whole as checkpoint/
 LOCK_DIR = ".locks"
 # Every name the trainer creates in the run folder besides one folder per node (for the output-path guards).
 RUN_WRITES = (DAG_FILE, CARD_FILE, LOSS_CURVES_FILE, "runs", LOCK_DIR, FINAL_NODE, ".final.tmp", ".final.old")

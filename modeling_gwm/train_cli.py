@@ -115,9 +115,14 @@ def main(argv=None, prog: str = "dag_train.py") -> int:
             print("\n```mermaid\n" + curriculum.mermaid() + "\n```")
             return 0
         _check_output_dir(script, args, curriculum)
+        from .callbacks import FaultInjectionCallback
         from .trainer import DAGCurriculumTrainer, summary
 
-        trainer = DAGCurriculumTrainer(curriculum=curriculum, args=args)
+        # the crash and NaN tests' hook into a launched run: GWM_CRASH_AT=<moment>:<node>[:<step>] SIGKILLs the process
+        # at that moment, GWM_INJECT_NAN=<node>:<step> makes that step's loss NaN (callbacks.FaultInjectionCallback);
+        # read here, once, never during training
+        faults = FaultInjectionCallback.from_environment()
+        trainer = DAGCurriculumTrainer(curriculum=curriculum, args=args, callbacks=[faults] if faults else None)
         dag = trainer.run()
         if trainer.accelerator.is_main_process:
             print(summary(dag, trainer.output_dir))

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from modeling_gwm import commands
 from modeling_gwm.adapter_files import AdapterLoadError, load_adapter_config
 from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
+from modeling_gwm.callbacks import FaultInjectionCallback
 from modeling_gwm.configuration_gwm import GWMConfig
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.data import DataSource, build_node_data
@@ -738,13 +739,9 @@ def _run_copy(env: Env, dag_text: str) -> list[str]:
 
 def _half_train_j(env: Env) -> None:
     """Node j stopped by a real NaN at step 2 of 2: its step-1 checkpoint (and the settings it started with) stay."""
-    os.environ["GWM_INJECT_NAN"] = "j:2"
-    try:
-        with pytest.raises(NonFiniteError):
-            DAGCurriculumTrainer(curriculum=load_curriculum(env.config), output_dir=str(env.out), only_nodes=["j"],
-                                 resume=True, write_cards=False).run()
-    finally:
-        del os.environ["GWM_INJECT_NAN"]
+    with pytest.raises(NonFiniteError):
+        DAGCurriculumTrainer(curriculum=load_curriculum(env.config), output_dir=str(env.out), only_nodes=["j"],
+                             resume=True, write_cards=False, callbacks=[FaultInjectionCallback(nan_at="j:2")]).run()
     assert (env.out / "j" / "checkpoint" / "trainer_state.json").is_file()
 
 

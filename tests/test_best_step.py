@@ -15,6 +15,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
+from modeling_gwm.callbacks import FaultInjectionCallback
 from modeling_gwm.curriculum import load_curriculum
 from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
 
@@ -44,10 +45,10 @@ def _adapter(tmp_path, node: str, out: str = "out") -> dict[str, torch.Tensor]:
 
 def _written_val_loss(trainer: DAGCurriculumTrainer, node: str) -> float:
     """The validation loss of the adapter file the node wrote, measured again on the node's validation windows."""
-    set_peft_model_state_dict(trainer.peft_model, load_file(os.path.join(trainer.node_dir(node),
+    set_peft_model_state_dict(trainer.peft_model, load_file(os.path.join(trainer.plan.node_dir(node),
                                                                          "adapter_model.safetensors")),
                               adapter_name=node)
-    data, spec = trainer._node_data(node), trainer.curriculum.node(node)
+    data, spec = trainer.plan.node_data(node), trainer.curriculum.node(node)
     fields = trainer.curriculum.adapter_fields(node)
     ids = torch.tensor([fields.index(f) for f in data.field_names])
     return trainer.evaluate(data.val, ids, spec.horizon, spec.eval_windows)
@@ -141,7 +142,7 @@ def test_seed_changes_the_root_init_and_the_same_seed_repeats_it(tmp_path):
     assert recorded["seed"] == 0 + 1  # model.seed + --seed, recorded as the adapter's init seed
 
 
-def test_resume_restores_the_schedule_and_the_best_state(tmp_path, monkeypatch):
+def test_resume_restores_the_schedule_and_the_best_state(tmp_path):
     """Stopped by a NaN after a checkpoint that follows the best step, then resumed: the bytes of a straight run."""
     spec = _spec(lr_scheduler_type="cosine", warmup_steps=1, learning_rate=0.1, checkpoint_every=5)
     # a plain value head (no residual baseline): at this rate its loss turns up again after an early best step
@@ -149,13 +150,12 @@ def test_resume_restores_the_schedule_and_the_best_state(tmp_path, monkeypatch):
     _train(tmp_path, spec, out="straight", only_nodes=["macro"])
     straight = _metrics(tmp_path, "macro", "straight")
     assert 0 < straight["best_step"] < 5, straight["val_history"]  # the best is held only in the checkpoint
-    monkeypatch.setenv("GWM_INJECT_NAN", "macro:7")
     with pytest.raises(NonFiniteError):
-        _train(tmp_path, spec, out="resumed", only_nodes=["macro"])
+        _train(tmp_path, spec, out="resumed", only_nodes=["macro"],
+               callbacks=[FaultInjectionCallback(nan_at="macro:7")])
     saved = json.loads((tmp_path / "resumed" / "macro" / "checkpoint" / "trainer_state.json").read_text())
     assert saved["step"] == 5 and saved["best_step"] == straight["best_step"] and saved["scheduler"]["last_epoch"] == 5
     assert (tmp_path / "resumed" / "macro" / "checkpoint" / "best_adapter.safetensors").is_file()
-    monkeypatch.delenv("GWM_INJECT_NAN")
     _train(tmp_path, spec, out="resumed", only_nodes=["macro"], resume=True)
     resumed = _metrics(tmp_path, "macro", "resumed")
     assert resumed["history"] == straight["history"] and resumed["val_history"] == straight["val_history"]

@@ -20,7 +20,7 @@ from modeling_gwm.checkpoint import save as save_checkpoint
 from modeling_gwm.commands import main
 from modeling_gwm.loop import LoopConfig
 from modeling_gwm.merging import MergeSpec, merge_adapters
-from modeling_gwm.node_loop import adamw
+from modeling_gwm.trainer import adamw
 
 FIELDS = [{"name": f"f{i}", "mean": 0.0, "std": 1.0, "transform": "none"} for i in range(3)]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")

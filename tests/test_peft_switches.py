@@ -157,4 +157,4 @@ def test_dag_json_records_the_normalised_weights(tmp_path):
     spec["nodes"][2]["merge"] = {"method": "linear", "weights": [3, 2]}
     trainer = DAGCurriculumTrainer(curriculum=load_curriculum(write_curriculum(tmp_path, spec)),
                                    output_dir=str(tmp_path / "out"), write_cards=False)
-    assert trainer._load_dag()["nodes"]["world"]["merge"]["weights"] == [0.6, 0.4]
+    assert trainer.plan.load_dag()["nodes"]["world"]["merge"]["weights"] == [0.6, 0.4]

@@ -112,7 +112,7 @@ def _uncalibrated_copy(folder, into):
 
 def _validation_windows(trainer, node: str):
     """The node's validation windows as forecasting sees them: (values with NaN where absent, target, scored)."""
-    data, spec = trainer._node_data(node), trainer.curriculum.node(node)
+    data, spec = trainer.plan.node_data(node), trainer.curriculum.node(node)
     batch = collate_canvas([data.val[i] for i in range(len(data.val))])
     values = batch["values"].numpy().astype(np.float64)
     presence, holdout = batch["presence"].numpy(), batch["holdout"].numpy()

@@ -21,9 +21,10 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from modeling_gwm.callbacks import FaultInjectionCallback
 from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.run_folder import NodeBusyError, node_lock
-from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
+from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError, all_finite
 
 REPO = Path(__file__).resolve().parent.parent
 STRESS = REPO / "benchmarks" / "crash_stress.py"
@@ -121,7 +122,7 @@ def test_concurrent_dag_updates_for_different_nodes_are_all_kept(tmp_path):
     curriculum = load_curriculum(_curriculum(tmp_path))
     trainer = DAGCurriculumTrainer(curriculum=curriculum, output_dir=str(tmp_path / "out"), write_cards=False)
     os.makedirs(trainer.output_dir)
-    dag = trainer._load_dag()
+    dag = trainer.plan.load_dag()
     children = []
     for index, node in enumerate(["a", "b", "j", "a"]):
         pid = os.fork()
@@ -129,7 +130,7 @@ def test_concurrent_dag_updates_for_different_nodes_are_all_kept(tmp_path):
             code = 1
             try:
                 for i in range(30):
-                    trainer._update_dag(dag, node, **{f"writer{index}": i})
+                    trainer.plan.update_dag(dag, node, **{f"writer{index}": i})
                 code = 0
             finally:
                 os._exit(code)
@@ -157,11 +158,11 @@ def test_nan_stops_the_node_keeps_its_checkpoint_and_resumes(tmp_path, capsys, m
     assert (out / "a" / "COMPLETE").exists() and metrics["skipped_nonfinite_steps"] == 0 and metrics["steps"] == 4
 
 
-def test_nan_step_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setenv("GWM_INJECT_NAN", "a:2")
+def test_nan_step_skipped_and_counted(tmp_path):
     out = tmp_path / "out"
     trainer = DAGCurriculumTrainer(curriculum=load_curriculum(_curriculum(tmp_path)), output_dir=str(out),
-                                   only_nodes=["a"], write_cards=False, nonfinite="skip")
+                                   only_nodes=["a"], write_cards=False, nonfinite="skip",
+                                   callbacks=[FaultInjectionCallback(nan_at="a:2")])
     trainer.run()
     metrics = json.loads((out / "a" / "metrics.json").read_text())
     assert metrics["skipped_nonfinite_steps"] == 1 and metrics["settings"]["nonfinite"] == "skip"
@@ -221,11 +222,9 @@ def test_fp16_overflow_is_skipped_by_gradscaler_not_stopped_nor_counted(tmp_path
     assert any(bool(t.abs().sum() > 0) for k, t in adapter.items() if "loop_emb" in k)  # later steps did train
 
 
-def test_fp16_nonfinite_loss_is_counted_and_the_scale_still_backs_off(tmp_path, monkeypatch,
-                                                                       fresh_accelerator_state):
-    monkeypatch.setenv("GWM_INJECT_NAN", "a:2")
+def test_fp16_nonfinite_loss_is_counted_and_the_scale_still_backs_off(tmp_path, fresh_accelerator_state):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
-    _fp16_trainer(tmp_path, scaler, nonfinite="skip").run()
+    _fp16_trainer(tmp_path, scaler, nonfinite="skip", callbacks=[FaultInjectionCallback(nan_at="a:2")]).run()
     metrics = json.loads((tmp_path / "o" / "a" / "metrics.json").read_text())
     assert metrics["skipped_nonfinite_steps"] == 1
     assert [h.get("skipped") for h in metrics["history"]] == [None, "non-finite", None, None]
@@ -241,7 +240,7 @@ def test_fp16_guard_leaves_overflow_to_gradscaler_only_while_the_scale_amplifies
     optimizer = trainer.accelerator.prepare(torch.optim.SGD([param], lr=0.1))
     trainer.accelerator.backward(param.sum())  # scaled backward: grad = scale
     param.grad[1] = float("inf")
-    assert trainer._all_finite(torch.tensor(1.0), [param], optimizer) is verdict
+    assert all_finite(trainer.accelerator, torch.tensor(1.0), [param], optimizer) is verdict
     assert param.grad[0] == 1.0  # the guard saw (and left) the unscaled gradient
 
 

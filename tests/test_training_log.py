@@ -14,8 +14,7 @@ from accelerate import Accelerator
 from modeling_gwm import GWMModel, LoopConfig
 from modeling_gwm.base import TINY_BASE_PATH
 from modeling_gwm.data import DataSource, build_node_data, collate_canvas
-from modeling_gwm.node_loop import validation_scores
-from modeling_gwm.trainer import summary
+from modeling_gwm.trainer import summary, validation_scores
 
 
 def _source(tmp_path) -> DataSource:

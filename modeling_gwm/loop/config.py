@@ -14,7 +14,7 @@ DEFAULT_MODULES_TO_SAVE = ["codec", "proj_in", "proj_out", "encoder_token", "nor
 # statistics scale-free (no global location) and the value head a residual over a context baseline.
 ADAPTER_FORMAT_VERSION = 3
 # The key of a field's quantile calibration in `fields` (optional, one factor per quantile level, 1 at the median):
-# written by a node trained with `calibrate_quantiles`, applied by `forecasting.predict_windows`.
+# written by a node trained with `calibrate_quantiles`, applied by `pipeline.predict_windows`.
 QUANTILE_SCALE_KEY = "quantile_scale"
 
 
