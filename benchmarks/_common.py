@@ -52,7 +52,7 @@ def machine() -> dict:
 
 def make_bench_base(folder: str | os.PathLike, **overrides) -> str:
     """Write the CPU bench base (random weights, diffusers layout) and return its path."""
-    from modeling_gwm.base import make_tiny_cogvideox
+    from modeling_gwm.model.base import make_tiny_cogvideox
 
     return make_tiny_cogvideox(folder, **{**BENCH_ARCHITECTURE, **overrides})
 

@@ -9,7 +9,7 @@ none of these operations reads a frozen weight, and untouched pages cost no RAM,
 - save (`PeftModel.save_pretrained`), load (safetensors `load_file`), attach (`PeftModel.load_adapter` of a saved
   folder onto the model that already holds the base: wraps the blocks' adapter slots and copies the weights in);
 - `set_adapter` switch between two attached adapters;
-- join merge (`modeling_gwm.merging.merge_adapters`) of 2 and 5 parents for every merge method.
+- join merge (`modeling_gwm.model.merging.merge_adapters`) of 2 and 5 parents for every merge method.
 
     python benchmarks/bench_adapter_ops.py --out benchmarks/results/adapter_ops.json
 """
@@ -24,9 +24,9 @@ import torch
 from _common import machine, mib, print_machine, print_table, rss_now_bytes, summary, timed, write_json
 
 from modeling_gwm import GWMConfig, GWMModel
-from modeling_gwm.base import COGVIDEOX_ARCHITECTURES, FrozenBase, load_cogvideox_base
-from modeling_gwm.loop import LoopConfig
-from modeling_gwm.merging import MERGE_METHODS, MergeSpec, merge_adapters
+from modeling_gwm.model.base import COGVIDEOX_ARCHITECTURES, FrozenBase, load_cogvideox_base
+from modeling_gwm.model.loop import LoopConfig
+from modeling_gwm.model.merging import MERGE_METHODS, MergeSpec, merge_adapters
 
 SHORT_NAMES = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
 

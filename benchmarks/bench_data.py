@@ -22,8 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from modeling_gwm.data import build_node_data, collate_canvas, load_sources  # noqa: E402
-from modeling_gwm.masking import sample_target_mask  # noqa: E402
+from modeling_gwm.model.data import build_node_data, collate_canvas, load_sources  # noqa: E402
+from modeling_gwm.training.masking import sample_target_mask  # noqa: E402
 
 
 def median_ms(step, repeats: int, warmup: int = 3) -> float:

@@ -7,7 +7,8 @@ or `--split test` (what the README reports; run once per shipped candidate). Eve
 its last part (18 steps of a monthly series, 8 quarterly, 6 yearly, 13 weekly, 14 daily); truncated copies are
 written to the run folder and the curriculum reads only those (asserted). A curriculum of one root per frequency
 (the demo's model, defaults and field handling) is trained with `DAGCurriculumTrainer` on the tiny shipped base, once
-per seed; `modeling_gwm.evaluation.evaluate` forecasts each held-out tail from the rest with the frequency's adapter.
+per seed;
+`modeling_gwm.forecasting.evaluation.evaluate` forecasts each held-out tail from the rest with the frequency's adapter.
 
 Methods: GWM (trained), GWM's own untrained start (`gwm_baseline`: the same adapter with its value head zeroed,
 which forecasts exactly the context baseline of `residual_baseline`), naive, seasonal-naive, AutoETS, AutoARIMA,
@@ -126,8 +127,8 @@ def curriculum_yaml(series: list[dict], split: dict, args) -> dict:
 
 
 def train(config_path: Path, output_dir: Path, seed: int) -> None:
-    from modeling_gwm.curriculum import load_curriculum
-    from modeling_gwm.trainer import DAGCurriculumTrainer
+    from modeling_gwm.training.curriculum import load_curriculum
+    from modeling_gwm.training.trainer import DAGCurriculumTrainer
 
     curriculum = load_curriculum(config_path)
     for source in curriculum.sources.values():  # the hold-out is never read in training
@@ -153,7 +154,7 @@ def zero_value_head(model) -> None:
 def evaluate_gwm(output_dir: Path, series: list[dict], split: dict, baseline: bool) -> dict[str, dict]:
     """{series: {"model": scores}} (and "gwm_baseline" with `baseline`), each scored by its frequency's adapter."""
     from modeling_gwm import GWMModel
-    from modeling_gwm.evaluation import evaluate
+    from modeling_gwm.forecasting.evaluation import evaluate
 
     scored = {}
     for freq, node in NODES.items():
@@ -177,7 +178,7 @@ def evaluate_baselines(series: list[dict], split: dict, methods: tuple[str, ...]
     """{series: {method: scores}} for the naive and statistical baselines; statistical fits cached by series, hold-out
     and length (they do not depend on GWM or the seed)."""
     from modeling_gwm import GWMModel
-    from modeling_gwm.evaluation import evaluate
+    from modeling_gwm.forecasting.evaluation import evaluate
 
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else {}
     out = {}
@@ -223,7 +224,12 @@ def evaluate_nhits(series: list[dict], split: dict, seed: int, steps: int) -> di
     from neuralforecast.losses.pytorch import MQLoss
     from neuralforecast.models import NHITS
 
-    from modeling_gwm.evaluation import QUANTILE_LEVELS, default_season, error_metrics, weighted_quantile_loss
+    from modeling_gwm.forecasting.evaluation import (
+        QUANTILE_LEVELS,
+        default_season,
+        error_metrics,
+        weighted_quantile_loss,
+    )
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -407,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.methods = args.methods or ["naive", "seasonal_naive"]
         args.deep, args.baseline_cache = "none", ""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    from modeling_gwm.evaluation import check_methods
+    from modeling_gwm.forecasting.evaluation import check_methods
 
     methods = check_methods(args.methods)
     if "naive" not in methods:

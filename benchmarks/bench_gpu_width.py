@@ -37,7 +37,7 @@ import torch
 from _common import machine, mib, print_machine, print_table, summary, timed, write_json
 
 from modeling_gwm import GWMConfig, GWMModel
-from modeling_gwm.base import COGVIDEOX_ARCHITECTURES, FrozenBase
+from modeling_gwm.model.base import COGVIDEOX_ARCHITECTURES, FrozenBase
 
 SHORT_NAMES = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets.
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bench_step import StepBench
     from peft import get_peft_model
 
-    from modeling_gwm.loop import LoopConfig
+    from modeling_gwm.model.loop import LoopConfig
 
     name = SHORT_NAMES[args.model]
     architecture = dict(COGVIDEOX_ARCHITECTURES[name])

@@ -66,7 +66,7 @@ def make_model(args):
 @contextlib.contextmanager
 def forward_clock():
     """Seconds and calls spent in predict_df's batched model calls (everything else is gridding and frames)."""
-    from modeling_gwm import pipeline as module
+    from modeling_gwm.forecasting import pipeline as module
 
     clock, inner = {"seconds": 0.0, "calls": 0}, module.predict_windows
 

@@ -2,7 +2,7 @@
 
 The floor is the unavoidable work: every frozen block applied `n_loops` times forward, and the gradient with respect
 to its inputs backward (the blocks are frozen, so no weight gradients), at the step's shapes. The step is the real
-training step of `modeling_gwm.trainer`: batch assembly from a `CanvasDataset` (windows, collate, target mask),
+training step of `modeling_gwm.training.trainer`: batch assembly from a `CanvasDataset` (windows, collate, target mask),
 codec, loop adapter, loss, backward and the AdamW update of the adapter, under the same accelerate calls. The figure
 is step / floor; everything GWM adds around the frozen blocks is the excess over 1.
 
@@ -26,12 +26,12 @@ import torch
 from _common import BENCH_ARCHITECTURE, machine, make_bench_base, print_machine, print_table, summary, timed, write_json
 
 from modeling_gwm import GWMModel
-from modeling_gwm.checkpoint import NodeState
-from modeling_gwm.curriculum import TrainingNode
-from modeling_gwm.data import DataSource, build_node_data, collate_canvas
-from modeling_gwm.loop import LoopConfig, LoopLayer
-from modeling_gwm.masking import sample_target_mask
-from modeling_gwm.trainer import adamw, guarded_step, micro_batches, step_batch
+from modeling_gwm.model.data import DataSource, build_node_data, collate_canvas
+from modeling_gwm.model.loop import LoopConfig, LoopLayer
+from modeling_gwm.training.checkpoint import NodeState
+from modeling_gwm.training.curriculum import TrainingNode
+from modeling_gwm.training.masking import sample_target_mask
+from modeling_gwm.training.trainer import adamw, guarded_step, micro_batches, step_batch
 
 
 def synthetic_source(folder: Path, n_fields: int, n_rows: int, seed: int = 0) -> DataSource:
@@ -70,7 +70,7 @@ class StepBench:
         from accelerate import Accelerator
 
         datasets.disable_progress_bars()
-        logging.getLogger("modeling_gwm.data").setLevel(logging.ERROR)  # the synthetic gaps are deliberate
+        logging.getLogger("modeling_gwm.model.data").setLevel(logging.ERROR)  # the synthetic gaps are deliberate
         self.data = build_node_data([synthetic_source(workdir, args.fields, args.rows)], None, args.context_len)
         if peft_model is None:
             base = make_bench_base(workdir / "base", num_layers=args.num_layers)

@@ -150,8 +150,8 @@ def _preload() -> None:
     import matplotlib.figure  # noqa: F401
     from diffusers import CogVideoXTransformer3DModel  # noqa: F401
 
-    import modeling_gwm.hub  # noqa: F401
-    import modeling_gwm.trainer  # noqa: F401
+    import modeling_gwm.hub.hub  # noqa: F401
+    import modeling_gwm.training.trainer  # noqa: F401
 
 
 def crash_chain(config: str, workdir: str, specs: list[str], seed: int = 0) -> dict:

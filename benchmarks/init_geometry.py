@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
-from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
+from modeling_gwm.model.base import TINY_BASE_PATH  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

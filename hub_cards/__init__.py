@@ -1,7 +1,7 @@
 """GWM's model-card templates and their rendering: `templates/adapter_card.md` (one DAG node) and
 `templates/curriculum_card.md` (a run's index card), filled with huggingface_hub's `ModelCard`.
 
-A leaf package: it imports nothing of `modeling_gwm`. `modeling_gwm.cards` reads a run folder into a template's
+A leaf package: it imports nothing of `modeling_gwm`. `modeling_gwm.hub.cards` reads a run folder into a template's
 context and renders it here (`render.py`); `lineage.py` draws a run's lineage graph, for the cards and for `gwm dag`
 (`Curriculum.mermaid`). The templates travel in the wheel as package data of this package.
 """

@@ -66,8 +66,8 @@ class CommandError(ValueError):
 # ---------------------------------------------------------------------------------------------------- helpers
 def _recorded_base(adapter: str | None) -> str | None:
     """The base a local adapter folder records (read as plain JSON: a bad config is reported later, by the load)."""
-    from .adapter_files import CONFIG_MAX_BYTES
     from .io_utils import read_json
+    from .model.adapter_files import CONFIG_MAX_BYTES
     from .run_folder import ADAPTER_CONFIG_FILE
     try:
         config = read_json(os.path.join(adapter, ADAPTER_CONFIG_FILE), max_bytes=CONFIG_MAX_BYTES)
@@ -106,7 +106,7 @@ def _check_outputs(args, *flags: str) -> None:
 @contextlib.contextmanager
 def _naming_adapter(args):
     """A non-finite forecast names the --adapter folder the user gave (the API names the adapter on the model)."""
-    from .pipeline import NonFiniteForecastError
+    from .forecasting.pipeline import NonFiniteForecastError
 
     try:
         yield
@@ -132,15 +132,15 @@ def _write_atomic(flag: str, path: str, render) -> None:
 
 def _spec(adapter: str, subfolder: str | None):
     """The adapter's fields and window from its adapter_config.json alone (fast: no weights, no base)."""
-    from .adapter_files import load_adapter_config
-    from .pipeline import AdapterSpec
+    from .forecasting.pipeline import AdapterSpec
+    from .model.adapter_files import load_adapter_config
 
     return AdapterSpec.from_config(load_adapter_config(adapter, subfolder=subfolder), adapter_name=adapter)
 
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_params(args) -> int:
-    from . import budget
+    from .model import budget
 
     if bool(args.architecture) == bool(args.base):
         raise CommandError("give exactly one of --base (a checkpoint to load) or --architecture (a known name)")
@@ -149,8 +149,8 @@ def cmd_params(args) -> int:
     else:
         import peft
 
-        from .loop import LoopConfig
-        from .modeling_gwm import GWMModel
+        from .model.loop import LoopConfig
+        from .model.modeling_gwm import GWMModel
 
         model = GWMModel.from_pretrained(args.base, d_model=args.d_model)
         model = peft.get_peft_model(model, LoopConfig(n_loops=args.n_loops), adapter_name="default")
@@ -160,7 +160,7 @@ def cmd_params(args) -> int:
 
 
 def cmd_dag(args) -> int:
-    from .curriculum import load_curriculum
+    from .training.curriculum import load_curriculum
 
     curriculum = load_curriculum(args.config)
     print(curriculum.plan())
@@ -215,7 +215,7 @@ def _naming_data(args):
 
 def _history(args, spec):
     """The --data table on the adapter's grid (`pipeline.read_history`): (history, its frequency)."""
-    from .pipeline import read_history
+    from .forecasting.pipeline import read_history
 
     table = _table(args)
     with _naming_data(args):
@@ -224,8 +224,8 @@ def _history(args, spec):
 
 
 def cmd_forecast(args) -> int:
-    from .modeling_gwm import GWMModel
-    from .pipeline import check_forecast_request, forecast_quantiles
+    from .forecasting.pipeline import check_forecast_request, forecast_quantiles
+    from .model.modeling_gwm import GWMModel
     from .plots import plot_forecast
 
     device = _device(args)
@@ -260,8 +260,14 @@ def cmd_forecast(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import check_evaluate_request, check_methods, evaluate, evaluation_json, format_evaluation
-    from .modeling_gwm import GWMModel
+    from .forecasting.evaluation import (
+        check_evaluate_request,
+        check_methods,
+        evaluate,
+        evaluation_json,
+        format_evaluation,
+    )
+    from .model.modeling_gwm import GWMModel
     from .plots import plot_forecast
 
     methods = check_methods([m.strip() for v in args.methods for m in v.split(",") if m.strip()]) \
@@ -294,8 +300,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_impute(args) -> int:
-    from .modeling_gwm import GWMModel
-    from .pipeline import impute, read_history
+    from .forecasting.pipeline import impute, read_history
+    from .model.modeling_gwm import GWMModel
 
     device = _device(args)
     _check_outputs(args, "out")
@@ -315,7 +321,7 @@ def cmd_impute(args) -> int:
 def cmd_make_tiny_base(args) -> int:
     if os.path.exists(os.path.join(args.dir, "transformer")):
         raise CommandError(f"{args.dir} already holds a checkpoint (transformer/): give a new folder")
-    from .base import make_tiny_cogvideox
+    from .model.base import make_tiny_cogvideox
 
     try:
         path = make_tiny_cogvideox(args.dir, seed=args.seed)
@@ -338,7 +344,7 @@ def cmd_plot_losses(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_curriculum
+    from .hub.hub import push_curriculum
     from .run_folder import RunFolder
 
     RunFolder(args.output_dir).require()
@@ -354,7 +360,7 @@ def cmd_push(args) -> int:
 
 def _print_upload_plan(output_dir: str, repo_id: str | None) -> int:
     """What `gwm push` would upload (hub.plan_curriculum_upload), one file a line with its size; nothing is sent."""
-    from .hub import plan_curriculum_upload
+    from .hub.hub import plan_curriculum_upload
 
     operations = plan_curriculum_upload(output_dir, repo_id=repo_id)
     sizes = [len(o.path_or_fileobj) if isinstance(o.path_or_fileobj, bytes) else os.path.getsize(o.path_or_fileobj)
@@ -388,7 +394,7 @@ def _whole(what: str = "", high: int | None = None):
 
 def _device(args):
     """--device as a torch device, checked before anything is read (a missing CUDA is one line, exit 2)."""
-    from .base import resolve_device
+    from .model.base import resolve_device
 
     return resolve_device(args.device, "--device")
 
@@ -501,12 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .adapter_files import AdapterLoadError
-    from .base import BaseLoadError
-    from .curriculum import CurriculumError
-    from .hub import HubOfflineError
-    from .loop import AdapterMismatchError
+    from .hub.hub import HubOfflineError
+    from .model.adapter_files import AdapterLoadError
+    from .model.base import BaseLoadError
+    from .model.loop import AdapterMismatchError
     from .tabular import DataError
+    from .training.curriculum import CurriculumError
 
     return (DataError, AdapterLoadError, AdapterMismatchError, BaseLoadError, CurriculumError, HubOfflineError,
             ValueError, FileNotFoundError)
@@ -515,7 +521,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the training command line has its own parser (TrainingArguments)
-        from .train_cli import main as train
+        from .training.train_cli import main as train
 
         return train(argv[1:], prog="gwm train")
     parser = build_parser()

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from .data import FieldStats
+    from .model.data import FieldStats
 
 logger = logging.getLogger(__name__)
 

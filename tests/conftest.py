@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling_gwm.base import TINY_BASE_PATH
+from modeling_gwm.model.base import TINY_BASE_PATH
 
 # The tiny models are far too small for intra-op threads: on a busy 2-core runner two threads spin-wait on each other
 # and a tiny forward pass takes ~1 s instead of ~50 ms. Subprocesses are not affected (they read OMP_NUM_THREADS).

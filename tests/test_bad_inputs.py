@@ -25,17 +25,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from modeling_gwm import commands
-from modeling_gwm.adapter_files import AdapterLoadError, load_adapter_config
-from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
-from modeling_gwm.callbacks import FaultInjectionCallback
-from modeling_gwm.configuration_gwm import GWMConfig
-from modeling_gwm.curriculum import CurriculumError, load_curriculum
-from modeling_gwm.data import DataSource, build_node_data
-from modeling_gwm.loop import AdapterMismatchError
-from modeling_gwm.modeling_gwm import GWMModel
-from modeling_gwm.pipeline import AdapterSpec, NonFiniteForecastError, forecast, read_history
+from modeling_gwm.forecasting.pipeline import AdapterSpec, NonFiniteForecastError, forecast, read_history
+from modeling_gwm.model.adapter_files import AdapterLoadError, load_adapter_config
+from modeling_gwm.model.base import BaseLoadError, make_tiny_cogvideox
+from modeling_gwm.model.configuration_gwm import GWMConfig
+from modeling_gwm.model.data import DataSource, build_node_data
+from modeling_gwm.model.loop import AdapterMismatchError
+from modeling_gwm.model.modeling_gwm import GWMModel
 from modeling_gwm.tabular import DataError
-from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
+from modeling_gwm.training.callbacks import FaultInjectionCallback
+from modeling_gwm.training.curriculum import CurriculumError, load_curriculum
+from modeling_gwm.training.trainer import DAGCurriculumTrainer, NonFiniteError
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "configuration" / "data"
@@ -797,7 +797,7 @@ def test_offsets_are_kept_as_local_time_in_training_and_forecasting(tmp_path, ca
     table = to_frame(pd.read_csv(path))
     assert list(table.index) == list(frame.index)
     path.write_text("date,value\n2000-01-01,1\n2000-01-15,2\n2000-02-01,3\n")
-    with caplog.at_level("WARNING", logger="modeling_gwm.data"):
+    with caplog.at_level("WARNING", logger="modeling_gwm.model.data"):
         DataSource.from_dict("src", {"path": str(path), "frequency": "MS", "fields": {"x": "value"}}).read()
     assert any(r.levelname == "WARNING" and "source 'src', column 'date': 3 rows" in r.getMessage()
                for r in caplog.records), caplog.text
@@ -820,8 +820,8 @@ def test_expected_adapter_tensors_are_what_peft_saves(backbone):
     """The weights check derives its expectation from the built model: it must equal PEFT's own state dict."""
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from modeling_gwm.adapter_files import expected_adapter_shapes
-    from modeling_gwm.loop import LoopConfig
+    from modeling_gwm.model.adapter_files import expected_adapter_shapes
+    from modeling_gwm.model.loop import LoopConfig
 
     kwargs = {"d_model": 16, "backbone": backbone, "scratch_num_layers": 2}
     config = LoopConfig(n_loops=2, fields=[{"name": "x", "mean": 0.0, "std": 1.0}])
@@ -878,12 +878,12 @@ def test_a_node_records_its_adapter_checksum_and_the_base_it_was_trained_on(tmp_
     for base, kwargs, warned in ((TINY_BASE, {}, False), (TINY_BASE, {"frozen_dtype": "bfloat16"}, False),
                                  (other, {}, True)):
         caplog.clear()
-        with caplog.at_level("WARNING", logger="modeling_gwm.adapter_files"):
+        with caplog.at_level("WARNING", logger="modeling_gwm.model.adapter_files"):
             GWMModel.from_pretrained(base, adapter=env.out / "a", **kwargs)
         assert any("trained on a base with other weights" in r.getMessage() for r in caplog.records) == warned, base
     changed = env.adapter(lambda f: _flip_last_byte(f / "adapter_model.safetensors"))  # loads: shapes still fit
     caplog.clear()
-    with caplog.at_level("WARNING", logger="modeling_gwm.adapter_files"):
+    with caplog.at_level("WARNING", logger="modeling_gwm.model.adapter_files"):
         GWMModel.from_pretrained(TINY_BASE, adapter=changed)
     assert any("are not the ones its metrics.json recorded" in r.getMessage() for r in caplog.records), caplog.text
 
@@ -891,7 +891,7 @@ def test_a_node_records_its_adapter_checksum_and_the_base_it_was_trained_on(tmp_
 def test_a_full_disk_leaves_no_checkpoint_staging_folder(tmp_path):
     """Disk full (RLIMIT_FSIZE: EFBIG, which Python gets as an error, not a signal) while a checkpoint is written:
     one OSError naming the node, the previous checkpoint untouched, no `.checkpoint.tmp` left behind."""
-    from modeling_gwm import checkpoint
+    from modeling_gwm.training import checkpoint
 
     folder = tmp_path / "node" / "checkpoint"
     weight = torch.nn.Parameter(torch.zeros(4))
@@ -912,7 +912,7 @@ def test_a_full_disk_leaves_no_checkpoint_staging_folder(tmp_path):
 
 
 def test_model_limits_are_the_ones_gwm_params_uses():
-    from modeling_gwm.configuration_gwm import MODEL_LIMITS
+    from modeling_gwm.model.configuration_gwm import MODEL_LIMITS
 
     assert commands.PARAMS_LIMITS["d_model"] == MODEL_LIMITS["d_model"]
 

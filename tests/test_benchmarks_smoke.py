@@ -65,7 +65,7 @@ def test_adapter_ops_at_2b_width_file_is_four_bytes_per_trainable_parameter(benc
 def test_dag_scaling_curricula_are_valid_and_compare_like_with_like(bench, tmp_path):
     import yaml
 
-    from modeling_gwm.curriculum import load_curriculum
+    from modeling_gwm.training.curriculum import load_curriculum
 
     scaling = bench("bench_dag_scaling")
     args = argparse.Namespace(steps=1, batch_size=4, context_len=12, n_loops=1, d_model=16)

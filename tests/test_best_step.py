@@ -15,9 +15,9 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
-from modeling_gwm.callbacks import FaultInjectionCallback
-from modeling_gwm.curriculum import load_curriculum
-from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
+from modeling_gwm.training.callbacks import FaultInjectionCallback
+from modeling_gwm.training.curriculum import load_curriculum
+from modeling_gwm.training.trainer import DAGCurriculumTrainer, NonFiniteError
 
 STEPS = 8
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from _tiny import tiny_curriculum, write_curriculum
 
-from modeling_gwm.callbacks import CRASH_MOMENTS, FaultInjectionCallback, TrainerCallback
-from modeling_gwm.curriculum import load_curriculum
-from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError
-from modeling_gwm.training_args import TrainingArguments
+from modeling_gwm.training.callbacks import CRASH_MOMENTS, FaultInjectionCallback, TrainerCallback
+from modeling_gwm.training.curriculum import load_curriculum
+from modeling_gwm.training.trainer import DAGCurriculumTrainer, NonFiniteError
+from modeling_gwm.training.training_args import TrainingArguments
 
 
 class Recorder(TrainerCallback):

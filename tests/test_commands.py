@@ -84,7 +84,7 @@ def test_dag_shows_plan_and_mermaid():
 
 
 def test_params_prints_the_budget_table():
-    pytest.importorskip("modeling_gwm.budget")
+    pytest.importorskip("modeling_gwm.model.budget")
     done = gwm("params", "--base", REPO / "configuration" / "tiny-cogvideox", "--d_model", 16, "--n_loops", 2)
     assert done.returncode == 0, done.stderr
     assert "|" in done.stdout

@@ -23,11 +23,11 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from modeling_gwm import GWMModel, LoopConfig
-from modeling_gwm.curriculum import load_curriculum
-from modeling_gwm.evaluation import evaluate
-from modeling_gwm.merging import MERGE_METHODS, MergeSpec, merge_adapters
-from modeling_gwm.pipeline import AdapterSpec
-from modeling_gwm.trainer import DAGCurriculumTrainer
+from modeling_gwm.forecasting.evaluation import evaluate
+from modeling_gwm.forecasting.pipeline import AdapterSpec
+from modeling_gwm.model.merging import MERGE_METHODS, MergeSpec, merge_adapters
+from modeling_gwm.training.curriculum import load_curriculum
+from modeling_gwm.training.trainer import DAGCurriculumTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (torch.cuda.is_available() is False); "

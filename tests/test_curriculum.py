@@ -10,7 +10,7 @@ import sys
 import pytest
 from _tiny import DAG_TRAIN, REPO, tiny_curriculum, write_curriculum
 
-from modeling_gwm.curriculum import CurriculumError, load_curriculum
+from modeling_gwm.training.curriculum import CurriculumError, load_curriculum
 
 
 def test_demo_curriculum_loads_in_topological_order():

@@ -15,9 +15,9 @@ from _tiny import tiny_curriculum, write_curriculum
 from accelerate.utils import is_trackio_available
 from safetensors.torch import load_file
 
-from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.tabular import DataError
-from modeling_gwm.trainer import DAGCurriculumTrainer
+from modeling_gwm.training.curriculum import CurriculumError, load_curriculum
+from modeling_gwm.training.trainer import DAGCurriculumTrainer
 
 NODES = ["macro", "climate", "world", "ocean"]
 STEPS = 3

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from modeling_gwm.data import (
+from modeling_gwm.model.data import (
     DataSource,
     FieldStats,
     build_node_data,
@@ -256,7 +256,7 @@ def test_nan_and_inf_are_missing_and_reported_once_per_source(tmp_path, caplog):
     frame = monthly(12, a=["1", "", "3", "inf", "5", "6", "7", "8", "9", "10", "11", "12"],
                     b=[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, float("nan")])
     path = write_csv(tmp_path, "s.csv", frame)
-    with caplog.at_level(logging.WARNING, logger="modeling_gwm.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_gwm.model.data"):
         data = build_node_data([source("s", path, {"x": "a", "y": "b"})], None, context_len=4)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1

@@ -12,15 +12,15 @@ from _tiny import canvas_batch, train_steps
 from peft import get_peft_model
 
 from modeling_gwm import GWMConfig, GWMModel
-from modeling_gwm import base as base_module
-from modeling_gwm.base import DeviceError, resolve_device
-from modeling_gwm.checkpoint import NodeState
-from modeling_gwm.checkpoint import load as load_checkpoint
-from modeling_gwm.checkpoint import save as save_checkpoint
 from modeling_gwm.commands import main
-from modeling_gwm.loop import LoopConfig
-from modeling_gwm.merging import MergeSpec, merge_adapters
-from modeling_gwm.trainer import adamw
+from modeling_gwm.model import base as base_module
+from modeling_gwm.model.base import DeviceError, resolve_device
+from modeling_gwm.model.loop import LoopConfig
+from modeling_gwm.model.merging import MergeSpec, merge_adapters
+from modeling_gwm.training.checkpoint import NodeState
+from modeling_gwm.training.checkpoint import load as load_checkpoint
+from modeling_gwm.training.checkpoint import save as save_checkpoint
+from modeling_gwm.training.trainer import adamw
 
 FIELDS = [{"name": f"f{i}", "mean": 0.0, "std": 1.0, "transform": "none"} for i in range(3)]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
@@ -183,8 +183,8 @@ def test_errors_of_the_block_itself_are_not_taken_for_a_compiler_failure(tiny_ba
 def test_trainer_on_cuda_without_cuda_is_refused_with_one_sentence(tmp_path):
     from _tiny import tiny_curriculum, write_curriculum
 
-    from modeling_gwm.curriculum import load_curriculum
-    from modeling_gwm.trainer import DAGCurriculumTrainer
+    from modeling_gwm.training.curriculum import load_curriculum
+    from modeling_gwm.training.trainer import DAGCurriculumTrainer
 
     curriculum = load_curriculum(write_curriculum(tmp_path, tiny_curriculum()))
     with pytest.raises(DeviceError, match=r"^device='cuda': CUDA is not available"):

@@ -16,10 +16,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
-from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
 from modeling_gwm.commands import main  # noqa: E402
-from modeling_gwm.configuration_gwm import DEFAULT_QUANTILE_LEVELS as QUANTILE_LEVELS  # noqa: E402
-from modeling_gwm.evaluation import (  # noqa: E402
+from modeling_gwm.forecasting.evaluation import (  # noqa: E402
     NAIVE_METHODS,
     check_methods,
     error_metrics,
@@ -31,6 +29,8 @@ from modeling_gwm.evaluation import (  # noqa: E402
     statistical_forecasts,
     weighted_quantile_loss,
 )
+from modeling_gwm.model.base import TINY_BASE_PATH  # noqa: E402
+from modeling_gwm.model.configuration_gwm import DEFAULT_QUANTILE_LEVELS as QUANTILE_LEVELS  # noqa: E402
 from modeling_gwm.tabular import DataError  # noqa: E402
 
 FIELDS = [{"name": "demo.sales", "mean": 100.0, "std": 20.0, "transform": "none", "unit": "units"}]
@@ -191,7 +191,7 @@ def test_evaluate_scores_every_method_with_quantiles(model, csv):
 def test_without_statsforecast_evaluate_scores_the_naive_methods_and_says_why(model, csv, no_statsforecast, caplog):
     assert not has_statsforecast()
     assert check_methods(None) == NAIVE_METHODS
-    with caplog.at_level("WARNING", logger="modeling_gwm.evaluation"):
+    with caplog.at_level("WARNING", logger="modeling_gwm.forecasting.evaluation"):
         result = evaluate(model, pd.read_csv(csv), 12)
     assert set(result["fields"]["demo.sales"]) == {"unit", "model", "naive", "seasonal_naive"}
     assert 'pip install -e ".[eval]"' in result["note"] and 'pip install -e ".[eval]"' in caplog.text

@@ -13,8 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
-from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
-from modeling_gwm.evaluation import (  # noqa: E402
+from modeling_gwm.forecasting.evaluation import (  # noqa: E402
     default_season,
     error_metrics,
     evaluate,
@@ -22,12 +21,13 @@ from modeling_gwm.evaluation import (  # noqa: E402
     naive_forecast,
     seasonal_naive_forecast,
 )
-from modeling_gwm.pipeline import (  # noqa: E402
+from modeling_gwm.forecasting.pipeline import (  # noqa: E402
     AdapterSpec,
     forecast_quantiles,
     predict_windows,
     read_history,
 )
+from modeling_gwm.model.base import TINY_BASE_PATH  # noqa: E402
 from modeling_gwm.plots import plot_forecast  # noqa: E402
 from modeling_gwm.tabular import DataError  # noqa: E402
 
@@ -218,7 +218,7 @@ def test_evaluate_scores_a_coarser_field_at_its_own_steps(model):
 def test_a_field_not_observed_in_the_last_window_is_not_forecast(model, caplog):
     history = _history(30)
     history.loc[12:, "demo.gdp"] = np.nan  # last seen 18 rows before the end; context_len is 12
-    with caplog.at_level("WARNING", logger="modeling_gwm.forecasting"):
+    with caplog.at_level("WARNING", logger="modeling_gwm.forecasting.pipeline"):
         out = model.forecast(history, 4)
     assert out["demo.gdp"].isna().all() and out["demo.level"].notna().all()
     assert "['demo.gdp']" in caplog.text

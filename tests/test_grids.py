@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_gwm import GWMModel  # noqa: E402
 from modeling_gwm.commands import main  # noqa: E402
-from modeling_gwm.curriculum import load_curriculum  # noqa: E402
-from modeling_gwm.evaluation import evaluate  # noqa: E402
+from modeling_gwm.forecasting.evaluation import evaluate  # noqa: E402
 from modeling_gwm.tabular import DataError  # noqa: E402
-from modeling_gwm.trainer import DAGCurriculumTrainer  # noqa: E402
+from modeling_gwm.training.curriculum import load_curriculum  # noqa: E402
+from modeling_gwm.training.trainer import DAGCurriculumTrainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MACRO = REPO / "configuration" / "data" / "us_macro_quarterly.csv"
@@ -57,7 +57,7 @@ def run(tmp_path_factory) -> dict:
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())
-    trainer_log = logging.getLogger("modeling_gwm.trainer")
+    trainer_log = logging.getLogger("modeling_gwm.training.trainer")
     trainer_log.addHandler(handler)
     level, trainer_log.level = trainer_log.level, logging.INFO
     try:

@@ -26,15 +26,15 @@ from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from modeling_gwm import GWMModel, LoopConfig
-from modeling_gwm.base import TINY_BASE_PATH
-from modeling_gwm.cards import write_node_card
-from modeling_gwm.hub import (
+from modeling_gwm.hub.cards import write_node_card
+from modeling_gwm.hub.hub import (
     HubOfflineError,
     download_adapter,
     plan_curriculum_upload,
     push_adapter,
     push_curriculum,
 )
+from modeling_gwm.model.base import TINY_BASE_PATH
 
 FAKE_TOKEN = "hf_GWMtestTokenThatMustNeverLeak0123456789"
 REPO = "gwm-user/demo-run"

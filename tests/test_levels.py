@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from modeling_gwm import GWMModel
-from modeling_gwm.canvas import context_baseline, window_scale
+from modeling_gwm.model.canvas import context_baseline, window_scale
 
 STEPS, HORIZON = 36, 12
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling_gwm.masking import sample_target_mask
+from modeling_gwm.training.masking import sample_target_mask
 
 
 def gappy_presence(batch: int = 8, steps: int = 12, fields: int = 3, seed: int = 0) -> torch.Tensor:

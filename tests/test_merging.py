@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from modeling_gwm.merging import FIELD_EMBEDDING_KEY, MergeSpec, merge_adapters
+from modeling_gwm.model.merging import FIELD_EMBEDDING_KEY, MergeSpec, merge_adapters
 
 KEY_EMB = "base_model.model." + FIELD_EMBEDDING_KEY
 KEY_LOOP = "base_model.model.transformer_blocks.0.loop_emb"

@@ -17,9 +17,9 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from modeling_gwm import GWMConfig, GWMModel, LoopConfig, LoopLayer
-from modeling_gwm.base import BaseLoadError, make_tiny_cogvideox
-from modeling_gwm.budget import budget_for_architecture, format_budget, parameter_budget
-from modeling_gwm.canvas import sinusoidal_encoding
+from modeling_gwm.model.base import BaseLoadError, make_tiny_cogvideox
+from modeling_gwm.model.budget import budget_for_architecture, format_budget, parameter_budget
+from modeling_gwm.model.canvas import sinusoidal_encoding
 
 FIELDS = [{"name": "x.a", "mean": 0.0, "std": 1.0, "transform": "none"},
           {"name": "x.b", "mean": 0.0, "std": 1.0, "transform": "none"}]
@@ -329,7 +329,7 @@ def test_window_scaling_is_invariant_to_an_affine_change_of_the_input(scheme, ti
 
 @pytest.mark.parametrize("scheme", ["last_value", "instance", "mean_abs", "none"])
 def test_constant_single_and_empty_contexts_never_give_nan(scheme, tiny_base):
-    from modeling_gwm.canvas import window_scale
+    from modeling_gwm.model.canvas import window_scale
 
     values = torch.zeros(3, 6, 2)  # (B, T, F)
     values[0] = 5.0  # constant context
@@ -363,7 +363,7 @@ def test_predictions_never_read_the_target_values(tiny_base):
 
 
 def test_pinball_loss_on_a_hand_checked_case():
-    from modeling_gwm.canvas import pinball_loss
+    from modeling_gwm.model.canvas import pinball_loss
 
     levels = torch.tensor([0.1, 0.5, 0.9])
     quantiles = torch.tensor([[0.0, 1.0, 2.0]])  # (1, Q)
@@ -398,7 +398,7 @@ def test_bad_window_scaling_is_one_clear_error():
 
 
 def test_seasonal_lag_is_the_latest_visible_value_whole_seasons_back_and_grids_know_their_season():
-    from modeling_gwm.canvas import season_period, seasonal_lag
+    from modeling_gwm.model.canvas import season_period, seasonal_lag
 
     values = torch.arange(10.0).view(1, 10, 1)  # (B, T, F)
     visible = torch.ones(1, 10, 1, dtype=torch.bool)

@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory) -> Path:
     from peft import get_peft_model
 
     from modeling_gwm import GWMModel, LoopConfig
-    from modeling_gwm.base import TINY_BASE_PATH
+    from modeling_gwm.model.base import TINY_BASE_PATH
 
     out = tmp_path_factory.mktemp("run")
     fields = [dict(name="climate.enso.nino12_sst", mean=23.0, std=2.0, transform="none", unit="degC")]
@@ -97,14 +97,17 @@ def test_installed_wheel_writes_a_card(tmp_path, run_dir, installed_wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {"hub_cards/__init__.py", "hub_cards/templates/adapter_card.md",
             "hub_cards/templates/curriculum_card.md"} <= set(names)
+    sources = {path.relative_to(REPO).as_posix() for package in ("modeling_gwm", "hub_cards")
+               for path in (REPO / package).rglob("*.py")}
+    assert not sources - set(names), f"modules missing from the wheel: {sorted(sources - set(names))}"
     assert {"modeling_gwm/configuration/curricula/demo.yaml", "modeling_gwm/configuration/accelerate/cpu_2proc.yaml",
             "modeling_gwm/configuration/data/elnino_nino12_monthly.csv"} <= set(names)
     assert not [n for n in names if n.startswith(("configuration/", "tests/", "training/", "modeling_gwm/templates/"))]
     assert not [n for n in names if n.endswith(".safetensors")]  # the tiny base is written, not shipped
 
     script = f"""
-import hub_cards, modeling_gwm, modeling_gwm.base as base
-from modeling_gwm.cards import write_node_card
+import hub_cards, modeling_gwm, modeling_gwm.model.base as base
+from modeling_gwm.hub.cards import write_node_card
 print(modeling_gwm.__file__)
 print(hub_cards.__file__)
 write_node_card({str(run_dir)!r}, "climate")
@@ -140,13 +143,13 @@ def test_training_off_a_terminal_logs_a_line_per_node_and_draws_no_bar(tmp_path,
     """Under a launcher or `> log`, tqdm's redraws would fill the log: one start and one end line per node instead."""
     from _tiny import tiny_curriculum, write_curriculum
 
-    from modeling_gwm.curriculum import load_curriculum
-    from modeling_gwm.trainer import DAGCurriculumTrainer
+    from modeling_gwm.training.curriculum import load_curriculum
+    from modeling_gwm.training.trainer import DAGCurriculumTrainer
 
     monkeypatch.delenv("GWM_PROGRESS", raising=False)
     spec = tiny_curriculum(steps=2, checkpoint_every=5)
     spec["nodes"] = spec["nodes"][:1]  # one root is enough
-    caplog.set_level(logging.INFO, logger="modeling_gwm.trainer")
+    caplog.set_level(logging.INFO, logger="modeling_gwm.training.trainer")
     DAGCurriculumTrainer(curriculum=load_curriculum(write_curriculum(tmp_path, spec)), output_dir=str(tmp_path / "out"),
                          device="cpu", write_cards=False).run()
     err = capfd.readouterr().err

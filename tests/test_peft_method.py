@@ -17,8 +17,8 @@ from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 
 from modeling_gwm import AdapterLoadError, AdapterMismatchError, GWMModel, LoopConfig, LoopLayer
-from modeling_gwm.base import make_tiny_cogvideox
-from modeling_gwm.budget import parameter_budget
+from modeling_gwm.model.base import make_tiny_cogvideox
+from modeling_gwm.model.budget import parameter_budget
 
 D_MODEL = 32
 FIELDS = [{"name": f"x.{i}", "mean": 0.0, "std": 1.0, "transform": "none"} for i in range(3)]

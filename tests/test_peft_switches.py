@@ -15,7 +15,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
 import modeling_gwm
 from modeling_gwm import GWMModel, LoopConfig, LoopLayer, LoopMergeError
-from modeling_gwm.loop import PEFT_TYPE, register
+from modeling_gwm.model.loop import PEFT_TYPE, register
 
 D_MODEL = 16
 FIELDS = [{"name": f"x.{i}", "mean": 0.0, "std": 1.0, "transform": "none"} for i in range(3)]
@@ -139,13 +139,14 @@ def test_register_is_idempotent_but_refuses_another_class(monkeypatch):
 # ---------------------------------------------------------------------------------------------------- import path
 def test_specification_import_path_is_lazy():
     from modeling_gwm import DAGCurriculumTrainer, MergeSpec, TrainingNode
-    from modeling_gwm.trainer import DAGCurriculumTrainer as direct
+    from modeling_gwm.training.trainer import DAGCurriculumTrainer as direct
 
     assert DAGCurriculumTrainer is direct and MergeSpec().method == "linear" and TrainingNode("n").kind == "root"
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         modeling_gwm.Nope  # noqa: B018
-    code = ("import sys, modeling_gwm; print(sorted(m for m in ('modeling_gwm.trainer', 'modeling_gwm.curriculum', "
-            "'modeling_gwm.merging', 'modeling_gwm.data') if m in sys.modules))")
+    code = ("import sys, modeling_gwm; print(sorted(m for m in ('modeling_gwm.training.trainer', "
+            "'modeling_gwm.training.curriculum', 'modeling_gwm.model.merging', 'modeling_gwm.model.data') "
+            "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"  # importing the package does not load the training side
 

@@ -10,9 +10,9 @@ from _tiny import DATA, TINY_BASE, tiny_curriculum, write_curriculum
 from peft import PeftModel
 
 from modeling_gwm import DAGCurriculumTrainer, GWMModel
-from modeling_gwm.curriculum import load_curriculum
-from modeling_gwm.pipeline import GWMPipeline
+from modeling_gwm.forecasting.pipeline import GWMPipeline
 from modeling_gwm.tabular import DataError
+from modeling_gwm.training.curriculum import load_curriculum
 
 CO2, UNEMP = "climate.co2.mauna_loa", "macro.us.unemployment"
 
@@ -63,7 +63,7 @@ def test_from_pretrained_wraps_the_model_gwmmodel_loads(pipeline, adapter):
 
 
 def test_predict_quantiles_of_a_batch_equal_one_forecast_per_history(pipeline, monkeypatch):
-    from modeling_gwm import pipeline as module
+    from modeling_gwm.forecasting import pipeline as module
 
     calls, inner = [], module.predict_windows
     monkeypatch.setattr(module, "predict_windows", lambda *a, **k: calls.append(1) or inner(*a, **k))

@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_gwm import GWMModel, LoopConfig  # noqa: E402
-from modeling_gwm.base import TINY_BASE_PATH  # noqa: E402
-from modeling_gwm.pipeline import AdapterSpec  # noqa: E402
+from modeling_gwm.forecasting.pipeline import AdapterSpec  # noqa: E402
+from modeling_gwm.model.base import TINY_BASE_PATH  # noqa: E402
 from modeling_gwm.tabular import DataError  # noqa: E402
 
 FIELDS = [

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from transformers import AutoModel
 
 from modeling_gwm import GWMConfig, GWMModel, LoopConfig
-from modeling_gwm.base import BaseLoadError
-from modeling_gwm.modeling_gwm import ModelLoadError
+from modeling_gwm.model.base import BaseLoadError
+from modeling_gwm.model.modeling_gwm import ModelLoadError
 
 FIELDS = [{"name": "x.a", "mean": 0.0, "std": 1.0, "transform": "none"},
           {"name": "x.b", "mean": 0.0, "std": 1.0, "transform": "none"}]

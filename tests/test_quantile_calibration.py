@@ -16,11 +16,7 @@ import pytest
 from _tiny import DATA, TINY_BASE, tiny_curriculum, write_curriculum
 
 from modeling_gwm import GWMModel
-from modeling_gwm.adapter_files import AdapterLoadError
-from modeling_gwm.cards import render_node_card
-from modeling_gwm.curriculum import CurriculumError, load_curriculum
-from modeling_gwm.data import collate_canvas
-from modeling_gwm.pipeline import (
+from modeling_gwm.forecasting.pipeline import (
     QUANTILE_SCALE_BOUNDS,
     AdapterSpec,
     coverage_error,
@@ -31,8 +27,12 @@ from modeling_gwm.pipeline import (
     predict_windows,
     scale_quantiles,
 )
-from modeling_gwm.train_cli import main as train_main
-from modeling_gwm.trainer import DAGCurriculumTrainer
+from modeling_gwm.hub.cards import render_node_card
+from modeling_gwm.model.adapter_files import AdapterLoadError
+from modeling_gwm.model.data import collate_canvas
+from modeling_gwm.training.curriculum import CurriculumError, load_curriculum
+from modeling_gwm.training.train_cli import main as train_main
+from modeling_gwm.training.trainer import DAGCurriculumTrainer
 
 LEVELS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 Z = np.array([-1.2816, -0.8416, -0.5244, -0.2533, 0.0, 0.2533, 0.5244, 0.8416, 1.2816])  # N(0, 1) quantiles

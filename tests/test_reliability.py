@@ -21,10 +21,10 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from modeling_gwm.callbacks import FaultInjectionCallback
-from modeling_gwm.curriculum import CurriculumError, load_curriculum
 from modeling_gwm.run_folder import NodeBusyError, node_lock
-from modeling_gwm.trainer import DAGCurriculumTrainer, NonFiniteError, all_finite
+from modeling_gwm.training.callbacks import FaultInjectionCallback
+from modeling_gwm.training.curriculum import CurriculumError, load_curriculum
+from modeling_gwm.training.trainer import DAGCurriculumTrainer, NonFiniteError, all_finite
 
 REPO = Path(__file__).resolve().parent.parent
 STRESS = REPO / "benchmarks" / "crash_stress.py"

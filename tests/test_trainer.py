@@ -12,8 +12,8 @@ import torch
 from _tiny import DAG_TRAIN, REPO, write_curriculum
 from safetensors.torch import load_file
 
-from modeling_gwm.curriculum import load_curriculum
-from modeling_gwm.trainer import DAGCurriculumTrainer, NodeNotReadyError
+from modeling_gwm.training.curriculum import load_curriculum
+from modeling_gwm.training.trainer import DAGCurriculumTrainer, NodeNotReadyError
 
 NODES = ["macro", "climate", "world", "ocean"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]  # the `accelerate` CLI of this interpreter

@@ -12,9 +12,9 @@ import torch
 from accelerate import Accelerator
 
 from modeling_gwm import GWMModel, LoopConfig
-from modeling_gwm.base import TINY_BASE_PATH
-from modeling_gwm.data import DataSource, build_node_data, collate_canvas
-from modeling_gwm.trainer import summary, validation_scores
+from modeling_gwm.model.base import TINY_BASE_PATH
+from modeling_gwm.model.data import DataSource, build_node_data, collate_canvas
+from modeling_gwm.training.trainer import summary, validation_scores
 
 
 def _source(tmp_path) -> DataSource:
@@ -28,7 +28,7 @@ def _source(tmp_path) -> DataSource:
 
 def test_missing_values_of_a_source_are_reported_once_per_run(tmp_path, caplog):
     source = _source(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="modeling_gwm.data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_gwm.model.data"):
         for _ in range(3):  # preflight, the node, a join's retention: each reads the source
             build_node_data([source], context_len=12)
     lines = [r.getMessage() for r in caplog.records if "treated as missing" in r.getMessage()]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a GWM DAG curriculum: the source checkout's script for `gwm train` (modeling_gwm.train_cli).
+"""Train a GWM DAG curriculum: the source checkout's script for `gwm train` (modeling_gwm.training.train_cli).
 
     accelerate launch -q training/dag_train.py                   # the shipped demo, CPU, tiny base, no download
     accelerate launch -q training/dag_train.py --config my.yaml --base THUDM/CogVideoX-2b --mixed_precision bf16
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from modeling_gwm.train_cli import main as _train
+from modeling_gwm.training.train_cli import main as _train
 
 
 def main(argv=None) -> int:

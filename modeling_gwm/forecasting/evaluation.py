@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from utilsforecast import losses
 
-from .canvas import season_period
-from .configuration_gwm import DEFAULT_QUANTILE_LEVELS
+from ..model.canvas import season_period
+from ..model.configuration_gwm import DEFAULT_QUANTILE_LEVELS
+from ..tabular import DataError, own_periods, own_spacing
 from .pipeline import AdapterSpec, GWMPipeline, check_finite, check_steps, read_history
-from .tabular import DataError, own_periods, own_spacing
 
 logger = logging.getLogger(__name__)
 

@@ -55,8 +55,8 @@ class LoopLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         # hidden_states: (B, N, inner_dim) canvas stream; encoder_hidden_states: (B, S, inner_dim); temb: (B|1, T_emb)
-        # The block casts at its own boundary (`modeling_gwm.base.cast_at_block_boundary`): it may run in bf16, its
-        # outputs come back fp32 like the adapter's streams.
+        # The block casts at its own boundary (`modeling_gwm.model.base.cast_at_block_boundary`): it may run in bf16,
+        # its outputs come back fp32 like the adapter's streams.
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
         if len(self.active_adapters) > 1:

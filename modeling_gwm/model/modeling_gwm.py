@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..run_folder import ADAPTER_CONFIG_FILE
 from .adapter_files import (
     AdapterLoadError,
     check_adapter_weights,
@@ -41,7 +42,6 @@ from .canvas import (
 )
 from .configuration_gwm import GWMConfig
 from .loop import LoopLayer, check_adapter_fits
-from .run_folder import ADAPTER_CONFIG_FILE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -469,9 +469,9 @@ class GWMModel(PreTrainedModel):
         Returns:
             a DataFrame (prediction_length, fields) indexed by the future times; a table mixing fields of different
             own frequencies stays on the grid, NaN where a coarser field starts no period. Details:
-            `GWMPipeline.forecast` (`modeling_gwm.pipeline`).
+            `GWMPipeline.forecast` (`modeling_gwm.forecasting.pipeline`).
         """
-        from .pipeline import GWMPipeline
+        from ..forecasting.pipeline import GWMPipeline
 
         return GWMPipeline(self).forecast(history, prediction_length, time_column=time_column, freq=freq, field=field,
                                           horizon=horizon)
@@ -491,7 +491,7 @@ class GWMModel(PreTrainedModel):
             the adapter's horizon the band widens with the lead time (an approximation, see
             `GWMPipeline.forecast_quantiles`).
         """
-        from .pipeline import GWMPipeline
+        from ..forecasting.pipeline import GWMPipeline
 
         return GWMPipeline(self).forecast_quantiles(history, prediction_length, quantile_levels=quantile_levels,
                                                     time_column=time_column, freq=freq, field=field, horizon=horizon)
@@ -508,7 +508,7 @@ class GWMModel(PreTrainedModel):
             the frame on its regular grid, observed values unchanged, each field filled at its own steps (a coarser
             field: the grid steps holding its period starts). Details: `GWMPipeline.impute`.
         """
-        from .pipeline import GWMPipeline
+        from ..forecasting.pipeline import GWMPipeline
 
         return GWMPipeline(self).impute(frame, time_column=time_column, freq=freq, field=field)
 
@@ -532,7 +532,7 @@ class GWMModel(PreTrainedModel):
             a long-format DataFrame: `id_column`, `timestamp_column`, `target_name`, `predictions` (the median) and
             one column per level ("0.1", ...). Details: `GWMPipeline.predict_df`.
         """
-        from .pipeline import GWMPipeline
+        from ..forecasting.pipeline import GWMPipeline
 
         return GWMPipeline(self).predict_df(df, id_column=id_column, timestamp_column=timestamp_column, target=target,
                                             prediction_length=prediction_length, quantile_levels=quantile_levels,
@@ -543,7 +543,7 @@ def _download_adapter(adapter, subfolder: str | None, revision: str | None, toke
     """The local folder of a Hub adapter's files (fetched, or found in the HF cache); a non-id is no adapter."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from .hub import download_adapter
+    from ..hub.hub import download_adapter
 
     try:
         validate_repo_id(str(adapter))

@@ -48,10 +48,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .configuration_gwm import DEFAULT_QUANTILE_LEVELS
-from .data import FieldStats
-from .loop.config import QUANTILE_SCALE_KEY
-from .tabular import (
+from ..model.configuration_gwm import DEFAULT_QUANTILE_LEVELS
+from ..model.data import FieldStats
+from ..model.loop.config import QUANTILE_SCALE_KEY
+from ..tabular import (
     CHANGE_TRANSFORMS,
     DataError,
     check_model_units,
@@ -118,7 +118,7 @@ class AdapterSpec:
     @classmethod
     def from_model(cls, model) -> AdapterSpec:
         """From a loaded model: a `PeftModel` or the `GWMModel` inside it, with its active adapter."""
-        from .loop import LoopLayer
+        from ..model.loop import LoopLayer
 
         configs = getattr(model, "peft_config", None)
         if not configs:
@@ -966,7 +966,7 @@ class GWMPipeline:
     def from_pretrained(cls, base=None, adapter=None, **kwargs) -> GWMPipeline:
         """The pipeline of `GWMModel.from_pretrained(base, adapter, **kwargs)` (same arguments: a base folder or Hub
         id, an adapter folder or Hub id, device, frozen_dtype, ...)."""
-        from .modeling_gwm import GWMModel  # the model's module imports this one's functions lazily, as here
+        from ..model.modeling_gwm import GWMModel  # the model's module imports this one's functions lazily, as here
 
         return cls(GWMModel.from_pretrained(base, adapter, **kwargs))
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..io_utils import file_sha256, read_json
+from ..run_folder import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHECKSUM_KEY, METRICS_FILE
 from .configuration_gwm import MODEL_LIMITS, GWMConfig
-from .io_utils import file_sha256, read_json
 from .loop import AdapterMismatchError, LoopConfig, LoopLayer
 from .loop.config import ADAPTER_FORMAT_VERSION, QUANTILE_SCALE_KEY
-from .run_folder import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHECKSUM_KEY, METRICS_FILE
 
 if TYPE_CHECKING:
     from .modeling_gwm import GWMModel
@@ -243,8 +243,8 @@ def _check_raw_adapter_config(path: str) -> None:
 
 def _check_loop_config(config: LoopConfig, path: str) -> None:
     """Every value a loop adapter's config feeds to the model, checked with one line naming the file and key."""
+    from ..tabular import DataError
     from .data import FieldStats, check_frequency
-    from .tabular import DataError
 
     def bad(key: str, why: str) -> AdapterLoadError:
         return AdapterLoadError(f"{path}: {key} {why}")

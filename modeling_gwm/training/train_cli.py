@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from .resources import DEMO_CURRICULUM, shipped_path
+from ..resources import DEMO_CURRICULUM, shipped_path
 from .training_args import TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def _check_output_dir(script: ScriptArguments, args: TrainingArguments, curricul
     Inputs are the curriculum file, every local data file and a local base; the trainer writes dag.json, the run
     card and plot, one folder per node, final/, runs/ and .locks/ in --output_dir (see output_paths.check_output_dir).
     """
-    from .output_paths import check_output_dir
-    from .run_folder import RUN_WRITES
+    from ..output_paths import check_output_dir
+    from ..run_folder import RUN_WRITES
 
     inputs = {"--config": script.config, "--base": args.pretrained_model_id or curriculum.model.get("base"),
               **{f"source {name!r}": source.path for name, source in curriculum.sources.items()}}
@@ -104,8 +104,8 @@ def main(argv=None, prog: str = "dag_train.py") -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ..tabular import DataError
     from .curriculum import CurriculumError, load_curriculum
-    from .tabular import DataError
 
     warn_if_one_process_of_several()
     try:
@@ -135,5 +135,6 @@ def main(argv=None, prog: str = "dag_train.py") -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m modeling_gwm.train_cli` / `accelerate launch -m modeling_gwm.train_cli`
+# `python -m modeling_gwm.training.train_cli` / `accelerate launch -m modeling_gwm.training.train_cli`
+if __name__ == "__main__":
     sys.exit(main(prog="gwm train"))

@@ -31,23 +31,17 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import checkpoint
-from .callbacks import TrainerCallback
-from .canvas import season_period
-from .checkpoint import NodeState
-from .configuration_gwm import DEFAULT_BASE
-from .curriculum import Curriculum, CurriculumError, TrainingNode
-from .data import CanvasDataset, DataSource, NodeData, collate_canvas
-from .io_utils import atomic_move_file, atomic_write_json, writing
-from .loop import LoopConfig
-from .loop.config import QUANTILE_SCALE_KEY, without_calibration
-from .masking import sample_target_mask
-from .merging import MergeSpec, align_fields, merge_adapters
-from .modeling_gwm import GWMModel
-from .output_paths import check_run_contents
-from .pipeline import coverage_error, fit_quantile_scales, mean_pinball, scale_quantiles
-from .plan import RunPlan
-from .run_folder import (
+from ..forecasting.pipeline import coverage_error, fit_quantile_scales, mean_pinball, scale_quantiles
+from ..io_utils import atomic_move_file, atomic_write_json, writing
+from ..model.canvas import season_period
+from ..model.configuration_gwm import DEFAULT_BASE
+from ..model.data import CanvasDataset, DataSource, NodeData, collate_canvas
+from ..model.loop import LoopConfig
+from ..model.loop.config import QUANTILE_SCALE_KEY, without_calibration
+from ..model.merging import MergeSpec, align_fields, merge_adapters
+from ..model.modeling_gwm import GWMModel
+from ..output_paths import check_run_contents
+from ..run_folder import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILES,
     ADAPTER_WEIGHTS_FILE,
@@ -55,7 +49,13 @@ from .run_folder import (
     COMPLETE_MARKER,
     METRICS_FILE,
 )
-from .tabular import describe_grid
+from ..tabular import describe_grid
+from . import checkpoint
+from .callbacks import TrainerCallback
+from .checkpoint import NodeState
+from .curriculum import Curriculum, CurriculumError, TrainingNode
+from .masking import sample_target_mask
+from .plan import RunPlan
 from .training_args import TrainingArguments
 
 logger = get_logger(__name__)
@@ -171,7 +171,7 @@ class DAGCurriculumTrainer:
         if acc.log_with:
             acc.end_training()
         if self.args.push_to_hub and acc.is_main_process:
-            from .hub import push_curriculum
+            from ..hub.hub import push_curriculum
 
             url = push_curriculum(self.output_dir, self.args.hub_model_id, token=self.args.hub_token)
             logger.info(f"pushed the curriculum to {url}", main_process_only=True)
@@ -351,7 +351,7 @@ class DAGCurriculumTrainer:
                              val_loss_best=metrics["val_loss_best"], retention=retention, error=None)
         node_dir = self.run_folder.node_dir(name)
         if self.write_cards and acc.is_main_process:
-            from .cards import write_node_card
+            from ..hub.cards import write_node_card
 
             with self.run_folder.lock(), writing_card(name, str(node_dir)):  # also the run's index card, plot
                 write_node_card(self.output_dir, name)

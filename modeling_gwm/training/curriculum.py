@@ -16,10 +16,10 @@ import yaml
 
 from hub_cards import lineage_mermaid
 
-from .data import DataSource, check_duplicate_fields
-from .io_utils import read_yaml
-from .merging import MERGE_METHODS, MergeSpec, normalised_merge_weights
-from .tabular import DataError, describe_grid, finest_frequency, is_coarser, source_frequency
+from ..io_utils import read_yaml
+from ..model.data import DataSource, check_duplicate_fields
+from ..model.merging import MERGE_METHODS, MergeSpec, normalised_merge_weights
+from ..tabular import DataError, describe_grid, finest_frequency, is_coarser, source_frequency
 
 # Used with fullmatch ("$" would accept a trailing newline). No ".": PEFT keys adapters by name in ParameterDicts.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -221,7 +221,7 @@ class Curriculum:
     def _check_model(self) -> int:
         """The model block as GWMConfig checks it (types, ranges, MODEL_LIMITS), named as the curriculum's; returns
         max_fields."""
-        from .configuration_gwm import GWMConfig
+        from ..model.configuration_gwm import GWMConfig
 
         try:
             config = GWMConfig(**{k: v for k, v in self.model.items() if k != "base"})
@@ -431,7 +431,7 @@ def _node_from_dict(raw: dict, defaults: dict, where: str, index: int) -> Traini
 
 def _check_model_names(model: dict, path: str) -> None:
     """A model key that names a scheme must name one that exists: one line naming the file and the key."""
-    from .configuration_gwm import BACKBONES, RESIDUAL_BASELINES, WINDOW_SCALINGS
+    from ..model.configuration_gwm import BACKBONES, RESIDUAL_BASELINES, WINDOW_SCALINGS
 
     for key, valid in (("window_scaling", WINDOW_SCALINGS), ("residual_baseline", RESIDUAL_BASELINES),
                        ("backbone", BACKBONES)):
@@ -461,7 +461,10 @@ def load_curriculum(path: str | os.PathLike, overrides: dict | None = None) -> C
         bad = sorted(set(defaults) - _DEFAULT_KEYS) if isinstance(defaults, dict) else defaults
         raise CurriculumError(f"{path}: bad 'defaults' {bad}; valid keys: {sorted(_DEFAULT_KEYS)}")
     model = dict(raw.get("model") or {})
-    from .configuration_gwm import CURRICULUM_MODEL_KEYS, check_quantile_levels  # here: transformers is slow to import
+    from ..model.configuration_gwm import (  # here: transformers is slow to import
+        CURRICULUM_MODEL_KEYS,
+        check_quantile_levels,
+    )
 
     if set(model) - CURRICULUM_MODEL_KEYS:
         raise CurriculumError(f"{path}: unknown model key(s) {sorted(set(model) - CURRICULUM_MODEL_KEYS)}; "

@@ -20,9 +20,9 @@ from peft import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json, writing
+from ..run_folder import CHECKPOINT_STAGING
 from .curriculum import CurriculumError
-from .io_utils import atomic_replace_dir, atomic_save_safetensors, atomic_write_json, read_json, writing
-from .run_folder import CHECKPOINT_STAGING
 
 ADAPTER_FILE = "adapter.safetensors"  # written first
 OPTIMIZER_FILE = "optimizer.safetensors"

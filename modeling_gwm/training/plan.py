@@ -12,15 +12,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_tensorboard_available, is_trackio_available, is_wandb_available
 
+from ..model.base import resolve_device
+from ..model.configuration_gwm import DEFAULT_BASE, RUNTIME_MODEL_KEYS, SEED_MAX
+from ..model.data import NodeData, build_node_data
+from ..model.merging import MergeSpec
+from ..output_paths import check_run_contents
+from ..run_folder import ADAPTER_CONFIG_FILE, NodeBusyError, RunFolder, node_lock
+from ..tabular import DataError
 from . import checkpoint
-from .base import resolve_device
-from .configuration_gwm import DEFAULT_BASE, RUNTIME_MODEL_KEYS, SEED_MAX
 from .curriculum import Curriculum, CurriculumError
-from .data import NodeData, build_node_data
-from .merging import MergeSpec
-from .output_paths import check_run_contents
-from .run_folder import ADAPTER_CONFIG_FILE, NodeBusyError, RunFolder, node_lock
-from .tabular import DataError
 from .training_args import TrainingArguments
 
 _TRACKERS = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available, "wandb": is_wandb_available}

@@ -36,8 +36,8 @@ TINY_ARCHITECTURE = dict(num_attention_heads=4, attention_head_dim=16, num_layer
                          text_embed_dim=32, in_channels=4, out_channels=4, sample_width=8, sample_height=8,
                          sample_frames=5, max_text_seq_length=8)
 # It lives in the source repository, next to the package: an installed wheel does not carry it (see `tiny_base_hint`).
-TINY_BASE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configuration",
-                              "tiny-cogvideox")
+TINY_BASE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "configuration", "tiny-cogvideox")
 
 
 def tiny_base_hint() -> str:
@@ -45,7 +45,7 @@ def tiny_base_hint() -> str:
     if os.path.isdir(TINY_BASE_PATH):
         return TINY_BASE_PATH
     return ("configuration/tiny-cogvideox of the GWM source repository, or the same seeded checkpoint written by "
-            "`gwm make-tiny-base DIR` (modeling_gwm.base.make_tiny_cogvideox), then passed as --base DIR")
+            "`gwm make-tiny-base DIR` (modeling_gwm.model.base.make_tiny_cogvideox), then passed as --base DIR")
 
 
 def hub_offline() -> bool:

@@ -34,10 +34,18 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from .base import hub_offline
+from ..model.base import hub_offline
+from ..plots import plot_loss_curves
+from ..run_folder import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILES,
+    CARD_FILE,
+    DAG_FILE,
+    LOSS_CURVES_FILE,
+    NODE_FILES,
+    RunFolder,
+)
 from .cards import render_curriculum_card, render_node_card
-from .plots import plot_loss_curves
-from .run_folder import ADAPTER_CONFIG_FILE, ADAPTER_FILES, CARD_FILE, DAG_FILE, LOSS_CURVES_FILE, NODE_FILES, RunFolder
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 import yaml
 
-from .io_utils import read_yaml
-from .tabular import (
+from ..io_utils import read_yaml
+from ..tabular import (
     TRANSFORMS,
     DataError,
     align,

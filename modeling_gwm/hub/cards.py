@@ -24,9 +24,9 @@ from hub_cards import (
     render_card,
 )
 
-from .budget import budget_rows
-from .plots import plot_loss_curves, plot_node_loss
-from .run_folder import (
+from ..model.budget import budget_rows
+from ..plots import plot_loss_curves, plot_node_loss
+from ..run_folder import (
     ADAPTER_CONFIG_FILE,
     CARD_FILE,
     FINAL_NODE,
@@ -35,7 +35,7 @@ from .run_folder import (
     METRICS_FILE,
     RunFolder,
 )
-from .tabular import is_coarser
+from ..tabular import is_coarser
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _is_hub_id(name: str | None) -> bool:
 def _is_tiny_base(base: str) -> bool:
     """A local folder holding the tiny CogVideoX-architecture base (the shipped one, or one `gwm make-tiny-base`
     wrote): its transformer config has the tiny architecture."""
-    from .base import TINY_ARCHITECTURE
+    from ..model.base import TINY_ARCHITECTURE
 
     try:
         with open(os.path.join(base, "transformer", "config.json"), encoding="utf-8") as handle:

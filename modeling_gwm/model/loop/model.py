@@ -9,9 +9,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 
+from ...tabular import finest_frequency, is_coarser, parse_frequency
 from ..configuration_gwm import FORECAST_SETTINGS
 from ..merging import MERGE_METHODS, MergeSpec, merge_adapters
-from ..tabular import finest_frequency, is_coarser, parse_frequency
 from .config import ADAPTER_FORMAT_VERSION, DEFAULT_TARGET_MODULES, LoopConfig, without_calibration
 from .layer import LoopLayer
 
@@ -129,9 +129,9 @@ class LoopModel(BaseTuner):
                              seed: int = 0) -> None:
         """Add `adapter_name`, a merge of adapters loaded on this model (LoRA's `add_weighted_adapter` shape).
 
-        The merge is the curriculum's join (`modeling_gwm.merging`): `linear` is the weighted average of the adapters
-        (weights are shares, normalised to sum 1) and needs nothing else. Every other method merges task vectors,
-        adapter - init, so it needs the adapters' common initialisation: `init` is the name of a loaded adapter
+        The merge is the curriculum's join (`modeling_gwm.model.merging`): `linear` is the weighted average of the
+        adapters (weights are shares, normalised to sum 1) and needs nothing else. Every other method merges task
+        vectors, adapter - init, so it needs the adapters' common initialisation: `init` is the name of a loaded adapter
         holding it (a fresh adapter added to a model built with the training seed) or its state dict. Field
         embeddings merge by field name; the new adapter's fields are the adapters' fields in order of appearance.
         Adapters trained on different grids (a weekly and a quarterly one) merge onto the finest, as a join node

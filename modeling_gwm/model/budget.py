@@ -6,8 +6,8 @@ A saved adapter's budget (the model card's table) is read from its safetensors h
 `budget_for_architecture` does it for the published CogVideoX bases without downloading them: the blocks are built
 on the meta device from their architecture settings.
 
-    python -m modeling_gwm.budget                         # tables for THUDM/CogVideoX-2b and -5b
-    python -m modeling_gwm.budget THUDM/CogVideoX-5b --d_model 256 --n_loops 2
+    python -m modeling_gwm.model.budget                         # tables for THUDM/CogVideoX-2b and -5b
+    python -m modeling_gwm.model.budget THUDM/CogVideoX-5b --d_model 256 --n_loops 2
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .run_folder import ADAPTER_WEIGHTS_FILE
+from ..run_folder import ADAPTER_WEIGHTS_FILE
 
 # modules_to_save of the loop adapter -> the row they are reported under
 _SAVED_MODULE_ROWS = {"encoder_token": "encoder token", "proj_in": "proj_in", "proj_out": "proj_out",

@@ -29,8 +29,8 @@ import os
 import signal
 from pathlib import Path
 
+from ..run_folder import ADAPTER_WEIGHTS_FILE, CHECKPOINT_DIR, CHECKPOINT_STAGING
 from .checkpoint import ADAPTER_FILE
-from .run_folder import ADAPTER_WEIGHTS_FILE, CHECKPOINT_DIR, CHECKPOINT_STAGING
 
 
 class TrainerCallback:

@@ -1,0 +1,1 @@
+"""Training: the DAG curriculum, its run plan, checkpoints, callbacks and the trainer; the training CLI."""
