@@ -253,14 +253,17 @@ class Curriculum:
                              is_coarser(freq, grid) for freq in own.values()) else ""))
         return "\n".join(lines)
 
+    def dag_entry(self, name: str) -> dict:
+        """The node as dag.json records it: kind, parents, output folder and a join's merge (method, weights,
+        density)."""
+        node = self.node(name)
+        merge = node.merge or MergeSpec()
+        return {"kind": node.kind, "parents": node.parents, "output": name, "merge": None if node.kind != "join" else {
+            "method": merge.method, "weights": node.merge_weights(), "density": merge.density}}
+
     def mermaid(self) -> str:
         """The DAG as a mermaid graph, drawn as the model cards draw a run's lineage (`lineage_mermaid`)."""
-        nodes = {}
-        for name in self.order():
-            node = self.node(name)
-            merge = {"method": (node.merge or MergeSpec()).method, "weights": node.merge_weights()}
-            nodes[name] = {"parents": node.parents, "merge": merge if node.kind == "join" else None}
-        return lineage_mermaid({"order": self.order(), "nodes": nodes})
+        return lineage_mermaid({"order": self.order(), "nodes": {name: self.dag_entry(name) for name in self.order()}})
 
 
 # The schedules of `transformers.get_scheduler` that need nothing but warm-up and total steps (and keep their state

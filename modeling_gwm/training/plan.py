@@ -15,7 +15,6 @@ from accelerate.utils import broadcast_object_list, is_tensorboard_available, is
 from ..model.base import resolve_device
 from ..model.configuration_gwm import DEFAULT_BASE, RUNTIME_MODEL_KEYS, SEED_MAX
 from ..model.data import NodeData, build_node_data
-from ..model.merging import MergeSpec
 from ..output_paths import check_run_contents
 from ..run_folder import ADAPTER_CONFIG_FILE, NodeBusyError, RunFolder, node_lock
 from ..tabular import DataError
@@ -211,12 +210,8 @@ class RunPlan:
         dag.update({"curriculum": self.curriculum.path, "order": self.curriculum.order(), "seed": self.args.seed,
                     "base": self.model_config.get("base", DEFAULT_BASE), "sink": self.curriculum.sink()})
         for name in self.curriculum.order():
-            node = self.curriculum.node(name)
             entry = dag["nodes"].setdefault(name, {"status": "pending"})
-            entry.update({"kind": node.kind, "parents": node.parents, "output": name,
-                          "merge": None if node.kind != "join" else {
-                              "method": (node.merge or MergeSpec()).method, "weights": node.merge_weights(),
-                              "density": (node.merge or MergeSpec()).density}})
+            entry.update(self.curriculum.dag_entry(name))
             if self.is_complete(name):
                 entry["status"] = "done"
         return dag
