@@ -35,6 +35,10 @@ _LAZY = {
     "MergeSpec": "model.merging",
     "TrainingNode": "training.curriculum",
     "load_curriculum": "training.curriculum",
+    "TrainerCallback": "training.callbacks",
+    "FaultInjectionCallback": "training.callbacks",
+    "load_sources": "model.data",
+    "make_tiny_cogvideox": "model.base",
 }
 
 __all__ = sorted(_LAZY)
