@@ -8,8 +8,9 @@ batch of histories and `predict_df(df, id_column, timestamp_column, target, pred
 items of a long-format frame. Both run the one rollout below (`_rollout`): every history on the adapter's grid, its
 values transformed and normalised, the steps each field is due scheduled, the windows of all histories stacked into
 shared forward passes (`predict_windows`, which applies the adapter's quantile calibration). `forecast`,
-`forecast_quantiles`, `impute` and `predict_df` (methods here, functions of a model below, and `GWMModel`'s
-convenience methods) and `evaluation.evaluate` are thin layers over it.
+`forecast_quantiles` and `predict_df` (methods here, functions of a model below, and `GWMModel`'s convenience methods)
+and `evaluation.evaluate` are thin layers over it. `impute` rolls nothing out: it hides the missing positions inside
+windows that tile the history and fills them through the same `predict_windows`.
 
 A history is a table of time steps by fields: a pandas DataFrame, a dict of arrays or a `datasets.Dataset`, with
 columns named by the adapter's dotted field names (any subset of them; a field that is not there is simply absent
